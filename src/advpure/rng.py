@@ -1,0 +1,118 @@
+"""Random streams for the stochastic defense and the attacks.
+
+`SampleRNG` keys every random number drawn for test image `i` by (seed, stream, call, i, draw):
+the noise an image sees does not depend on which other images share its batch, on chunking,
+on the number of DDP ranks, or on a resume after preemption. This is what makes a 2-rank
+benchmark equal the 1-rank one sample by sample.
+
+`GeneratorRNG` wraps a plain `torch.Generator` (one stream for the whole batch) for users who
+call a purifier directly.
+
+Both expose the same methods; each call returns `(draws, *like.shape)` and advances the stream.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix(*values: int) -> int:
+    """Hash integers into one 63-bit seed (stable across processes and platforms)."""
+    h = 0x6A09E667F3BCC909
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def stream_id(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+class SampleRNG:
+    """Per-sample keyed random numbers. `index` are the dataset indices of the batch rows."""
+
+    def __init__(self, seed: int, index: torch.Tensor | Sequence[int], stream: int | str = 0):
+        self.seed = int(seed)
+        self.index = [int(i) for i in (index.tolist() if torch.is_tensor(index) else index)]
+        self.stream = stream_id(stream) if isinstance(stream, str) else int(stream)
+        self.calls = 0
+
+    def child(self, name: str) -> SampleRNG:
+        """An independent stream for a named consumer (an attack, a protocol)."""
+        return SampleRNG(mix(self.seed, stream_id(name)), self.index, self.stream)
+
+    def subset(self, rows: torch.Tensor) -> SampleRNG:
+        """The same stream restricted to some rows; shares the call counter position."""
+        out = SampleRNG(self.seed, [self.index[i] for i in rows.tolist()], self.stream)
+        out.calls = self.calls
+        return out
+
+    def _fill(self, draws: int, like: torch.Tensor, sample) -> torch.Tensor:
+        if like.shape[0] != len(self.index):
+            raise ValueError(f"batch has {like.shape[0]} rows but the RNG has {len(self.index)} indices")
+        key = mix(self.seed, self.stream, self.calls)
+        self.calls += 1
+        shape = tuple(like.shape[1:])
+        out = torch.empty((draws, len(self.index), *shape), dtype=torch.float32)
+        gen = torch.Generator()
+        for d in range(draws):
+            for r, i in enumerate(self.index):
+                gen.manual_seed(mix(key, i, d))
+                out[d, r] = sample(shape, gen)
+        return out.to(device=like.device, dtype=like.dtype)
+
+    def normal(self, draws: int, like: torch.Tensor) -> torch.Tensor:
+        return self._fill(draws, like, lambda s, g: torch.randn(s, generator=g))
+
+    def rademacher(self, draws: int, like: torch.Tensor) -> torch.Tensor:
+        return self._fill(draws, like, lambda s, g: torch.randint(0, 2, s, generator=g).float() * 2 - 1)
+
+    def uniform(self, draws: int, like: torch.Tensor) -> torch.Tensor:
+        """Uniform on [-1, 1)."""
+        return self._fill(draws, like, lambda s, g: torch.rand(s, generator=g) * 2 - 1)
+
+
+class GeneratorRNG:
+    """One `torch.Generator` stream for the whole batch (draw-major order)."""
+
+    def __init__(self, generator: torch.Generator | None = None, seed: int | None = None):
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(0 if seed is None else seed)
+        self.generator = generator
+
+    def child(self, name: str) -> GeneratorRNG:
+        return self
+
+    def subset(self, rows: torch.Tensor) -> GeneratorRNG:
+        return self
+
+    def _shape(self, draws: int, like: torch.Tensor) -> tuple[int, ...]:
+        return (draws, *like.shape)
+
+    def normal(self, draws: int, like: torch.Tensor) -> torch.Tensor:
+        out = torch.randn(self._shape(draws, like), generator=self.generator, device=self.generator.device)
+        return out.to(device=like.device, dtype=like.dtype)
+
+    def rademacher(self, draws: int, like: torch.Tensor) -> torch.Tensor:
+        bits = torch.randint(0, 2, self._shape(draws, like), generator=self.generator, device=self.generator.device)
+        return (bits.to(like.dtype) * 2 - 1).to(like.device)
+
+    def uniform(self, draws: int, like: torch.Tensor) -> torch.Tensor:
+        out = torch.rand(self._shape(draws, like), generator=self.generator, device=self.generator.device)
+        return (out * 2 - 1).to(device=like.device, dtype=like.dtype)
+
+
+RNG = SampleRNG | GeneratorRNG
