@@ -59,6 +59,14 @@ class SampleRNG:
         out.calls = self.calls
         return out
 
+    def tile(self, copies: int) -> SampleRNG:
+        """An RNG for `copies` stacked copies of the batch (copy-major rows). All copies of an
+        image get the same numbers: common random numbers across queries of one image, which
+        keeps finite differences (SPSA) from drowning in the defense's own noise."""
+        key = mix(self.seed, self.stream, self.calls)
+        self.calls += 1
+        return SampleRNG(key, self.index * copies, self.stream)
+
     def _fill(self, draws: int, like: torch.Tensor, sample) -> torch.Tensor:
         if like.shape[0] != len(self.index):
             raise ValueError(f"batch has {like.shape[0]} rows but the RNG has {len(self.index)} indices")
@@ -97,6 +105,9 @@ class GeneratorRNG:
         return self
 
     def subset(self, rows: torch.Tensor) -> GeneratorRNG:
+        return self
+
+    def tile(self, copies: int) -> GeneratorRNG:
         return self
 
     def _shape(self, draws: int, like: torch.Tensor) -> tuple[int, ...]:

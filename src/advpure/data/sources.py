@@ -1,0 +1,387 @@
+"""The dataset registry and where each dataset's files come from.
+
+Resolution order (the first place that has *all* files of a dataset wins):
+  1. `data.root` when set: the files directly in it, or in `<root>/<name>/`;
+  2. the download cache `<paths.data>/<name>/`;
+  3. Fashion-MNIST only: the Debian package's directory (`apt-get install dataset-fashion-mnist`);
+  4. a download from the canonical URL into the cache, when `data.download` is true;
+  5. otherwise a `DataError` that lists the files expected, where they were looked for and how
+     to get them.
+
+Checksums apply to downloads only. Local files are validated structurally by the readers (gzip
+CRC, IDX header and payload length, CIFAR array shapes): the Debian package re-compresses the
+Fashion-MNIST files, so their md5s differ from upstream while their content is identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from advpure.data.readers import read_cifar_batch, read_idx
+from advpure.errors import DataError
+
+DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # module constant: tests patch it
+DOWNLOAD_TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the framework needs to know about one dataset.
+
+    `files` are the names expected inside the dataset directory (`subdir` for CIFAR, whose
+    archive unpacks into a directory). `archives` maps each downloadable file name to its md5;
+    it is fetched from `base_url + name`.
+    """
+
+    name: str
+    format: str  # "idx" or "cifar"
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, images in [0, 1]; used by the classifier's normalization
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    base_url: str
+    archives: tuple[tuple[str, str], ...]  # (file name, md5)
+    subdir: str = ""  # directory the archive extracts to ("" when the archives are the files)
+    train_size: int = 0
+    test_size: int = 0
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train_files, *self.test_files)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(self.base_url + name for name, _ in self.archives)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+
+_IDX_TRAIN = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+_IDX_TEST = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+_CIFAR100_CLASSES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly "
+    "camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup "
+    "dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower "
+    "leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid "
+    "otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray "
+    "road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar "
+    "sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle "
+    "wardrobe whale willow_tree wolf woman worm"
+).split()
+
+SPECS: dict[str, DatasetSpec] = {
+    "fmnist": DatasetSpec(
+        name="fmnist",
+        format="idx",
+        channels=1,
+        image_size=28,
+        num_classes=10,
+        mean=(0.2860,),
+        std=(0.3530,),
+        class_names=(
+            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        ),  # fmt: skip
+        train_files=_IDX_TRAIN,
+        test_files=_IDX_TEST,
+        base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        archives=(
+            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+        train_size=60000,
+        test_size=10000,
+    ),
+    "mnist": DatasetSpec(
+        name="mnist",
+        format="idx",
+        channels=1,
+        image_size=28,
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+        class_names=tuple(str(d) for d in range(10)),
+        train_files=_IDX_TRAIN,
+        test_files=_IDX_TEST,
+        base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
+        archives=(
+            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        ),
+        train_size=60000,
+        test_size=10000,
+    ),
+    "cifar10": DatasetSpec(
+        name="cifar10",
+        format="cifar",
+        channels=3,
+        image_size=32,
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        class_names=(
+            "airplane", "automobile", "bird", "cat", "deer",
+            "dog", "frog", "horse", "ship", "truck",
+        ),  # fmt: skip
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        base_url="https://www.cs.toronto.edu/~kriz/",
+        archives=(("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+        subdir="cifar-10-batches-py",
+        train_size=50000,
+        test_size=10000,
+    ),
+    "cifar100": DatasetSpec(
+        name="cifar100",
+        format="cifar",
+        channels=3,
+        image_size=32,
+        num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        class_names=tuple(_CIFAR100_CLASSES),
+        train_files=("train",),
+        test_files=("test",),
+        base_url="https://www.cs.toronto.edu/~kriz/",
+        archives=(("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
+        subdir="cifar-100-python",
+        train_size=50000,
+        test_size=10000,
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset '{name}'; known: {', '.join(SPECS)}") from None
+
+
+# --- finding local copies -----------------------------------------------------------------------
+def _dirs_in(location: Path, spec: DatasetSpec) -> list[Path]:
+    """Directories under one location that may hold the files: `<loc>/<subdir>` first, then `<loc>`."""
+    return [location / spec.subdir, location] if spec.subdir else [location]
+
+
+def candidate_dirs(spec: DatasetSpec, root: str | Path | None, cache_dir: str | Path) -> list[Path]:
+    """Where the files are looked for, in order (see the module docstring)."""
+    out: list[Path] = []
+    if root is not None:
+        root = Path(root).expanduser()
+        out += _dirs_in(root, spec) + _dirs_in(root / spec.name, spec)
+    out += _dirs_in(Path(cache_dir).expanduser() / spec.name, spec)
+    if spec.name == "fmnist":
+        out.append(DEBIAN_FMNIST_DIR)
+    return out
+
+
+def find_local(spec: DatasetSpec, root: str | Path | None, cache_dir: str | Path) -> Path | None:
+    """The first candidate directory that holds all of the dataset's files, or None."""
+    for d in candidate_dirs(spec, root, cache_dir):
+        if all((d / f).is_file() for f in spec.files):
+            return d
+    return None
+
+
+# --- downloading --------------------------------------------------------------------------------
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _NetworkError(Exception):
+    """A download that failed for reasons outside the file's content (unreachable, HTTP error)."""
+
+
+def download_file(url: str, dest: Path, md5: str) -> Path:
+    """Stream `url` to a temp file next to `dest`, check its md5, then rename it into place.
+
+    The rename is atomic, so `dest` either does not exist or is complete and verified; a crash
+    or a checksum mismatch leaves no partial file behind.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        h = hashlib.md5()
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+                while chunk := resp.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+        except (urllib.error.URLError, HTTPException, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise _NetworkError(f"download of {url} failed ({reason})") from None
+        got = h.hexdigest()
+        if got != md5:
+            raise DataError(
+                f"checksum mismatch for {url}: expected md5 {md5}, got {got}; the download was deleted"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
+    p = PurePosixPath(member.name)
+    if p.is_absolute() or ".." in p.parts:
+        raise DataError(f"{archive}: refusing to extract member with unsafe path '{member.name}'")
+    if not (member.isfile() or member.isdir()):
+        raise DataError(f"{archive}: refusing to extract '{member.name}' (not a regular file or directory)")
+
+
+def extract_tar(archive: Path, dest_dir: Path, spec: DatasetSpec) -> Path:
+    """Extract a CIFAR tarball safely into `dest_dir`; returns `dest_dir / spec.subdir`.
+
+    Every member is checked first (no absolute paths, no `..`, no links or devices). Extraction
+    goes to a temp directory that is renamed into place, so a half-extracted tree never looks
+    like a complete dataset.
+    """
+    target = dest_dir / spec.subdir
+    tmp = Path(tempfile.mkdtemp(prefix=".extract.", dir=dest_dir))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                members = tar.getmembers()
+                for m in members:
+                    _check_member(archive, m)
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(tmp, members=members, filter="data")
+                else:  # pragma: no cover - Python without extraction filters
+                    tar.extractall(tmp, members=members)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"{archive}: cannot extract ({e})") from None
+        missing = [f for f in spec.files if not (tmp / spec.subdir / f).is_file()]
+        if missing:
+            raise DataError(f"{archive}: archive lacks {spec.subdir}/{', '.join(missing)}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp / spec.subdir, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _download(spec: DatasetSpec, cache: Path) -> Path:
+    """Fetch the missing archives into `cache` (verified), extracting tarballs; returns the file dir."""
+    for name, md5 in spec.archives:
+        path = cache / name
+        if not path.is_file():
+            download_file(spec.base_url + name, path, md5)
+        if spec.subdir:
+            extract_tar(path, cache, spec)
+    return cache / spec.subdir if spec.subdir else cache
+
+
+def _cached_archive(spec: DatasetSpec, cache: Path) -> Path | None:
+    """A CIFAR tarball already in the cache but not extracted (e.g. an interrupted run)."""
+    if not spec.subdir:
+        return None
+    for name, md5 in spec.archives:
+        path = cache / name
+        if path.is_file():
+            if _md5(path) != md5:
+                raise DataError(f"{path}: md5 {_md5(path)} differs from the expected {md5}; delete it")
+            return extract_tar(path, cache, spec)
+    return None
+
+
+def _not_found(spec: DatasetSpec, root, cache_dir, reason: str | None) -> DataError:
+    where = ", ".join(str(d) for d in candidate_dirs(spec, root, cache_dir))
+    files = ", ".join(f"{spec.subdir}/{f}" if spec.subdir else f for f in spec.files)
+    how = []
+    if spec.name == "fmnist":
+        how.append("`apt-get install dataset-fashion-mnist`")
+    unpack = ", extract it" if spec.subdir else ""
+    how.append(f"download {' '.join(spec.urls)}{unpack} and put the files in data.root")
+    if reason is None:
+        how.append("set data.download=true")
+    why = f" ({reason})" if reason else ""
+    return DataError(
+        f"{spec.name}: dataset files not found{why}; expected {files} in one of: {where}; "
+        f"to get them: {'; or '.join(how)}"
+    )
+
+
+def resolve(name: str, root: str | Path | None, cache_dir: str | Path, download: bool = True) -> Path:
+    """The directory holding all of the dataset's files (downloading them if allowed and needed).
+
+    `cache_dir` is `paths.data`: downloads go to `<cache_dir>/<name>/`.
+    """
+    spec = get_spec(name)
+    found = find_local(spec, root, cache_dir)
+    if found is not None:
+        return found
+    cache = Path(cache_dir).expanduser() / spec.name
+    extracted = _cached_archive(spec, cache) if cache.is_dir() else None
+    if extracted is not None:
+        return extracted
+    if not download:
+        raise _not_found(spec, root, cache_dir, None)
+    try:
+        return _download(spec, cache)
+    except _NetworkError as e:
+        raise _not_found(spec, root, cache_dir, str(e)) from None
+
+
+# --- loading ------------------------------------------------------------------------------------
+def _load_idx_pair(spec: DatasetSpec, images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = read_idx(images), read_idx(labels)
+    if x.dim() != 3 or tuple(x.shape[1:]) != (spec.image_size, spec.image_size):
+        side = spec.image_size
+        raise DataError(f"{images}: image array has shape {tuple(x.shape)}, expected (N, {side}, {side})")
+    if y.dim() != 1:
+        raise DataError(f"{labels}: label array has shape {tuple(y.shape)}, expected (N,)")
+    if len(x) != len(y):
+        raise DataError(f"{images}: {len(x)} images but {labels.name} has {len(y)} labels")
+    if len(y) and int(y.max()) >= spec.num_classes:
+        raise DataError(f"{labels}: label {int(y.max())} outside [0, {spec.num_classes})")
+    return x.unsqueeze(1), y.long()
+
+
+def _load_cifar(spec: DatasetSpec, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [read_cifar_batch(f, spec.num_classes) for f in files]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def load_arrays(
+    name: str, root: str | Path | None = None, cache_dir: str | Path = "data", download: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_x, train_y, test_x, test_y): uint8 images (N, C, H, W) and int64 labels."""
+    spec = get_spec(name)
+    d = resolve(name, root, cache_dir, download)
+    if spec.format == "idx":
+        tr = _load_idx_pair(spec, d / spec.train_files[0], d / spec.train_files[1])
+        te = _load_idx_pair(spec, d / spec.test_files[0], d / spec.test_files[1])
+    else:
+        tr = _load_cifar(spec, [d / f for f in spec.train_files])
+        te = _load_cifar(spec, [d / f for f in spec.test_files])
+    return tr[0].contiguous(), tr[1], te[0].contiguous(), te[1]

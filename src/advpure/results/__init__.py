@@ -1,0 +1,66 @@
+"""Results layer: per-sample records on disk, protocols, statistics, tables and plots.
+
+Every reported accuracy is recomputed from per-sample records (`store`), turned into rows by
+`tables.summarize`, and rendered from those rows only; see each module for the why.
+"""
+
+from advpure.results.plots import plot_image_grid, plot_loss_curves, plot_robust_vs_eps
+from advpure.results.protocols import check_consistency, protocol_records, records_for
+from advpure.results.stats import accuracy, wilson
+from advpure.results.store import (
+    MERGES,
+    NATURAL,
+    PROTOCOLS,
+    Batch,
+    Example,
+    Record,
+    RecordStore,
+    clear,
+    load_batches,
+    load_examples,
+    load_records,
+    load_traces,
+    rank_files,
+)
+from advpure.results.tables import (
+    CITED_HEADING,
+    read_csv,
+    read_json,
+    summarize,
+    to_console,
+    to_csv,
+    to_json,
+    to_markdown,
+)
+
+__all__ = [
+    "MERGES",
+    "NATURAL",
+    "PROTOCOLS",
+    "CITED_HEADING",
+    "Batch",
+    "Example",
+    "Record",
+    "RecordStore",
+    "accuracy",
+    "check_consistency",
+    "clear",
+    "load_batches",
+    "load_examples",
+    "load_records",
+    "load_traces",
+    "plot_image_grid",
+    "plot_loss_curves",
+    "plot_robust_vs_eps",
+    "protocol_records",
+    "rank_files",
+    "read_csv",
+    "read_json",
+    "records_for",
+    "summarize",
+    "to_console",
+    "to_csv",
+    "to_json",
+    "to_markdown",
+    "wilson",
+]

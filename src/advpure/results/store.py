@@ -1,0 +1,434 @@
+"""Crash-safe per-process storage of per-sample results (SQLite, one file per rank).
+
+Why per-sample records in SQLite: every accuracy the benchmark reports is recomputed from these
+rows, so nothing is ever reduced by hand across processes, a preempted run resumes batch by batch,
+and a 2-rank run can be checked against a 1-rank run sample by sample.
+
+Why one file per rank: SQLite serialises writers per file; separate files mean ranks never wait on
+each other and never share a lock over a network filesystem. Readers merge the files
+(`load_records` & co.) and deduplicate.
+
+Durability: the rollback journal (`journal_mode=DELETE`, which also works on NFS, unlike WAL) with
+`synchronous=FULL`. `write_batch` writes the records, traces, examples *and* the batch's "done"
+marker in one transaction: after it returns, the batch survives `kill -9` and power loss; if the
+process dies before it returns, the next open rolls the half-written transaction back and the
+batch is simply redone.
+
+Layout of a run directory::
+
+    <run_dir>/records/rank0.sqlite, rank1.sqlite, ...
+
+Formats (all values are plain Python / numpy; nothing here imports torch):
+
+* a record is `Record(defense, attack, protocol, merge, idx, value)`; `write_batch` takes the
+  records of one (defense, attack) batch either as these 6-tuples (defense and attack must match
+  the call) or as 4-tuples `(protocol, merge, idx, value)`;
+* traces are `{idx: 1-D array of the attack loss per iteration}` (stored as float32);
+* examples are `[(idx, clean, adversarial, purified), ...]`, each image a float array in [0, 1]
+  of shape (C, H, W) (stored as float32).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from advpure.errors import RunDirError
+
+PROTOCOLS = ("single", "worst_of_n", "mean_of_n", "ever_broken")
+MERGES = ("softmax", "logits", "vote")
+NATURAL = "natural"  # the attack name of clean-accuracy records
+
+SCHEMA_VERSION = 1  # stored as PRAGMA user_version; bump when the tables change
+
+_TABLES = {
+    "records": (
+        "CREATE TABLE records (defense TEXT NOT NULL, attack TEXT NOT NULL, protocol TEXT NOT NULL, "
+        "merge TEXT NOT NULL, idx INTEGER NOT NULL, value REAL NOT NULL, "
+        "PRIMARY KEY (defense, attack, protocol, merge, idx))",
+        ("defense", "attack", "protocol", "merge", "idx", "value"),
+    ),
+    "batches": (
+        "CREATE TABLE batches (defense TEXT NOT NULL, attack TEXT NOT NULL, batch INTEGER NOT NULL, "
+        "first_idx INTEGER NOT NULL, n INTEGER NOT NULL, score_evals INTEGER NOT NULL, "
+        "seconds REAL NOT NULL, PRIMARY KEY (defense, attack, batch))",
+        ("defense", "attack", "batch", "first_idx", "n", "score_evals", "seconds"),
+    ),
+    "traces": (
+        "CREATE TABLE traces (defense TEXT NOT NULL, attack TEXT NOT NULL, idx INTEGER NOT NULL, "
+        "losses BLOB NOT NULL, PRIMARY KEY (defense, attack, idx))",
+        ("defense", "attack", "idx", "losses"),
+    ),
+    "examples": (
+        "CREATE TABLE examples (defense TEXT NOT NULL, attack TEXT NOT NULL, idx INTEGER NOT NULL, "
+        "clean BLOB NOT NULL, adversarial BLOB NOT NULL, purified BLOB NOT NULL, shape TEXT NOT NULL, "
+        "PRIMARY KEY (defense, attack, idx))",
+        ("defense", "attack", "idx", "clean", "adversarial", "purified", "shape"),
+    ),
+    "meta": (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+        ("key", "value"),
+    ),
+}
+
+
+class Record(NamedTuple):
+    defense: str
+    attack: str
+    protocol: str
+    merge: str
+    idx: int
+    value: float
+
+    @property
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.defense, self.attack, self.protocol, self.merge, self.idx)
+
+
+class Batch(NamedTuple):
+    """The "done" marker of one attacked batch, with what it cost."""
+
+    defense: str
+    attack: str
+    batch: int
+    first_idx: int
+    n: int
+    score_evals: int
+    seconds: float
+
+
+class Example(NamedTuple):
+    defense: str
+    attack: str
+    idx: int
+    clean: np.ndarray  # (C, H, W) float32 in [0, 1]
+    adversarial: np.ndarray
+    purified: np.ndarray
+
+
+def _corrupt(path: Path, why: str) -> RunDirError:
+    return RunDirError(f"corrupt results store {path} ({why}); delete it or use a new run dir")
+
+
+def _blob(array: Any) -> bytes:
+    return np.ascontiguousarray(_as_numpy(array), dtype=np.float32).tobytes()
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """numpy view of an array-like; torch tensors are detached and moved to the CPU first."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class RecordStore:
+    """One process's results file. Use as a context manager, or call `close()`.
+
+    Opening validates the file: anything that is not a SQLite database of this schema raises
+    `RunDirError` naming the file, instead of a sqlite3 traceback deep inside a benchmark.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves so a transaction is exactly
+            # one batch; timeout: a reader merging files may briefly hold the lock.
+            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise RunDirError(f"cannot open results store {self.path}: {e}") from None
+        try:
+            self._conn.execute("PRAGMA journal_mode=DELETE")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._init_schema()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            raise _corrupt(self.path, str(e)) from None
+        except RunDirError:
+            self._conn.close()
+            raise
+
+    @classmethod
+    def for_rank(cls, run_dir: str | Path, rank: int) -> RecordStore:
+        """The file of process `rank` inside `run_dir` (the records/ folder is created)."""
+        folder = records_dir(run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder / f"rank{int(rank)}.sqlite")
+
+    # --- schema -------------------------------------------------------------------------------
+    def _init_schema(self) -> None:
+        conn = self._conn
+        # quick_check reads every page: it catches truncated or overwritten files at open time,
+        # where the message can still name the file (cheap: stores are a few MB at most).
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise _corrupt(self.path, "; ".join(problems[:2]))
+        version, tables = self._schema_state()
+        if version == 0 and not tables:  # a new (or empty) file
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version, tables = self._schema_state()  # another process may have just created it
+                if version == 0 and not tables:
+                    for sql, _ in _TABLES.values():
+                        conn.execute(sql)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    version = SCHEMA_VERSION
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        if version != SCHEMA_VERSION:
+            raise _corrupt(self.path, f"schema version {version}, expected {SCHEMA_VERSION}")
+        for name, (_, columns) in _TABLES.items():
+            found = tuple(row[1] for row in conn.execute(f"PRAGMA table_info({name})"))
+            if found != columns:
+                raise _corrupt(self.path, f"table '{name}' has columns {found or 'none'}")
+
+    def _schema_state(self) -> tuple[int, set[str]]:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return version, tables
+
+    # --- writing ------------------------------------------------------------------------------
+    def write_batch(
+        self,
+        defense: str,
+        attack: str,
+        batch: int,
+        first_idx: int,
+        n: int,
+        records: Iterable[Sequence[Any]],
+        *,
+        score_evals: int = 0,
+        seconds: float = 0.0,
+        traces: Mapping[int, Any] | None = None,
+        examples: Iterable[Sequence[Any]] | None = None,
+    ) -> None:
+        """Store everything about one batch and mark it done, in ONE transaction.
+
+        A batch covers the test images `first_idx <= idx < first_idx + n` (contiguous: shard
+        the test set by batches, not by interleaved indices); records outside raise ValueError.
+        `records`: `Record`s / 6-tuples `(defense, attack, protocol, merge, idx, value)` whose
+        defense and attack equal the arguments, or 4-tuples `(protocol, merge, idx, value)`.
+        `traces`: `{idx: 1-D loss per attack iteration}`. `examples`: `[(idx, clean, adv,
+        purified)]` with (C, H, W) images in [0, 1]. Arrays may be numpy or torch.
+
+        Writing a record that already exists with the same value is allowed (a batch redone
+        after a crash); a different value raises `RunDirError`: two runs disagree about a sample.
+        If anything raises (including the `records` iterable itself), nothing of the batch is kept.
+        """
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = [self._record_row(defense, attack, r) for r in records]
+            outside = [r[4] for r in rows if not first_idx <= r[4] < first_idx + n]
+            if outside:
+                # batch_records() finds a batch's records by this range: keep the convention.
+                raise ValueError(
+                    f"record idx {outside[0]} outside batch {batch} = [{first_idx}, {first_idx + n})"
+                )
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
+            if conn.total_changes - before != len(rows):
+                self._check_redone(rows)
+            if traces:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO traces VALUES (?, ?, ?, ?)",
+                    [(defense, attack, int(i), _blob(_as_numpy(t).reshape(-1))) for i, t in traces.items()],
+                )
+            for idx, clean, adv, pur in examples or ():
+                arrays = [_as_numpy(a) for a in (clean, adv, pur)]
+                shape = arrays[0].shape
+                if len(shape) != 3 or any(a.shape != shape for a in arrays):
+                    raise ValueError(f"example {idx}: images must share one (C, H, W) shape")
+                conn.execute(
+                    "INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (defense, attack, int(idx), *[_blob(a) for a in arrays], ",".join(map(str, shape))),
+                )
+            conn.execute(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (defense, attack, int(batch), int(first_idx), int(n), int(score_evals), float(seconds)),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # sqlite may already have rolled back (e.g. disk full)
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _record_row(defense: str, attack: str, r: Sequence[Any]) -> tuple:
+        if len(r) == 6:
+            if (r[0], r[1]) != (defense, attack):
+                raise ValueError(f"record {tuple(r)} written under ({defense!r}, {attack!r})")
+            r = r[2:]
+        if len(r) != 4:
+            raise ValueError(f"a record is (protocol, merge, idx, value), got {tuple(r)!r}")
+        protocol, merge, idx, value = r
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+        if merge not in MERGES:
+            raise ValueError(f"unknown merge {merge!r}; allowed: {', '.join(MERGES)}")
+        value = float(value)
+        if not (0.0 <= value <= 1.0):  # also rejects NaN
+            raise ValueError(f"record value must be in [0, 1], got {value} for sample {idx}")
+        return (defense, attack, protocol, merge, int(idx), value)
+
+    def _check_redone(self, rows: list[tuple]) -> None:
+        """Some keys already existed (a redone batch): their stored values must agree."""
+        for row in rows:
+            stored = self._conn.execute(
+                "SELECT value FROM records WHERE defense=? AND attack=? AND protocol=? AND merge=? AND idx=?",
+                row[:5],
+            ).fetchone()
+            if stored is not None and stored[0] != row[5]:
+                raise RunDirError(
+                    f"conflicting record {row[:5]} in {self.path}: stored {stored[0]}, new {row[5]}"
+                )
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value (committed at once)."""
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    # --- reading ------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def is_done(self, defense: str, attack: str, batch: int) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM batches WHERE defense=? AND attack=? AND batch=?", (defense, attack, int(batch))
+        ).fetchone()
+        return row is not None
+
+    def batch_records(self, defense: str, attack: str, batch: int) -> list[Record]:
+        """The records of a finished batch (empty if not done), to re-feed metrics on resume."""
+        marker = self._conn.execute(
+            "SELECT first_idx, n FROM batches WHERE defense=? AND attack=? AND batch=?",
+            (defense, attack, int(batch)),
+        ).fetchone()
+        if marker is None:
+            return []
+        # A batch is identified by its index range; idx is not stored per batch in `records`.
+        first, n = marker
+        rows = self._conn.execute(
+            "SELECT * FROM records WHERE defense=? AND attack=? AND idx>=? AND idx<? "
+            "ORDER BY protocol, merge, idx",
+            (defense, attack, first, first + n),
+        )
+        return [Record(*row) for row in rows]
+
+    def records(self) -> list[Record]:
+        return [Record(*row) for row in self._conn.execute("SELECT * FROM records")]
+
+    def batches(self) -> list[Batch]:
+        return [Batch(*row) for row in self._conn.execute("SELECT * FROM batches")]
+
+    def traces(self) -> list[tuple[str, str, int, np.ndarray]]:
+        return [
+            (d, a, i, np.frombuffer(blob, dtype=np.float32).copy())
+            for d, a, i, blob in self._conn.execute("SELECT * FROM traces")
+        ]
+
+    def examples(self) -> list[Example]:
+        out = []
+        for d, a, i, clean, adv, pur, shape in self._conn.execute("SELECT * FROM examples"):
+            dims = tuple(int(s) for s in shape.split(","))
+            out.append(Example(d, a, i, *[np.frombuffer(b, np.float32).reshape(dims).copy() for b in (clean, adv, pur)]))
+        return out
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- the run directory: merging every rank's file --------------------------------------------
+def records_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "records"
+
+
+def rank_files(run_dir: str | Path) -> list[Path]:
+    """`records/rank*.sqlite`, ordered by rank number (journal files are not matched)."""
+    files = [p for p in records_dir(run_dir).glob("rank*.sqlite") if re.fullmatch(r"rank\d+\.sqlite", p.name)]
+    return sorted(files, key=lambda p: int(p.name[4:-7]))
+
+
+def _each_store(run_dir: str | Path):
+    for path in rank_files(run_dir):
+        with RecordStore(path) as store:
+            yield path, store
+
+
+def load_records(run_dir: str | Path) -> list[Record]:
+    """Every record of every rank file, deduplicated by key and sorted by key.
+
+    The same key in two files with the same value is normal (a batch redone by another rank after
+    a resume with a different world size); different values raise `RunDirError` naming the key.
+    """
+    merged: dict[tuple, tuple[float, Path]] = {}
+    for path, store in _each_store(run_dir):
+        for r in store.records():
+            seen = merged.get(r.key)
+            if seen is None:
+                merged[r.key] = (r.value, path)
+            elif seen[0] != r.value:
+                raise RunDirError(
+                    f"conflicting record {r.key}: {seen[0]} in {seen[1]}, {r.value} in {path}; "
+                    "two runs disagree — delete the run dir or use a new one"
+                )
+    return [Record(*key, value) for key, (value, _) in sorted(merged.items())]
+
+
+def load_batches(run_dir: str | Path) -> list[Batch]:
+    """Every done marker, one per (defense, attack, batch); the lowest rank's copy wins.
+
+    Two copies of a batch must cover the same images; their costs may differ (timing noise) and
+    are not added, so that cost per image stays the cost of attacking each image once.
+    """
+    merged: dict[tuple, tuple[Batch, Path]] = {}
+    for path, store in _each_store(run_dir):
+        for b in store.batches():
+            key = (b.defense, b.attack, b.batch)
+            seen = merged.get(key)
+            if seen is None:
+                merged[key] = (b, path)
+            elif (seen[0].first_idx, seen[0].n) != (b.first_idx, b.n):
+                raise RunDirError(
+                    f"conflicting batch {key}: images [{seen[0].first_idx}, +{seen[0].n}) in {seen[1]}, "
+                    f"[{b.first_idx}, +{b.n}) in {path}"
+                )
+    return [b for _, (b, _) in sorted(merged.items())]
+
+
+def load_traces(run_dir: str | Path) -> dict[tuple[str, str], dict[int, np.ndarray]]:
+    """`{(defense, attack): {idx: float32 loss per iteration}}`, merged over ranks."""
+    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for _, store in _each_store(run_dir):
+        for d, a, i, losses in store.traces():
+            out.setdefault((d, a), {}).setdefault(i, losses)
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def load_examples(run_dir: str | Path) -> list[Example]:
+    """Every stored example (first copy of each (defense, attack, idx)), sorted by that key."""
+    out: dict[tuple, Example] = {}
+    for _, store in _each_store(run_dir):
+        for e in store.examples():
+            out.setdefault((e.defense, e.attack, e.idx), e)
+    return [e for _, e in sorted(out.items(), key=lambda kv: kv[0])]
+
+
+def clear(run_dir: str | Path) -> None:
+    """Delete the records folder (the user asked to overwrite a run dir)."""
+    shutil.rmtree(records_dir(run_dir), ignore_errors=True)

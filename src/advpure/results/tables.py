@@ -1,0 +1,288 @@
+"""From per-sample records to the tables a paper reports.
+
+`summarize` is the only place where records are reduced to accuracies: every number in the
+markdown / console / CSV / JSON outputs comes from its rows, so they cannot disagree.
+
+Row format (`summarize` returns a list of these dicts; accuracies are fractions in [0, 1], None
+when there are no records; the renderers turn them into percentages with 2 decimals)::
+
+    defense, attack, merge            names as stored
+    defense_label, attack_label       display names (from `labels`, else the names)
+    n                                 images with a `single` record in this row
+    natural, natural_lo, natural_hi, natural_n
+                                      clean accuracy of the same defense and merge (protocol
+                                      single), on exactly this row's images
+    single, single_lo, single_hi, single_n         and likewise worst_of_n_*, mean_of_n_*,
+    ever_broken_*                                  robust accuracy per protocol, 95% Wilson CI
+    score_evals_per_img, seconds_per_img           cost of this (defense, attack) from its batch
+                                                   markers, divided by n (None without markers)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from advpure.results.stats import accuracy
+from advpure.results.store import MERGES, NATURAL, PROTOCOLS
+
+STAT_FIELDS = [f"{p}{s}" for p in ("natural", *PROTOCOLS) for s in ("", "_lo", "_hi", "_n")]
+COLUMNS = [
+    "defense",
+    "attack",
+    "merge",
+    "defense_label",
+    "attack_label",
+    "n",
+    *STAT_FIELDS,
+    "score_evals_per_img",
+    "seconds_per_img",
+]
+_INT_COLUMNS = {"n", *(f"{p}_n" for p in ("natural", *PROTOCOLS))}
+_TEXT_COLUMNS = {"defense", "attack", "merge", "defense_label", "attack_label"}
+
+
+def _sort_key(defense: str, attack: str, merge: str) -> tuple:
+    """Undefended first, clean accuracy before attacks, merges in their canonical order."""
+    merge_rank = MERGES.index(merge) if merge in MERGES else len(MERGES)
+    return (defense != "none", defense, attack != NATURAL, attack, merge_rank, merge)
+
+
+def summarize(
+    records: Iterable[Sequence],
+    batches: Iterable[Sequence] | None = None,
+    *,
+    labels: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (defense, attack, merge); see the module docstring for the fields.
+
+    records: `Record`s or 6-tuples (defense, attack, protocol, merge, idx, value).
+    batches: `Batch`es or 7-tuples (defense, attack, batch, first_idx, n, score_evals, seconds).
+    The attack's cost is shared by its merge rules (one attack run is classified with each of
+    them), so every merge row of a (defense, attack) shows the same cost per image.
+    labels: display names for defenses and attacks, e.g. {"adp_s0.25": "ADP σ=0.25"}.
+    """
+    labels = labels or {}
+    # values[(defense, attack, merge)][protocol] = {idx: value}
+    values: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
+    for defense, attack, protocol, merge, idx, value in records:
+        values.setdefault((defense, attack, merge), {}).setdefault(protocol, {})[int(idx)] = float(value)
+
+    cost: dict[tuple[str, str], list[float]] = {}
+    for defense, attack, _batch, _first, _n, score_evals, seconds in batches or ():
+        c = cost.setdefault((defense, attack), [0.0, 0.0])
+        c[0] += score_evals
+        c[1] += seconds
+
+    rows = []
+    for defense, attack, merge in sorted(values, key=lambda k: _sort_key(*k)):
+        by_protocol = values[(defense, attack, merge)]
+        images = sorted(by_protocol.get("single", {}))
+        row: dict[str, Any] = {
+            "defense": defense,
+            "attack": attack,
+            "merge": merge,
+            "defense_label": labels.get(defense, defense),
+            "attack_label": labels.get(attack, attack),
+            "n": len(images),
+        }
+        clean = values.get((defense, NATURAL, merge), {}).get("single", {})
+        _put(row, "natural", [clean[i] for i in images if i in clean])
+        for protocol in PROTOCOLS:
+            _put(row, protocol, list(by_protocol.get(protocol, {}).values()))
+        spent = cost.get((defense, attack))
+        n = len(images)
+        row["score_evals_per_img"] = spent[0] / n if spent and n else None
+        row["seconds_per_img"] = spent[1] / n if spent and n else None
+        rows.append(row)
+    return rows
+
+
+def _put(row: dict[str, Any], name: str, vals: list[float]) -> None:
+    acc, lo, hi, n = accuracy(vals)
+    if n == 0:
+        row.update({name: None, f"{name}_lo": None, f"{name}_hi": None, f"{name}_n": 0})
+    else:
+        row.update({name: acc, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_n": n})
+
+
+# --- rendering ------------------------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _worst_mean(row: Mapping[str, Any]) -> str:
+    if row.get("worst_of_n") is None and row.get("mean_of_n") is None:
+        return "–"
+    return f"{_pct(row.get('worst_of_n'))} ({_pct(row.get('mean_of_n'))})"
+
+
+def _ci(row: Mapping[str, Any]) -> str:
+    if row.get("single") is None:
+        return "–"
+    return f"[{_pct(row['single_lo'])}, {_pct(row['single_hi'])}]"
+
+
+def to_markdown(
+    rows: Sequence[Mapping[str, Any]], *, header_lines: Sequence[str], merge: str = "softmax"
+) -> str:
+    """The measured table (rows of one merge rule) under its settings, then the cited tables."""
+    out = [f"# Benchmark results (merge rule: {merge})", ""]
+    out += [f"- {line}" for line in header_lines]
+    out += [
+        "",
+        "Accuracies in %. Natural = clean accuracy on the same images. Robust (single) = the final "
+        "adversarial input classified once; worst-of-N = robust only if all N fresh draws are correct "
+        "(mean of the N draws in parentheses); ever broken = robust only if correct at every attack "
+        "iterate (Hill et al. 2021). 95% CI = Wilson interval of the single draw.",
+        "",
+        "| Defense | Attack | Natural | Robust (single) | Worst-of-N (mean) | Ever broken "
+        "| 95% CI (single) | n | Score evals/img | s/img |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    shown = [r for r in rows if r["merge"] == merge]
+    for r in shown:
+        out.append(
+            f"| {r['defense_label']} | {r['attack_label']} | {_pct(r['natural'])} | {_pct(r['single'])} "
+            f"| {_worst_mean(r)} | {_pct(r['ever_broken'])} | {_ci(r)} | {r['n']} "
+            f"| {_num(r['score_evals_per_img'], 0)} | {_num(r['seconds_per_img'], 3)} |"
+        )
+    if not shown:
+        out.append(f"| (no records for merge rule {merge}) | | | | | | | | | |")
+    out += ["", *_cited_markdown()]
+    return "\n".join(out) + "\n"
+
+
+# Numbers copied as printed in the sources (strings: their precision is theirs, not ours).
+CITED_HEADING = "Cited from the ADP paper (Yoon et al. 2021), not measured here"
+CITED_STRONG_ADAPTIVE = [  # CIFAR-10, l_inf eps = 8/255, strong adaptive attacks
+    ("ADP (σ=0.25), BPDA40+EOT", "86.14", "70.01", "WRN-28-10"),
+    ("ADP (σ=0.25), BPDA100+EOT", "86.14", "69.71", "WRN-28-10"),
+    ("ADP (σ=0.25), Joint (score)+EOT", "86.14", "70.61", "WRN-28-10"),
+    ("ADP (σ=0.25), Joint (full)+EOT", "86.14", "78.39", "WRN-28-10"),
+    ("ADP (σ=0.25), SPSA", "86.14", "80.80", "WRN-28-10"),
+    ("Hill et al. 2021", "84.12", "54.90", "WRN-28-10"),
+    ("Song et al. 2018", "95.00", "9", "ResNet-62"),
+    ("Yang et al. 2019", "88.7", "55.1", "WRN-28-10"),
+    ("Shi et al. 2021", "91.89", "53.58", "WRN-28-10"),
+    ("Madry et al. 2018", "87.3", "45.8", "ResNet-18"),
+    ("Zhang et al. 2019", "84.90", "56.43", "ResNet-18"),
+    ("Carmon et al. 2019", "89.67", "63.1", "WRN-28-10"),
+    ("Gowal et al. 2020", "89.48", "64.08", "WRN-28-10"),
+]
+CITED_PREPROCESSOR_BLIND = [  # CIFAR-10, attacks that do not see the purifier
+    ("Raw WRN-28-10 (no defense)", "95.80", "0.00", "WRN-28-10"),
+    ("ADP (σ=0.1)", "93.09", "85.45", "WRN-28-10"),
+    ("ADP (σ=0.25)", "86.14", "80.24", "WRN-28-10"),
+    ("Hill et al. 2021", "84.12", "78.91", "–"),
+    ("Shi et al. 2021", "96.93", "63.10", "–"),
+    ("Du & Mordatch 2019", "48.7", "37.5", "–"),
+    ("Grathwohl et al. 2020", "75.5", "23.8", "–"),
+    ("Yang et al. 2019 (p = 0.8→1.0)", "94.9", "82.5", "ResNet-18"),
+    ("Yang et al. 2019 (p = 0.6→0.8)", "92.1", "80.3", "ResNet-18"),
+    ("Yang et al. 2019 (p = 0.4→0.6)", "89.2", "77.4", "ResNet-18"),
+    ("Song et al. 2018, Natural + PixelCNN", "82", "61", "ResNet-62"),
+    ("Song et al. 2018, AT + PixelCNN", "90", "70", "ResNet-62"),
+    ("Madry et al. 2018 (transfer)", "87.3", "70.2", "ResNet-56"),
+    ("Zhang et al. 2019 (transfer)", "84.9", "72.2", "ResNet-56"),
+]
+CITED_REEVALUATION = (
+    "ADP on CIFAR-10 under exact-gradient adaptive attacks: 33.5–33.7% robust accuracy "
+    "(Lee & Kim 2023; Croce et al. 2022 report ~33.5%); compare the BPDA+EOT rows above."
+)
+
+
+def _cited_markdown() -> list[str]:
+    out = [
+        f"## {CITED_HEADING}",
+        "",
+        "These rows are copied from the paper for comparison; none of them was run by this benchmark.",
+        "",
+    ]
+    for title, rows in (
+        ("CIFAR-10, strong adaptive attacks", CITED_STRONG_ADAPTIVE),
+        ("CIFAR-10, preprocessor-blind attacks", CITED_PREPROCESSOR_BLIND),
+    ):
+        out += [f"### {title}", "", "| Method | Natural | Robust | Architecture |", "|---|---:|---:|---:|"]
+        out += [f"| {m} | {nat} | {rob} | {arch} |" for m, nat, rob, arch in rows]
+        out.append("")
+    out += [
+        "## Cited from later re-evaluations (Lee & Kim 2023; Croce et al. 2022), not measured here",
+        "",
+        CITED_REEVALUATION,
+        "",
+    ]
+    return out
+
+
+def to_console(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A compact fixed-width table for the terminal (all merge rules)."""
+    head = ("defense", "attack", "merge", "natural", "single", "worst", "mean", "ever", "n", "evals/img", "s/img")
+    lines = [[
+        str(r["defense_label"]),
+        str(r["attack_label"]),
+        str(r["merge"]),
+        _pct(r["natural"]),
+        _pct(r["single"]),
+        _pct(r["worst_of_n"]),
+        _pct(r["mean_of_n"]),
+        _pct(r["ever_broken"]),
+        str(r["n"]),
+        _num(r["score_evals_per_img"], 0),
+        _num(r["seconds_per_img"], 3),
+    ] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        # names left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """All fields of every row; accuracies as fractions with full precision, missing = empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k])
+                             for k in COLUMNS})
+    return path
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows written by `to_csv`, with numbers parsed back (exactly: floats are written by repr)."""
+
+    def parse(key: str, text: str) -> Any:
+        if key in _TEXT_COLUMNS:
+            return text
+        if text == "":
+            return None
+        return int(text) if key in _INT_COLUMNS else float(text)
+
+    with Path(path).open(newline="") as f:
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def to_json(rows: Sequence[Mapping[str, Any]], path: str | Path, meta: Mapping[str, Any]) -> Path:
+    """`{"meta": meta, "rows": rows}`; meta should hold the settings (config, n images, eps...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": dict(meta), "rows": [dict(r) for r in rows]}, indent=2, default=str))
+    return path
+
+
+def read_json(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    data = json.loads(Path(path).read_text())
+    return data["rows"], data["meta"]

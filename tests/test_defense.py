@@ -1,0 +1,175 @@
+"""Defense interface: replicas as a batch dimension, chunking, merge rules, identity, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from advpure.purify import (
+    ADPPurifier,
+    Defense,
+    LangevinPurifier,
+    correct_by_merge,
+    merge_predict,
+    merge_scores,
+)
+from advpure.rng import GeneratorRNG, SampleRNG
+
+
+def tiny_nets(seed=0):
+    torch.manual_seed(seed)
+    score = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ELU(), nn.Conv2d(8, 1, 3, padding=1))
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    return clf, score
+
+
+def adp_defense(replicas=4, max_batch=4096, **kw):
+    clf, score = tiny_nets()
+    pur = ADPPurifier(score, sigma=0.2, steps=5, tau=0.0, **kw)
+    return Defense(clf, pur, replicas=replicas, max_batch=max_batch, channels=1, image_size=8)
+
+
+def test_replicas_in_batch_equal_a_loop_over_replicas_with_the_same_generator():
+    d = adp_defense()
+    x = torch.rand(6, 1, 8, 8)
+    g1 = torch.Generator().manual_seed(7)
+    batched = d.purify(x, GeneratorRNG(g1), draws=4).x.view(4, 6, 1, 8, 8)
+    g2 = torch.Generator().manual_seed(7)
+    looped = torch.stack([d.purify(x, GeneratorRNG(g2), draws=1).x for _ in range(4)])
+    assert torch.equal(batched, looped)
+    assert g1.get_state().equal(g2.get_state())  # same amount of randomness consumed
+
+
+def test_chunking_does_not_change_results():
+    x = torch.rand(5, 1, 8, 8)
+    big = adp_defense(max_batch=4096).chain_logits(x, SampleRNG(0, range(5)), 4)[0]
+    small = adp_defense(max_batch=3).chain_logits(x, SampleRNG(0, range(5)), 4)[0]
+    assert torch.equal(big, small)
+
+
+def test_sample_rng_results_do_not_depend_on_batch_composition():
+    d = adp_defense()
+    x = torch.rand(6, 1, 8, 8)
+    idx = torch.arange(100, 106)
+    whole = d.purify(x, SampleRNG(3, idx), draws=2).x.view(2, 6, 1, 8, 8)
+    even = d.purify(x[::2], SampleRNG(3, idx[::2]), draws=2).x.view(2, 3, 1, 8, 8)
+    odd = d.purify(x[1::2], SampleRNG(3, idx[1::2]), draws=2).x.view(2, 3, 1, 8, 8)
+    assert torch.equal(whole[:, ::2], even) and torch.equal(whole[:, 1::2], odd)
+    again = d.purify(x, SampleRNG(4, idx), draws=2).x.view(2, 6, 1, 8, 8)
+    assert not torch.equal(whole, again)  # another seed, other noise
+
+
+def test_fresh_randomness_on_every_call():
+    d = adp_defense()
+    x = torch.rand(3, 1, 8, 8)
+    rng = SampleRNG(0, range(3))
+    a, b = d.purify(x, rng).x, d.purify(x, rng).x
+    assert not torch.equal(a, b)
+
+
+def test_merge_rules_on_hand_made_logits():
+    # 3 replicas, 2 images, 3 classes
+    logits = torch.tensor(
+        [
+            [[10.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+            [[0.0, 1.0, 0.0], [0.0, 0.0, 1.1]],
+            [[0.0, 1.0, 0.0], [3.0, 0.0, 0.0]],
+        ]
+    )
+    # softmax mean: image 0 -> class 0 (one very confident replica beats two mild ones)
+    assert merge_predict(logits, "softmax").tolist() == [0, 0]
+    # mean logits: image 0: [10/3, 2/3, 0] -> 0; image 1: [1, 1/3, 0.367] -> 0
+    assert merge_predict(logits, "logits").tolist() == [0, 0]
+    # vote: image 0: class 1 twice -> 1; image 1: a three-way tie broken by mean softmax -> 0
+    assert merge_predict(logits, "vote").tolist() == [1, 0]
+    assert torch.allclose(merge_scores(logits, "vote")[0], torch.tensor([1 / 3, 2 / 3, 0.0]))
+    assert torch.allclose(merge_scores(logits, "softmax").sum(-1), torch.ones(2))
+    # exact ties under softmax/logits: the lowest class index
+    tie = torch.zeros(2, 1, 3)
+    assert merge_predict(tie, "softmax").tolist() == [0]
+    assert merge_predict(tie, "vote").tolist() == [0]
+    with pytest.raises(ValueError, match="merge"):
+        merge_scores(logits, "max")
+
+
+def test_correct_by_merge_shapes_and_values():
+    logits = torch.zeros(2, 3, 4, 5)  # n=2 evaluations, S=3, B=4, K=5
+    logits[..., 2] = 1.0
+    y = torch.tensor([2, 0, 2, 1])
+    out = correct_by_merge(logits, y)
+    assert set(out) == {"softmax", "logits", "vote"}
+    for v in out.values():
+        assert v.shape == (2, 4) and v.tolist() == [[True, False, True, False]] * 2
+
+
+def test_identity_purifier_is_the_bare_classifier():
+    clf, _ = tiny_nets()
+    d = Defense(clf, replicas=3)
+    x = torch.rand(4, 1, 8, 8)
+    rng = SampleRNG(0, range(4))
+    assert torch.allclose(d(x, rng), clf(x).softmax(-1))
+    assert not d.stochastic and not d.has_score
+    logits, out = d.chain_logits(x, rng, 5)
+    assert logits.shape == (5, 4, 10) and torch.equal(logits[3], clf(x))
+    assert out.score_evals.sum() == 0
+    with pytest.raises(ValueError, match="no score network"):
+        d.score(x)
+
+
+def test_score_evals_are_counted():
+    d = adp_defense(replicas=2)
+    x = torch.rand(3, 1, 8, 8)
+    before = d.score_evals
+    _, out = d.chain_logits(x, SampleRNG(0, range(3)), 2)
+    assert d.score_evals - before == int(out.score_evals.sum()) == 2 * 5 * 2 * 3  # T=5, tau=0: no stops
+
+
+def test_differentiable_chain_logits_have_input_gradients():
+    d = adp_defense(replicas=1)
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    logits, _ = d.chain_logits(x, SampleRNG(0, range(2)), 3, differentiable=True)
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_langevin_purifier_runs_fixed_steps_and_is_seeded():
+    clf, score = tiny_nets()
+    d = Defense(clf, LangevinPurifier(score, sigma=0.1, eta=1e-3, score_sigma=0.1, steps=7), replicas=2)
+    x = torch.rand(3, 1, 8, 8)
+    a = d.purify(x, SampleRNG(0, range(3)), draws=2)
+    b = d.purify(x, SampleRNG(0, range(3)), draws=2)
+    assert torch.equal(a.x, b.x)
+    assert a.score_evals.tolist() == [7] * 6
+    assert 0 <= a.x.min() and a.x.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sigma": -0.1}, "sigma"),
+        ({"steps": 0}, "steps"),
+        ({"noise": "uniform"}, "noise"),
+    ],
+)
+def test_bad_purifier_arguments(kwargs, match):
+    _, score = tiny_nets()
+    with pytest.raises(ValueError, match=match):
+        ADPPurifier(score, **kwargs)
+
+
+def test_bad_defense_arguments_and_inputs():
+    clf, score = tiny_nets()
+    with pytest.raises(ValueError, match="replicas"):
+        Defense(clf, ADPPurifier(score), replicas=0)
+    with pytest.raises(ValueError, match="merge"):
+        Defense(clf, ADPPurifier(score), merge="max")
+    d = Defense(clf, ADPPurifier(score), channels=1, image_size=8)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        d.check(torch.full((1, 1, 8, 8), 1.5))
+    with pytest.raises(ValueError, match="channel"):
+        d.check(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="8x8"):
+        d.check(torch.rand(1, 1, 9, 9))
+    with pytest.raises(ValueError, match="shape"):
+        d.check(torch.rand(8, 8))
