@@ -150,6 +150,7 @@ class AttackConfig:
     spsa_delta: float = at_least(0.01, 0.0, strict=True)
     apgd_rho: float = between(0.75, 0.0, 1.0)
     apgd_momentum: float = between(0.75, 0.0, 1.0)
+    max_images: int | None = None  # attack only the first n benchmark images (expensive attacks)
 
 
 @dataclass

@@ -81,6 +81,7 @@ class TrainBatchSampler(Sampler):
         if self.batch_size < 1:
             raise DataError(f"the training split has {n} images, fewer than the {world_size} ranks")
         self.batches_per_rank = (n // self.batch_size) // world_size
+        self.skip = 0  # batches of the current epoch already trained (set when resuming mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch; selects that epoch's permutation."""
@@ -93,7 +94,8 @@ class TrainBatchSampler(Sampler):
         g = torch.Generator().manual_seed(mix(self.seed, self.epoch))
         perm = self.indices[torch.randperm(len(self.indices), generator=g)]
         bs = self.batch_size
-        for k in range(self.batches_per_rank):
+        start, self.skip = self.skip, 0  # a resumed epoch continues where the checkpoint stopped
+        for k in range(start, self.batches_per_rank):
             b = k * self.world_size + self.rank
             yield perm[b * bs : (b + 1) * bs]
 
@@ -234,6 +236,12 @@ class ImageDataModule(L.LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.set_epoch(epoch)
 
+    def resume_mid_epoch(self, done_batches: int) -> None:
+        """Make the next training iteration skip the `done_batches` this epoch already trained,
+        so a run resumed from a step checkpoint sees exactly the batches an uninterrupted run would."""
+        if self._train_sampler is not None and done_batches > 0:
+            self._train_sampler.skip = int(done_batches)
+
     def train_dataloader(self, rank: int | None = None, world_size: int | None = None) -> DataLoader:
         self._require_setup()
         rank, world_size = self._shard(rank, world_size)
@@ -267,7 +275,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"unknown split '{split}'; allowed: test, val, train")
         if n is not None:
             if not 0 <= n <= len(indices):
-                raise DataError(f"asked for the first {n} images of the {split} split, which has {len(indices)}")
+                raise DataError(
+                    f"asked for the first {n} images of the {split} split, which has {len(indices)}"
+                )
             indices = indices[:n]
         rank, world_size = self._shard(rank, world_size)
         bs = int(self.data_cfg.eval_batch_size if batch_size is None else batch_size)
@@ -286,15 +296,20 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(x: torch.Tensor, y: torch.Tensor, sampler: Sampler) -> DataLoader:
         # batch_size=None: each sampler item is already a whole batch of indices; len() is the
         # number of batches this rank will see.
-        return DataLoader(BatchDataset(x, y), batch_size=None, sampler=sampler, num_workers=0, collate_fn=_as_is)
+        return DataLoader(
+            BatchDataset(x, y), batch_size=None, sampler=sampler, num_workers=0, collate_fn=_as_is
+        )
 
     # --- on the device ---------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """uint8 -> float [0, 1] on the device; random crop / flip only while the trainer trains."""
         x, y, idx = batch
         x = to_unit(x)
-        if self.trainer is not None and self.trainer.training:
-            x = self.augment(x)
+        if self.trainer is not None and self.trainer.training and (self.crop_padding > 0 or self.hflip):
+            # keyed by (seed, step, rank), not the global RNG: a resumed run augments identically
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(mix(self.seed, 0xA06, self.trainer.global_step, self.trainer.global_rank))
+            x = self.augment(x, gen)
         return x, y, idx
 
     def augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

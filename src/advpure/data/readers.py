@@ -178,7 +178,9 @@ def read_cifar_batch(path: str | Path, num_classes: int | None = None) -> tuple[
     except Exception:
         raise DataError(f"{path}: labels are not a list of integers") from None
     if labels_arr.ndim != 1 or not np.issubdtype(labels_arr.dtype, np.integer):
-        raise DataError(f"{path}: labels must be a flat list of integers, got {labels_arr.dtype} {labels_arr.shape}")
+        raise DataError(
+            f"{path}: labels must be a flat list of integers, got {labels_arr.dtype} {labels_arr.shape}"
+        )
     if len(labels_arr) != len(data):
         raise DataError(f"{path}: {len(labels_arr)} labels for {len(data)} images")
     if len(labels_arr) and (labels_arr.min() < 0 or labels_arr.max() >= num_classes):

@@ -97,10 +97,9 @@ SPECS: dict[str, DatasetSpec] = {
         num_classes=10,
         mean=(0.2860,),
         std=(0.3530,),
-        class_names=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-        ),  # fmt: skip
+        class_names=tuple(
+            "T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|Sneaker|Bag|Ankle boot".split("|")
+        ),
         train_files=_IDX_TRAIN,
         test_files=_IDX_TEST,
         base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -142,10 +141,7 @@ SPECS: dict[str, DatasetSpec] = {
         num_classes=10,
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
-        class_names=(
-            "airplane", "automobile", "bird", "cat", "deer",
-            "dog", "frog", "horse", "ship", "truck",
-        ),  # fmt: skip
+        class_names=tuple("airplane automobile bird cat deer dog frog horse ship truck".split()),
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
         test_files=("test_batch",),
         base_url="https://www.cs.toronto.edu/~kriz/",
@@ -283,7 +279,9 @@ def extract_tar(archive: Path, dest_dir: Path, spec: DatasetSpec) -> Path:
         if missing:
             raise DataError(f"{archive}: archive lacks {spec.subdir}/{', '.join(missing)}")
         if target.exists():
-            shutil.rmtree(target)
+            if all((target / f).is_file() for f in spec.files):
+                return target  # another process (e.g. a second node's rank 0) finished first
+            shutil.rmtree(target)  # an incomplete copy
         os.replace(tmp / spec.subdir, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -308,8 +306,9 @@ def _cached_archive(spec: DatasetSpec, cache: Path) -> Path | None:
     for name, md5 in spec.archives:
         path = cache / name
         if path.is_file():
-            if _md5(path) != md5:
-                raise DataError(f"{path}: md5 {_md5(path)} differs from the expected {md5}; delete it")
+            got = _md5(path)
+            if got != md5:
+                raise DataError(f"{path}: md5 {got} differs from the expected {md5}; delete it")
             return extract_tar(path, cache, spec)
     return None
 

@@ -126,7 +126,10 @@ class WideResNet(nn.Module):
 
     @staticmethod
     def _group(in_planes: int, planes: int, n: int, stride: int, dropout: float) -> nn.Sequential:
-        layers = [_WideBasic(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, dropout) for i in range(n)]
+        layers = [
+            _WideBasic(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, dropout)
+            for i in range(n)
+        ]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,9 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         stages, in_planes = [], 64
         for planes, stride in zip((64, 128, 256, 512), (1, 2, 2, 2)):
-            stages.append(nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1)))
+            stages.append(
+                nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1))
+            )
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -214,9 +219,13 @@ def build_classifier(
         raise ConfigError(f"classifier.arch={arch!r} is unknown; allowed: {', '.join(CLASSIFIER_ARCHS)}")
     size = CLASSIFIER_ARCHS[arch]
     if image_size != size:
-        raise ConfigError(f"classifier.arch={arch} takes {size}x{size} images only, got image_size={image_size}")
+        raise ConfigError(
+            f"classifier.arch={arch} takes {size}x{size} images only, got image_size={image_size}"
+        )
     if in_channels < 1 or num_classes < 2:
-        raise ConfigError(f"classifier: need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+        raise ConfigError(
+            f"classifier: need in_channels >= 1 and num_classes >= 2, got {in_channels}, {num_classes}"
+        )
     if len(mean) != in_channels or len(std) != in_channels:
         raise ConfigError(
             f"classifier: mean/std must have in_channels={in_channels} entries, got {list(mean)}, {list(std)}"

@@ -4,19 +4,21 @@ The network f_theta takes images x in [0, 1], maps them to [-1, 1] (2x - 1) at t
 tensor of the input's shape. The output is NOT divided by sigma: ADP uses the raw output
 f_theta(x_tilde) ~ -eps, trained by denoising score matching 1/2 ||f_theta(x + sigma eps) + eps||^2.
 
-Layout (C = ngf):
+Layout (C = ngf; see LAYOUTS for the per-size block counts):
   begin conv3x3 -> C
-  res1: 2 residual blocks, C,    full resolution
-  res2: 2 residual blocks, 2C,   downsample x2
-  res3: 2 residual blocks, 2C,   downsample x2, dilation 2
-  res4: 2 residual blocks, 2C,   no downsampling, dilation 4
+  res1: residual blocks, C,    full resolution
+  res2: residual blocks, 2C,   downsample x2
+  res3: residual blocks, 2C,   downsample x2, dilation 2
+  res4: residual blocks, 2C,   no downsampling, dilation 4
   refine1(res4) -> refine2(res3, .) -> refine3(res2, .) -> refine4(res1, .)   (RefineNet cascade)
   InstanceNorm++ -> ELU -> conv3x3 -> in_channels
 Spatial sizes: 28 -> 28, 14, 7, 7 and 32 -> 32, 16, 8, 8.
 
-Each RefineBlock: per input 2 residual conv units (RCU, 2 convs each), multi-resolution fusion (a 3x3 conv
+Each RefineBlock: residual conv units (RCUs, 2 convs each) per input, multi-resolution fusion (a 3x3 conv
 per input, bilinear upsampling to the finest input's size, sum), chained residual pooling (5x5 max-pool
-+ 3x3 conv, 2 stages), then output RCUs (1, or 3 in the last block). Activations are ELU throughout.
++ 3x3 conv stages), then output RCUs. Activations are ELU throughout.
+32x32 (NCSNv2 CIFAR-10): 2 residual blocks per stage, 2 RCUs per input, 2 CRP stages, 1 output RCU
+(3 in refine4). 28x28: the lighter layout described at LAYOUTS.
 """
 
 from __future__ import annotations
@@ -96,9 +98,11 @@ def _conv3x3(cin: int, cout: int, dilation: int = 1, bias: bool = True) -> nn.Co
 
 
 class ResidualBlock(nn.Module):
-    """norm -> ELU -> conv -> norm -> ELU -> conv (+ shortcut), optionally downsampling by 2.
+    """norm -> ELU -> conv3x3 -> norm -> ELU -> conv3x3, plus a shortcut; optionally downsampling by 2.
 
-    Downsampling is a mean pool (2x2) after the second conv, and after a 1x1 shortcut conv.
+    Downsampling: a 2x2 mean pool after the first norm -> ELU (both convs then run at the lower
+    resolution), and a shortcut mean pool -> 1x1 conv (equal to NCSNv2's 1x1 conv -> mean pool, as both
+    are linear). NCSNv2 pools after the second conv instead; pooling first is 4x cheaper.
     `dilation` > 1 makes both 3x3 convs dilated (padding = dilation keeps the size).
     """
 
@@ -115,13 +119,15 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Conv2d(cin, cout, 1) if (cin != cout or downsample) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
-        sc = x if self.shortcut is None else self.shortcut(x)
+        h = F.elu(self.norm1(x), inplace=True)
+        sc = x
         if self.downsample:
             h = F.avg_pool2d(h, 2)
             sc = F.avg_pool2d(sc, 2)
-        return sc + h
+        h = self.conv2(F.elu(self.norm2(self.conv1(h)), inplace=True))
+        if self.shortcut is not None:
+            sc = self.shortcut(sc)
+        return h.add_(sc)  # in place on the fresh conv output (saves an allocation; autograd-safe)
 
 
 class RCUBlock(nn.Module):
@@ -130,7 +136,9 @@ class RCUBlock(nn.Module):
     def __init__(self, channels: int, n_blocks: int, n_stages: int):
         super().__init__()
         self.n_blocks, self.n_stages = n_blocks, n_stages
-        self.convs = nn.ModuleList(_conv3x3(channels, channels, bias=False) for _ in range(n_blocks * n_stages))
+        self.convs = nn.ModuleList(
+            _conv3x3(channels, channels, bias=False) for _ in range(n_blocks * n_stages)
+        )
         self.act = nn.ELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +146,7 @@ class RCUBlock(nn.Module):
             res = x
             for j in range(self.n_stages):
                 x = self.convs[i * self.n_stages + j](self.act(x))
-            x = x + res
+            x = x.add_(res)  # x is a fresh conv output here
         return x
 
 
@@ -155,7 +163,7 @@ class MSFBlock(nn.Module):
             h = conv(x)
             if tuple(h.shape[-2:]) != tuple(size):
                 h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
-            out = h if out is None else out + h
+            out = h if out is None else out.add_(h)
         assert out is not None
         return out
 
@@ -173,7 +181,7 @@ class CRPBlock(nn.Module):
         path = x
         for conv in self.convs:
             path = conv(max_pool_5x5(path))
-            x = x + path
+            x = x.add_(path)
         return x
 
 
@@ -228,18 +236,37 @@ class RefineBlock(nn.Module):
 @dataclass(frozen=True)
 class _Layout:
     res_blocks: int  # residual blocks per stage
-    adapt_blocks: int  # RCUs per RefineBlock input
-    end_out_blocks: int  # output RCUs of the last RefineBlock (the others have 1)
+    adapt_blocks: int  # RCUs per RefineBlock input (refine1-3)
+    out_blocks: int  # output RCUs of refine1-3
     crp_stages: int
+    last_adapt_blocks: int  # the same three for refine4 (full resolution: the costly one)
+    last_out_blocks: int
+    last_crp_stages: int
 
 
 # 32x32: the NCSNv2 CIFAR-10 layout (ngf=128: 28.6M parameters).
-# 28x28 (MNIST / Fashion-MNIST): a lighter layout (one residual block per stage, one RCU per
-# RefineBlock input, one output RCU) -- the small grayscale nets must be cheap enough to purify with
-# on a CPU (ngf=16: ~0.28M parameters).
+# 28x28 (MNIST / Fashion-MNIST): a lighter layout, as the small grayscale nets must be cheap enough to
+# purify with on a CPU (ngf=16: 0.24M parameters): one residual block per stage, one RCU per input and
+# one CRP stage in refine1-3, and refine4 (28x28, the costly resolution) reduced to fusion + one CRP stage.
 LAYOUTS: dict[int, _Layout] = {
-    32: _Layout(res_blocks=2, adapt_blocks=2, end_out_blocks=3, crp_stages=2),
-    28: _Layout(res_blocks=1, adapt_blocks=1, end_out_blocks=1, crp_stages=2),
+    32: _Layout(
+        res_blocks=2,
+        adapt_blocks=2,
+        out_blocks=1,
+        crp_stages=2,
+        last_adapt_blocks=2,
+        last_out_blocks=3,
+        last_crp_stages=2,
+    ),
+    28: _Layout(
+        res_blocks=1,
+        adapt_blocks=1,
+        out_blocks=1,
+        crp_stages=1,
+        last_adapt_blocks=0,
+        last_out_blocks=0,
+        last_crp_stages=1,
+    ),
 }
 
 
@@ -265,7 +292,9 @@ class NCSNv2(nn.Module):
                 f"score net ncsnv2 takes image_size 28 or 32 (allowed: {SCORE_IMAGE_SIZES}), got {image_size}"
             )
         if in_channels < 1 or ngf < 1:
-            raise ConfigError(f"score net ncsnv2: need in_channels >= 1 and ngf >= 1, got {in_channels}, {ngf}")
+            raise ConfigError(
+                f"score net ncsnv2: need in_channels >= 1 and ngf >= 1, got {in_channels}, {ngf}"
+            )
         self.in_channels, self.ngf, self.image_size = in_channels, ngf, image_size
         lay = LAYOUTS[image_size]
         n = lay.res_blocks
@@ -275,11 +304,17 @@ class NCSNv2(nn.Module):
         self.res2 = _stage(n, c, c2, downsample=True)
         self.res3 = _stage(n, c2, c2, downsample=True, dilation=2)
         self.res4 = _stage(n, c2, c2, dilation=4)
-        kw = {"adapt_blocks": lay.adapt_blocks, "crp_stages": lay.crp_stages}
+        kw = {"adapt_blocks": lay.adapt_blocks, "crp_stages": lay.crp_stages, "out_blocks": lay.out_blocks}
         self.refine1 = RefineBlock([c2], c2, **kw)
         self.refine2 = RefineBlock([c2, c2], c2, **kw)
         self.refine3 = RefineBlock([c2, c2], c, **kw)
-        self.refine4 = RefineBlock([c, c], c, out_blocks=lay.end_out_blocks, **kw)
+        self.refine4 = RefineBlock(
+            [c, c],
+            c,
+            adapt_blocks=lay.last_adapt_blocks,
+            crp_stages=lay.last_crp_stages,
+            out_blocks=lay.last_out_blocks,
+        )
         self.norm = InstanceNormPlusPlus2d(c)
         self.act = nn.ELU()
         self.end_conv = _conv3x3(c, in_channels)
@@ -299,7 +334,7 @@ class NCSNv2(nn.Module):
         r = self.refine2([h3, r])
         r = self.refine3([h2, r])
         r = self.refine4([h1, r])
-        return self.end_conv(self.act(self.norm(r))).contiguous()
+        return self.end_conv(F.elu(self.norm(r), inplace=True)).contiguous()
 
 
 def build_score_net(arch: str, *, in_channels: int, image_size: int, ngf: int) -> nn.Module:

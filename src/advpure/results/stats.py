@@ -29,7 +29,10 @@ def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # At k = 0 or k = n the bound is exactly 0 or 1 in exact arithmetic; pin it against rounding.
+    lo = 0.0 if k == 0 else max(0.0, center - half)
+    hi = 1.0 if k == n else min(1.0, center + half)
+    return lo, hi
 
 
 def accuracy(values: Iterable[float] | np.ndarray, z: float = Z95) -> tuple[float, float, float, int]:

@@ -297,27 +297,32 @@ class RecordStore:
         self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     # --- reading ------------------------------------------------------------------------------
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """All rows of a read; damage found only now (a page past the checks) names the file."""
+        try:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise _corrupt(self.path, str(e)) from None
+
     def get_meta(self, key: str, default: Any = None) -> Any:
-        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        rows = self._query("SELECT value FROM meta WHERE key=?", (key,))
+        return json.loads(rows[0][0]) if rows else default
 
     def is_done(self, defense: str, attack: str, batch: int) -> bool:
-        row = self._conn.execute(
-            "SELECT 1 FROM batches WHERE defense=? AND attack=? AND batch=?", (defense, attack, int(batch))
-        ).fetchone()
-        return row is not None
+        sql = "SELECT 1 FROM batches WHERE defense=? AND attack=? AND batch=?"
+        return bool(self._query(sql, (defense, attack, int(batch))))
 
     def batch_records(self, defense: str, attack: str, batch: int) -> list[Record]:
         """The records of a finished batch (empty if not done), to re-feed metrics on resume."""
-        marker = self._conn.execute(
+        marker = self._query(
             "SELECT first_idx, n FROM batches WHERE defense=? AND attack=? AND batch=?",
             (defense, attack, int(batch)),
-        ).fetchone()
-        if marker is None:
+        )
+        if not marker:
             return []
-        # A batch is identified by its index range; idx is not stored per batch in `records`.
-        first, n = marker
-        rows = self._conn.execute(
+        # A batch is identified by its index range (write_batch enforces it).
+        first, n = marker[0]
+        rows = self._query(
             "SELECT * FROM records WHERE defense=? AND attack=? AND idx>=? AND idx<? "
             "ORDER BY protocol, merge, idx",
             (defense, attack, first, first + n),
@@ -325,22 +330,23 @@ class RecordStore:
         return [Record(*row) for row in rows]
 
     def records(self) -> list[Record]:
-        return [Record(*row) for row in self._conn.execute("SELECT * FROM records")]
+        return [Record(*row) for row in self._query("SELECT * FROM records")]
 
     def batches(self) -> list[Batch]:
-        return [Batch(*row) for row in self._conn.execute("SELECT * FROM batches")]
+        return [Batch(*row) for row in self._query("SELECT * FROM batches")]
 
     def traces(self) -> list[tuple[str, str, int, np.ndarray]]:
         return [
             (d, a, i, np.frombuffer(blob, dtype=np.float32).copy())
-            for d, a, i, blob in self._conn.execute("SELECT * FROM traces")
+            for d, a, i, blob in self._query("SELECT * FROM traces")
         ]
 
     def examples(self) -> list[Example]:
         out = []
-        for d, a, i, clean, adv, pur, shape in self._conn.execute("SELECT * FROM examples"):
+        for d, a, i, clean, adv, pur, shape in self._query("SELECT * FROM examples"):
             dims = tuple(int(s) for s in shape.split(","))
-            out.append(Example(d, a, i, *[np.frombuffer(b, np.float32).reshape(dims).copy() for b in (clean, adv, pur)]))
+            images = [np.frombuffer(b, np.float32).reshape(dims).copy() for b in (clean, adv, pur)]
+            out.append(Example(d, a, i, *images))
         return out
 
     def close(self) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from advpure.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks"), l-infinity, with EOT.
+
+PGD with a fixed step either overshoots or crawls; APGD adapts the step per sample and adds
+momentum, which is why it is the standard reliable evaluation. With d_k the ascent direction at
+x_k (EOT mean over K draws; gradient source classifier | full | bpda as in `pgd`):
+
+    z_{k+1} = P(x_k + eta * sign(d_k))
+    x_{k+1} = P(x_k + a (z_{k+1} - x_k) + (1 - a)(x_k - x_{k-1}))       (x_1 = z_1; a = momentum 0.75)
+
+eta starts at 2 eps. Checkpoints w_j = ceil(p_j * iters), p_0 = 0, p_1 = 0.22,
+p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06). At a checkpoint, per sample, eta is halved if
+
+  1. the loss increased in fewer than rho * (w_j - w_{j-1}) of the steps since w_{j-1}, or
+  2. eta was not halved at w_{j-1} and the best loss has not improved since w_{j-1};
+
+a halved sample restarts from its best point (with the gradient stored there, momentum reset).
+The result is the best point found: the highest EOT loss over all iterates x_0 .. x_iters.
+Everything is per sample; only the checkpoint schedule is shared. The budget equals PGD's:
+one gradient evaluation per iteration plus one loss evaluation of the last iterate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from advpure.attacks.pgd import AttackResult, Observer, Progress, Trace, eot_gradient
+from advpure.attacks.projection import project, start_point
+from advpure.rng import RNG
+
+
+def apgd_checkpoints(iters: int) -> list[int]:
+    """Iterations 0 < w_j < iters at which the step size is reviewed."""
+    p = [0.0, 0.22]
+    while p[-1] < 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    w = {math.ceil(pj * iters - 1e-9) for pj in p[1:]}  # the tolerance absorbs 0.57 * 100 = 56.99..
+    return sorted(c for c in w if 0 < c < iters)
+
+
+def should_halve(
+    increases: torch.Tensor, span: int, rho: float, halved_last: torch.Tensor, best: torch.Tensor,
+    best_at_last: torch.Tensor,
+) -> torch.Tensor:
+    """Per sample, at a checkpoint `span` iterations after the previous one: halve the step if
+    the loss increased in fewer than rho * span of those steps (condition 1), or if the step
+    was not halved at the previous checkpoint and the best loss has not improved since (2)."""
+    oscillating = increases < rho * span
+    stalled = ~halved_last & (best <= best_at_last)
+    return oscillating | stalled
+
+
+def apgd_attack(
+    defense, x, y, rng: RNG, *, eps: float, iters: int, gradient: str = "full", eot: int = 1,
+    eot_aggregate: str = "mean", loss: str = "ce", rho: float = 0.75, momentum: float = 0.75,
+    random_start: bool = False, track_path: bool = False, progress: Progress | None = None,
+    observer: Observer | None = None,
+) -> AttackResult:
+    """APGD-EOT; returns the best point found (highest EOT loss), not the last iterate."""
+    trace = Trace(defense, y, rng, track_path=track_path, progress=progress, observer=observer)
+    eot_rng = rng.child("eot")
+    kw = dict(gradient=gradient, eot=eot, aggregate=eot_aggregate, loss=loss)
+    checkpoints = set(apgd_checkpoints(iters))
+    b = x.shape[0]
+    col = (b,) + (1,) * (x.dim() - 1)  # per-sample scalars broadcast over pixels
+
+    def where(mask, a, c):
+        return torch.where(mask.view(col) if a.dim() > 1 else mask, a, c)
+
+    eta = torch.full((b,), 2.0 * eps, dtype=x.dtype, device=x.device)
+    x_i = start_point(x, eps, rng, random_start)
+    x_prev = x_i
+    x_best, grad_best = x_i.clone(), torch.zeros_like(x_i)
+    best = torch.full((b,), -math.inf, dtype=torch.float32, device=x.device)
+    best_at_checkpoint = best.clone()
+    loss_prev = best.clone()
+    increases = torch.zeros(b, dtype=torch.long, device=x.device)
+    halved_last = torch.zeros(b, dtype=torch.bool, device=x.device)
+    last_checkpoint = 0
+
+    for i in range(iters):
+        ev = eot_gradient(defense, x_i, y, eot_rng, **kw)
+        trace.visit(i, x_i, ev.loss, ev.chains)
+        value, grad = ev.loss.float(), ev.grad
+        if i > 0:
+            increases += (value > loss_prev).long()
+        improved = value > best
+        best = torch.where(improved, value, best)
+        x_best, grad_best = where(improved, x_i, x_best), where(improved, grad, grad_best)
+        loss_prev = value
+        if i == 0:
+            best_at_checkpoint = best.clone()
+        elif i in checkpoints:
+            halve = should_halve(increases, i - last_checkpoint, rho, halved_last, best, best_at_checkpoint)
+            eta = torch.where(halve, eta / 2, eta)
+            x_i, grad = where(halve, x_best, x_i), where(halve, grad_best, grad)
+            x_prev = where(halve, x_best, x_prev)  # restart: no momentum from before the jump
+            loss_prev = torch.where(halve, best, loss_prev)
+            halved_last, best_at_checkpoint = halve, best.clone()
+            increases.zero_()
+            last_checkpoint = i
+        z = project(x_i + eta.view(col) * grad.sign(), x, eps)
+        if i == 0:
+            x_next = z
+        else:
+            x_next = project(x_i + momentum * (z - x_i) + (1.0 - momentum) * (x_i - x_prev), x, eps)
+        x_prev, x_i = x_i, x_next
+        trace.step_done(i)
+
+    last = eot_gradient(defense, x_i, y, eot_rng, grad=False, **kw)
+    x_best = where(last.loss.float() > best, x_i, x_best)
+    return trace.finish(x_i, last.loss, x_best)
+
+
+__all__ = ["apgd_attack", "apgd_checkpoints", "should_halve"]

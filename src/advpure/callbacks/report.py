@@ -1,0 +1,45 @@
+"""ReportCallback: when the test loop ends, rank 0 turns all processes' records into the results
+files and plots, prints the table, and sends the same numbers, the table and the plots to W&B."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from advpure.results.report import write_report
+
+
+class ReportCallback(Callback):
+    def __init__(self, run_dir, *, header_lines, labels, merge, sweep, meta):
+        self.run_dir, self.header_lines, self.labels = run_dir, header_lines, labels
+        self.merge, self.sweep, self.meta = merge, sweep, meta
+        self.report: dict | None = None
+
+    def on_test_end(self, trainer, pl_module):
+        pl_module.store.close()  # flush this rank's store before rank 0 reads every store
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if not trainer.is_global_zero:
+            return
+        self.report = write_report(self.run_dir, header_lines=self.header_lines, labels=self.labels,
+                                   merge=self.merge, sweep=self.sweep, meta=self.meta)
+        print("\n" + self.report["console"] + f"\n\nresults: {self.run_dir}/results.md", flush=True)
+        for logger in trainer.loggers:
+            if logger.__class__.__name__ == "WandbLogger":
+                self._to_wandb(logger.experiment)
+
+    def _to_wandb(self, run) -> None:
+        import wandb
+
+        rows = [r for r in self.report["rows"] if r["merge"] == self.merge]
+        columns = ["defense", "attack", "natural", "single", "single_lo", "single_hi", "worst_of_n", "mean_of_n",
+                   "ever_broken", "n", "score_evals_per_img", "seconds_per_img"]
+        table = wandb.Table(columns=columns, data=[
+            [r["defense_label"], r["attack_label"], *(r.get(c) for c in columns[2:])] for r in rows
+        ])
+        payload = {"results": table, **self.report["metrics"]}
+        for name, path in self.report["plots"].items():
+            payload[f"plots/{name}"] = wandb.Image(str(path))
+        run.log(payload)
+        for k, v in self.report["metrics"].items():
+            run.summary[k] = v

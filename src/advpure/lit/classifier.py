@@ -1,0 +1,103 @@
+"""ClassifierModule: cross-entropy training of g_phi on images in [0, 1] (normalization inside the net)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import nn
+
+from advpure.errors import TrainingError
+from advpure.nets import build_classifier
+
+
+def classifier_arch(cfg, spec) -> dict:
+    """The fields that define the classifier's weights (stored in the exported file)."""
+    return {
+        "arch": cfg.classifier.arch,
+        "in_channels": spec.channels,
+        "image_size": spec.image_size,
+        "num_classes": spec.num_classes,
+    }
+
+
+def make_classifier(arch: dict, spec, dropout: float = 0.0) -> nn.Module:
+    return build_classifier(
+        arch["arch"],
+        in_channels=arch["in_channels"],
+        image_size=arch["image_size"],
+        num_classes=arch["num_classes"],
+        mean=spec.mean,
+        std=spec.std,
+        dropout=dropout,
+    )
+
+
+def build_optimizer(params, oc) -> torch.optim.Optimizer:
+    if oc.name == "sgd":
+        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, weight_decay=oc.weight_decay)
+    if oc.name == "adam":
+        return torch.optim.Adam(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def build_schedule(opt, oc, total_steps: int):
+    """Step-wise schedules over the whole run (`total_steps` optimizer steps)."""
+    total_steps = max(1, int(total_steps))
+    if oc.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if oc.schedule == "multistep":
+        milestones = sorted({max(1, int(m * total_steps)) for m in oc.milestones})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=oc.gamma)
+    if oc.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=oc.lr, total_steps=total_steps, pct_start=0.25)
+    return None
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, arch: dict, spec, optim: dict, dropout: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters({"arch": arch, "optim": optim, "dropout": dropout, "label_smoothing": label_smoothing})
+        self.arch, self.optim_cfg = arch, optim
+        self.net = make_classifier(arch, spec, dropout)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        n = arch["num_classes"]
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self.net(x)
+        loss = self.loss_fn(logits, y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"classifier loss is {loss.item()} at step {self.global_step}")
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        logits = self.net(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", self.loss_fn(logits, y), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.test_acc(self.net(x), y)
+        self.log("test/acc", self.test_acc)
+
+    def configure_optimizers(self):
+        from omegaconf import OmegaConf
+
+        oc = OmegaConf.create(self.optim_cfg)
+        opt = build_optimizer(self.parameters(), oc)
+        sched = build_schedule(opt, oc, self.trainer.estimated_stepping_batches)
+        if sched is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,217 @@
+"""`advpure train`: the classifier, then the score model. Each stage is skipped when its exported
+weights exist (train.force=true retrains), resumes from its last step checkpoint when one is
+there, and ends by exporting weights that later stages load with `weights_only=True`.
+
+    runs/train/<experiment>/<stage>/checkpoints/last.ckpt   Lightning checkpoints (resume)
+    runs/train/<experiment>/<stage>/stage.json              the config they were made from
+    artifacts/<dataset>/{classifier,score}.pt               exported weights (EMA for the score net)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig
+
+from advpure.checkpoint import save_weights
+from advpure.config import fingerprint, to_dict
+from advpure.data import ImageDataModule
+from advpure.errors import RunDirError
+from advpure.lit.classifier import ClassifierModule, classifier_arch
+from advpure.lit.score import ScoreModule, score_arch
+from advpure.loggers import build_logger
+from advpure.trainer import build_trainer
+
+STAGES = ("classifier", "score")
+
+
+def say(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[advpure] {msg}", flush=True)
+
+
+def weights_path(cfg: DictConfig, stage: str) -> Path:
+    return Path(cfg.classifier.weights if stage == "classifier" else cfg.score.weights)
+
+
+def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    return Path(cfg.paths.runs) / "train" / cfg.experiment / stage
+
+
+def stage_fingerprint(cfg: DictConfig, stage: str) -> str:
+    """What a stage's checkpoints depend on; schedule lengths of the score net may grow on resume."""
+    data = {k: cfg.data[k] for k in ("name", "val_size", "split_seed", "train_subset", "crop_padding", "hflip")}
+    if stage == "classifier":
+        return fingerprint({"data": data, "batch": cfg.data.batch_size, "net": to_dict(cfg.classifier),
+                            "epochs": cfg.trainer.max_epochs, "seed": cfg.seed})
+    score = {k: v for k, v in to_dict(cfg.score).items() if k not in ("max_steps", "ckpt_every_n_steps",
+                                                                       "val_every_n_steps", "val_batches", "weights")}
+    return fingerprint({"data": data, "net": score, "seed": cfg.seed})
+
+
+def prepare_stage_dir(cfg: DictConfig, stage: str) -> Path | None:
+    """Create the stage dir; return the checkpoint to resume from, if any. Refuse to resume from
+    checkpoints made by another config (train.force=true starts over)."""
+    run_dir = stage_dir(cfg, stage)
+    manifest = run_dir / "stage.json"
+    fp = stage_fingerprint(cfg, stage)
+    if cfg.train.force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if manifest.exists():
+        stored = json.loads(manifest.read_text()).get("fingerprint")
+        if stored != fp:
+            raise RunDirError(
+                f"{run_dir} holds {stage} checkpoints of another config; pass train.force=true to start over "
+                f"or set paths.runs elsewhere"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"fingerprint": fp, "stage": stage, "experiment": cfg.experiment}))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.exists() else None
+
+
+class MidEpochResume(Callback):
+    """Lightning restarts a resumed epoch's loader from its first batch; skip those already trained."""
+
+    def on_train_start(self, trainer, pl_module):
+        done = trainer.global_step - trainer.current_epoch * trainer.num_training_batches
+        dm = trainer.datamodule
+        if done > 0 and hasattr(dm, "resume_mid_epoch"):
+            dm.resume_mid_epoch(done)
+
+
+class Throughput(Callback):
+    """Training images per second of each epoch (data loading included): `train/images_per_s`."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t, self._n = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._n += batch[0].shape[0] * trainer.world_size
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        rate = self._n / max(time.perf_counter() - self._t, 1e-9)
+        pl_module.log("train/images_per_s", rate, rank_zero_only=True)
+        pl_module.images_per_s = rate
+
+
+class LastGoodCheckpoint(Callback):
+    """Tells the module which checkpoint to name if its loss turns NaN/Inf."""
+
+    def __init__(self, ckpt: ModelCheckpoint):
+        self.ckpt = ckpt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.last_good_ckpt = self.ckpt.last_model_path or None
+
+
+def _export(cfg, stage, arch, net, meta) -> None:
+    path = weights_path(cfg, stage)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_weights(path, stage, arch, net, meta)
+        say(f"{stage}: exported weights to {path}")
+    if dist.is_initialized():
+        dist.barrier()  # other ranks load these weights next
+
+
+def train_classifier(cfg: DictConfig) -> dict:
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
+    arch = classifier_arch(cfg, dm.spec)
+    module = ClassifierModule(arch, dm.spec, to_dict(cfg.classifier.optim), cfg.classifier.dropout,
+                              cfg.classifier.label_smoothing)
+    resume = prepare_stage_dir(cfg, "classifier")
+    run_dir = stage_dir(cfg, "classifier")
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}", save_last=True,
+                           save_top_k=1, every_n_epochs=1, auto_insert_metric_name=False)
+    trainer = build_trainer(
+        cfg,
+        max_epochs=cfg.trainer.max_epochs,
+        logger=build_logger(cfg, "classifier", run_dir),
+        callbacks=[ckpt, MidEpochResume(), Throughput()],
+        default_root_dir=str(run_dir),
+        gradient_clip_val=cfg.classifier.optim.grad_clip,
+    )
+    say(f"classifier: training {arch['arch']} on {cfg.data.name} for {cfg.trainer.max_epochs} epochs"
+        + (f" (resuming from {resume})" if resume else ""))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    test = trainer.test(module, datamodule=dm, verbose=False)
+    acc = float(test[0]["test/acc"]) if test else float("nan")
+    seconds = time.perf_counter() - t0
+    meta = {"test_acc": acc, "epochs": int(trainer.current_epoch), "seconds": seconds, "dataset": cfg.data.name,
+            "images_per_s": float(getattr(module, "images_per_s", float("nan")))}
+    _export(cfg, "classifier", arch, module.net, meta)
+    say(f"classifier: test accuracy {100 * acc:.2f}% after {seconds:.0f} s "
+        f"({meta['images_per_s']:.0f} training images/s)")
+    _finish(trainer)
+    return meta
+
+
+def train_score(cfg: DictConfig) -> dict:
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)
+    sc = cfg.score
+    dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed, batch_size=sc.batch_size, crop_padding=0, hflip=sc.hflip)
+    arch = score_arch(cfg, dm.spec)
+    module = ScoreModule(
+        arch, sigma_max=sc.sigma_max, sigma_min=sc.sigma_min, num_sigmas=sc.num_sigmas, sigma_fixed=sc.sigma_fixed,
+        lr=sc.lr, beta1=sc.beta1, weight_decay=sc.weight_decay, ema_decay=sc.ema_decay, seed=cfg.seed,
+        val_batches=sc.val_batches, log_images=cfg.logger.log_images,
+    )
+    resume = prepare_stage_dir(cfg, "score")
+    run_dir = stage_dir(cfg, "score")
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", save_last=True,
+                           save_top_k=1, every_n_train_steps=sc.ckpt_every_n_steps, auto_insert_metric_name=False)
+    trainer = build_trainer(
+        cfg,
+        max_steps=sc.max_steps,
+        max_epochs=-1,
+        val_check_interval=sc.val_every_n_steps,
+        check_val_every_n_epoch=None,
+        limit_val_batches=sc.val_batches,
+        num_sanity_val_steps=0,
+        logger=build_logger(cfg, "score", run_dir),
+        callbacks=[ckpt, MidEpochResume(), LastGoodCheckpoint(ckpt), Throughput()],
+        default_root_dir=str(run_dir),
+        gradient_clip_val=sc.grad_clip,
+    )
+    say(f"score: training NCSNv2 (ngf {sc.ngf}) by DSM for {sc.max_steps} steps"
+        + (f" (resuming from {resume})" if resume else ""))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    seconds = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    meta = {"steps": int(trainer.global_step), "seconds": seconds, "dataset": cfg.data.name, **metrics}
+    _export(cfg, "score", arch, module.ema.shadow, meta)
+    gain = metrics.get("val/psnr_gain_s0.25")
+    say(f"score: {trainer.global_step} steps in {seconds:.0f} s; one-step denoising PSNR gain at sigma 0.25: "
+        + (f"{gain:+.2f} dB" if gain is not None else "n/a"))
+    _finish(trainer)
+    return meta
+
+
+def _finish(trainer) -> None:
+    for logger in trainer.loggers:
+        if hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
+            try:
+                logger.experiment.finish()
+            except Exception:  # noqa: BLE001 - a logging problem must not fail training
+                pass
+
+
+def train(cfg: DictConfig, stages: tuple[str, ...] | None = None) -> dict:
+    """Run the configured stages; each is skipped when its weights exist (unless train.force)."""
+    out = {}
+    for stage in stages or tuple(cfg.train.stages):
+        path = weights_path(cfg, stage)
+        if path.exists() and not cfg.train.force:
+            say(f"{stage}: {path} exists, skipping (train.force=true retrains)")
+            continue
+        out[stage] = (train_classifier if stage == "classifier" else train_score)(cfg)
+    return out

@@ -1,0 +1,67 @@
+"""One place that turns `TrainerConfig` into a `lightning.Trainer` for every stage."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from omegaconf import DictConfig
+
+from advpure.errors import ConfigError
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator == "cuda" else accelerator
+
+
+def available_devices(accelerator: str) -> int:
+    if accelerator == "gpu":
+        return torch.cuda.device_count()
+    if accelerator == "mps":
+        return int(torch.backends.mps.is_available())
+    return os.cpu_count() or 1
+
+
+def check_devices(tc: DictConfig) -> tuple[str, int | str]:
+    """`devices` larger than what this machine has is a config error, not a hang later."""
+    accel = resolve_accelerator(tc.accelerator)
+    have = available_devices(accel)
+    devices = tc.devices
+    if accel != "cpu" and have == 0:
+        raise ConfigError(f"trainer.accelerator={tc.accelerator}: no {accel} device on this machine; use trainer=cpu")
+    if devices != "auto" and int(devices) > have:
+        raise ConfigError(f"trainer.devices={devices} but this machine has {have} {accel} device(s)")
+    return accel, devices
+
+
+def build_trainer(cfg: DictConfig, **kwargs):
+    """A Trainer with the project's fixed choices: our own data sharding (no distributed
+    sampler: it pads with duplicates), SLURM auto-requeue when launched by srun."""
+    import lightning as L
+
+    tc = cfg.trainer
+    accel, devices = check_devices(tc)
+    if tc.num_threads:
+        torch.set_num_threads(int(tc.num_threads))
+    plugins = []
+    if "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=True))
+    options = dict(
+        accelerator=accel,
+        devices=devices,
+        num_nodes=tc.num_nodes,
+        strategy=tc.strategy,
+        precision=tc.precision,
+        log_every_n_steps=tc.log_every_n_steps,
+        deterministic=tc.deterministic,
+        enable_progress_bar=tc.enable_progress_bar,
+        use_distributed_sampler=False,
+        plugins=plugins or None,
+        enable_model_summary=False,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)

@@ -1,0 +1,135 @@
+"""Config composition, overrides and their one-line errors; the CLI's exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from advpure import config as C
+from advpure.errors import ConfigError
+
+
+def test_experiment_composes_groups_and_deltas():
+    cfg = C.load("fmnist")
+    assert cfg.experiment == "fmnist"
+    assert cfg.data.name == "fmnist" and cfg.data.eps == pytest.approx(0.1)
+    assert cfg.classifier.arch == "small_cnn" and cfg.classifier.optim.name == "adam"  # group file
+    assert cfg.score.ngf == 16  # conf/score/ncsnv2_small.yaml
+    assert cfg.defense.kind == "adp" and cfg.defense.sigma == 0.25 and cfg.defense.replicas == 10
+    assert "bpda40_eot15" in cfg.attacks and cfg.attacks.bpda40_eot15.eot == 15
+    assert cfg.attacks.bpda40_eot15.name == "bpda40_eot15"
+    assert cfg.classifier.weights == "artifacts/fmnist/classifier.pt"  # interpolation resolved
+
+
+def test_cifar_paper_settings():
+    cfg = C.load("cifar10_paper")
+    assert cfg.classifier.arch == "wrn28_10" and cfg.classifier.dropout == 0.3
+    o = cfg.classifier.optim
+    assert (o.name, o.lr, o.momentum, o.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
+    assert cfg.trainer.max_epochs == 200 and cfg.data.batch_size == 128
+    assert cfg.data.crop_padding == 4 and cfg.data.hflip
+    assert cfg.data.eps == pytest.approx(8 / 255) and cfg.data.step == pytest.approx(2 / 255)
+    s = cfg.score
+    assert (s.ngf, s.sigma_max, s.sigma_min, s.num_sigmas, s.ema_decay, s.max_steps) == (128, 50.0, 0.01, 232, 0.999, 300000)
+    assert list(cfg.benchmark.sigmas) == [0.1, 0.25] and cfg.benchmark.n_images == 10000
+
+
+def test_extends_merges_parent_and_child():
+    cfg = C.load("cifar10_sigma_sweep")
+    assert cfg.classifier.arch == "wrn28_10"  # from the parent
+    assert list(cfg.attacks) == ["bpda40_eot15", "pgd200_eot20_full"]  # child's group selection
+    assert cfg.benchmark.n_images == 1000 and 0.5 in cfg.benchmark.sigmas
+
+
+def test_command_line_overrides_win_in_order():
+    cfg = C.load("fmnist", ["trainer.max_epochs=7", "defense=none", "attack=[spsa]", "attacks.spsa.iters=3",
+                            "logger.tags=[a,b]", "data.root=null"])
+    assert cfg.trainer.max_epochs == 7
+    assert cfg.defense.kind == "none"
+    assert list(cfg.attacks) == ["spsa"] and cfg.attacks.spsa.iters == 3
+    assert list(cfg.logger.tags) == ["a", "b"] and cfg.data.root is None
+
+
+def test_experiment_given_on_the_command_line():
+    assert C.load(None, ["experiment=cifar10_paper"]).data.name == "cifar10"
+
+
+@pytest.mark.parametrize(
+    "override, pieces",
+    [
+        ("data.foo=1", ["data.foo", "allowed here", "batch_size"]),
+        ("foo.bar=1", ["foo.bar", "allowed"]),
+        ("data.batch_size=abc", ["data.batch_size", "abc"]),
+        ("trainer.max_epochs=-1", ["trainer.max_epochs", ">= 0"]),
+        ("data.batch_size=0", ["data.batch_size", ">= 1"]),
+        ("defense.merge=max", ["defense.merge", "softmax, logits, vote"]),
+        ("defense.noise=uniform", ["defense.noise", "gaussian, rademacher"]),
+        ("defense.steps=0", ["defense.steps"]),
+        ("defense.replicas=0", ["defense.replicas"]),
+        ("defense.sigma=-0.1", ["defense.sigma"]),
+        ("data=imagenet", ["data option 'imagenet'", "fmnist"]),
+        ("attack=[nope]", ["attack option 'nope'", "bpda40_eot15"]),
+        ("experiment=nope", ["experiment 'nope'", "fmnist"]),
+        ("attacks.nope.iters=1", ["attack 'nope' is not selected"]),
+        ("attacks.spsa.eps=-1", ["attacks.spsa.eps"]),
+        ("attacks.spsa.step=0", ["attacks.spsa.step"]),
+        ("attacks.bpda40_eot15.eot=0", ["attacks.bpda40_eot15.eot"]),
+        ("attacks.bpda40_eot15.kind=fgsm", ["attacks.bpda40_eot15.kind", "pgd"]),
+        ("score.sigma_min=100", ["sigma_min", "sigma_max"]),
+        ("score.num_sigmas=0", ["score.num_sigmas"]),
+        ("trainer.devices=0", ["trainer.devices"]),
+        ("train.stages=[eval]", ["train.stages", "classifier, score"]),
+        ("novalue", ["key=value"]),
+    ],
+)
+def test_bad_overrides_are_one_line_errors_naming_the_key(override, pieces):
+    with pytest.raises(ConfigError) as e:
+        C.load("fmnist", [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    for p in pieces:
+        assert p in msg, (p, msg)
+
+
+def test_extends_cycle_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "experiments" / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setenv("ADVPURE_ROOT", str(tmp_path))
+    with pytest.raises(ConfigError, match="extends itself"):
+        C.load("a")
+
+
+def test_fingerprint_changes_with_content():
+    a, b = C.load("fmnist"), C.load("fmnist", ["defense.sigma=0.1"])
+    assert C.fingerprint(a) == C.fingerprint(C.load("fmnist"))
+    assert C.fingerprint(a) != C.fingerprint(b)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "advpure", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_config_prints_resolved_yaml():
+    out = _cli("config", "experiment=fmnist", "defense.sigma=0.1")
+    assert out.returncode == 0, out.stderr
+    data = yaml.safe_load(out.stdout)
+    assert data["defense"]["sigma"] == 0.1 and data["classifier"]["weights"] == "artifacts/fmnist/classifier.pt"
+
+
+@pytest.mark.parametrize("args", [("config", "data.nope=1"), ("config", "trainer.max_epochs=abc"), ("train", "data=nope")])
+def test_cli_config_errors_exit_2_without_traceback(args):
+    out = _cli(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("advpure: error:")
+
+
+def test_cli_unknown_command():
+    out = _cli("fly")
+    assert out.returncode == 2 and "unknown command" in out.stderr
