@@ -47,3 +47,41 @@ needs_fmnist = pytest.mark.skipif(
     not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
     reason="dataset-fashion-mnist not installed (make setup installs it as root)",
 )
+
+
+TINY_TRAIN = {
+    "data.train_subset": 2000, "data.val_size": 500, "data.eval_batch_size": 250, "trainer.max_epochs": 1,
+    "score.ngf": 8, "score.max_steps": 60, "score.batch_size": 64, "score.val_every_n_steps": 60,
+    "score.ckpt_every_n_steps": 60, "score.val_batches": 1, "score.ema_decay": 0.9,
+}
+
+
+def tiny_bench(tmp: Path, artifacts: Path, **extra) -> list[str]:
+    """A benchmark of a few images and iterations on the tiny trained nets of `tiny_artifacts`."""
+    out = {
+        **TINY_TRAIN,
+        "paths.artifacts": artifacts,
+        "benchmark.n_images": 7, "benchmark.batch_size": 3, "benchmark.worst_of_n": 3, "benchmark.image_grid": 2,
+        "benchmark.train_missing": "false",
+        "defense.replicas": 2, "defense.steps": 3,
+        "attack": "[pgd40_blind,bpda40_eot15,pgd200_eot20_full]",
+        "attacks.pgd40_blind.iters": 3, "attacks.bpda40_eot15.iters": 2, "attacks.bpda40_eot15.eot": 2,
+        "attacks.pgd200_eot20_full.iters": 2, "attacks.pgd200_eot20_full.eot": 2,
+        "trainer.num_threads": 1,
+    }
+    out.update(extra)
+    selected = out["attack"].strip("[]").split(",")
+    out = {k: v for k, v in out.items() if not k.startswith("attacks.") or k.split(".")[1] in selected}
+    return tiny_overrides(tmp, **out)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> Path:
+    """Classifier and score net trained for seconds on 2000 Fashion-MNIST images (shared by tests)."""
+    from advpure import config as C
+    from advpure.train import train
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = C.load("fmnist", tiny_overrides(tmp, **TINY_TRAIN))
+    train(cfg)
+    return tmp / "artifacts"

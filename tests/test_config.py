@@ -15,7 +15,7 @@ from advpure.errors import ConfigError
 def test_experiment_composes_groups_and_deltas():
     cfg = C.load("fmnist")
     assert cfg.experiment == "fmnist"
-    assert cfg.data.name == "fmnist" and cfg.data.eps == pytest.approx(0.1)
+    assert cfg.data.name == "fmnist" and cfg.data.eps == pytest.approx(0.15)
     assert cfg.classifier.arch == "small_cnn" and cfg.classifier.optim.name == "adam"  # group file
     assert cfg.score.ngf == 16  # conf/score/ncsnv2_small.yaml
     assert cfg.defense.kind == "adp" and cfg.defense.sigma == 0.25 and cfg.defense.replicas == 10

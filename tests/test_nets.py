@@ -267,15 +267,21 @@ def test_score_net_unknown_arch():
         build_score_net("ncsnv2", in_channels=1, image_size=28, ngf=0)
 
 
-def test_score_net_input_gradient_and_float64():
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_score_net_input_gradient(channels, size):
     torch.manual_seed(0)
-    net = NCSNv2(1, 4, 28)
-    x = torch.rand(2, 1, 28, 28, requires_grad=True)
-    w = torch.randn(2, 1, 28, 28)
-    (net(x) * w).sum().backward()
+    net = NCSNv2(channels, 4, size)
+    x = torch.rand(2, channels, size, size, requires_grad=True)
+    w = torch.randn(2, channels, size, size)
+    (net(x) * w).sum().backward()  # also checks the in-place ops are autograd-safe
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert (x.grad.flatten(1).abs().sum(1) > 0).all()  # every sample gets a gradient
+    assert all(p.grad is not None for p in net.parameters())
 
+
+def test_score_net_float64_matches_float32_and_finite_differences():
+    torch.manual_seed(0)
+    net = NCSNv2(1, 4, 28)
     net64 = copy.deepcopy(net).double()
     x64 = torch.rand(1, 1, 28, 28, dtype=torch.float64, requires_grad=True)
     out = net64(x64)

@@ -176,6 +176,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
     dm.test_n, dm.test_batch_size = bc.n_images, bc.batch_size
     report = ReportCallback(run_dir, header_lines=header_lines(cfg, suite), labels=suite.labels,
                             merge=cfg.defense.merge, sweep={u.attack: u.eps for u in suite.units if u.sweep},
+                            order=[p for d in suite.defenses for p in [(d, NATURAL)] + [(u.defense, u.attack) for u in suite.units_of(d)]],
                             meta={"config": to_dict(cfg)})
     callbacks = [AttackCallback(u, worst_of_n=bc.worst_of_n, ever_broken=bc.ever_broken, image_grid=bc.image_grid)
                  for u in suite.units]

@@ -89,6 +89,9 @@ class MidEpochResume(Callback):
 class Throughput(Callback):
     """Training images per second of each epoch (data loading included): `train/images_per_s`."""
 
+    def on_train_start(self, trainer, pl_module):  # a resumed epoch gets no on_train_epoch_start
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer, pl_module):
         self._t, self._n = time.perf_counter(), 0
 
@@ -108,7 +111,7 @@ class LastGoodCheckpoint(Callback):
         self.ckpt = ckpt
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pl_module.last_good_ckpt = self.ckpt.last_model_path or None
+        pl_module.last_good_ckpt = self.ckpt.best_model_path or self.ckpt.last_model_path or None
 
 
 def _export(cfg, stage, arch, net, meta) -> None:
@@ -197,12 +200,11 @@ def train_score(cfg: DictConfig) -> dict:
 
 
 def _finish(trainer) -> None:
+    """Close this process's W&B run (only if it created one: touching `.experiment` would start one)."""
     for logger in trainer.loggers:
-        if hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
-            try:
-                logger.experiment.finish()
-            except Exception:  # noqa: BLE001 - a logging problem must not fail training
-                pass
+        run = getattr(logger, "_experiment", None)
+        if logger.__class__.__name__ == "WandbLogger" and run is not None:
+            run.finish()
 
 
 def train(cfg: DictConfig, stages: tuple[str, ...] | None = None) -> dict:

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from advpure.attacks import run_attack
-from advpure.results import protocol_records
+from advpure.results import NATURAL, protocol_records
 from advpure.rng import SampleRNG
 from advpure.suite import Unit
 
@@ -48,7 +48,11 @@ class AttackCallback(Callback):
                                 track_path=self.ever_broken, progress=(lambda i: bar.update(1)) if bar else None)
         if bar:
             bar.close()
-        final = defense.evaluate(result.x_adv, y, rng.child("evaluate"), n=self.worst_of_n)
+        # Common random numbers: the final input is judged with the same defense noise as the clean
+        # one in test_step (the attack never sees it), so eps = 0 reproduces natural accuracy
+        # sample by sample and natural - robust is not blurred by evaluation noise.
+        judge = SampleRNG(pl_module.seed, idx, stream=f"{u.defense}/{NATURAL}")
+        final = defense.evaluate(result.x_adv, y, judge, n=self.worst_of_n)
         per_merge = {
             m: protocol_records(c, result.path_correct[m] if result.path_correct is not None else None)
             for m, c in final.items()

@@ -10,9 +10,9 @@ from advpure.results.report import write_report
 
 
 class ReportCallback(Callback):
-    def __init__(self, run_dir, *, header_lines, labels, merge, sweep, meta):
+    def __init__(self, run_dir, *, header_lines, labels, merge, sweep, order, meta):
         self.run_dir, self.header_lines, self.labels = run_dir, header_lines, labels
-        self.merge, self.sweep, self.meta = merge, sweep, meta
+        self.merge, self.sweep, self.order, self.meta = merge, sweep, order, meta
         self.report: dict | None = None
 
     def on_test_end(self, trainer, pl_module):
@@ -22,7 +22,8 @@ class ReportCallback(Callback):
         if not trainer.is_global_zero:
             return
         self.report = write_report(self.run_dir, header_lines=self.header_lines, labels=self.labels,
-                                   merge=self.merge, sweep=self.sweep, meta=self.meta)
+                                   merge=self.merge, sweep=self.sweep, order=self.order,
+                                   meta=self.meta)
         print("\n" + self.report["console"] + f"\n\nresults: {self.run_dir}/results.md", flush=True)
         for logger in trainer.loggers:
             if logger.__class__.__name__ == "WandbLogger":
@@ -43,3 +44,6 @@ class ReportCallback(Callback):
         run.log(payload)
         for k, v in self.report["metrics"].items():
             run.summary[k] = v
+        # finish here, in the process that owns the run: a DDP child forked by Lightning exits
+        # without running atexit hooks, and the offline run file must be complete for `wandb sync`
+        run.finish()

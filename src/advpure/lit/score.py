@@ -75,7 +75,9 @@ class ScoreModule(L.LightningModule):
         self.log("train/dsm_loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # EMA right after the weights change, before any callback (e.g. the step checkpoint) runs
+        super().optimizer_step(*args, **kwargs)
         self.ema.update(self.net)
 
     @torch.no_grad()

@@ -281,8 +281,8 @@ class NCSNv2(nn.Module):
 
     Input: images in [0, 1] of shape (N, in_channels, S, S), S in {28, 32}; they are mapped to [-1, 1]
     (2x - 1) first. Output: same shape, the raw f_theta(x) ~ -eps (not divided by sigma).
-    Computation runs in channels-last memory format (much faster convolutions on CPU); the output is
-    returned contiguous (NCHW).
+    Computation runs in channels-last memory format (much faster convolutions on CPU; the conv weights
+    are stored channels-last as well); the output is returned contiguous (NCHW).
     """
 
     def __init__(self, in_channels: int, ngf: int, image_size: int):
@@ -318,6 +318,8 @@ class NCSNv2(nn.Module):
         self.norm = InstanceNormPlusPlus2d(c)
         self.act = nn.ELU()
         self.end_conv = _conv3x3(c, in_channels)
+        # conv weights in channels-last too: otherwise every call re-lays them out for the CL activations
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):

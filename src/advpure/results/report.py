@@ -35,16 +35,21 @@ def write_report(
     labels: dict[str, str],
     merge: str,
     sweep: dict[str, float] | None = None,
+    order: Sequence[tuple[str, str]] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write results files and plots; return {'rows', 'metrics', 'plots', 'console'}.
 
-    sweep: {attack key: eps} of the robust-vs-eps units.
+    sweep: {attack key: eps} of the robust-vs-eps units. order: (defense, attack) pairs in the
+    order the table lists them (the suite's order); others follow.
     """
     run_dir = Path(run_dir)
     records = load_records(run_dir)
     check_consistency(records)
     rows = summarize(records, load_batches(run_dir), labels=labels)
+    if order:
+        rank = {pair: i for i, pair in enumerate(order)}
+        rows.sort(key=lambda r: rank.get((r["defense"], r["attack"]), len(rank)))  # stable: merges keep order
     to_json(rows, run_dir / "results.json", {**(meta or {}), "header": list(header_lines), "merge": merge})
     to_csv(rows, run_dir / "results.csv")
     (run_dir / "results.md").write_text(to_markdown(rows, header_lines=header_lines, merge=merge))

@@ -1,0 +1,5 @@
+import sys
+
+from advpure.perf.suite import main
+
+sys.exit(main())

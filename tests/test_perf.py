@@ -1,0 +1,185 @@
+"""The performance suite: its loop-structured reference computes what the batched code computes
+(same noise), and a tiny run writes every figure. Correctness only: no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from advpure.attacks import eot_gradient, run_attack
+from advpure.config import AttackConfig
+from advpure.config import load as load_config
+from advpure.nets import build_classifier, build_score_net
+from advpure.perf.reference import (
+    reference_adp_purify,
+    reference_bpda_eot_attack,
+)
+from advpure.perf.suite import NoCheckpointADPPurifier
+from advpure.purify import ADPPurifier, Defense
+from advpure.rng import GeneratorRNG
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_nets(dtype=torch.float64):
+    torch.manual_seed(0)
+    score = build_score_net("ncsnv2", in_channels=1, image_size=28, ngf=4)
+    clf = build_classifier("small_cnn", in_channels=1, image_size=28, num_classes=10, mean=[0.3], std=[0.35])
+    return score.to(dtype).eval().requires_grad_(False), clf.to(dtype).eval().requires_grad_(False)
+
+
+def batch(n=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 28, 28, generator=g, dtype=torch.float32).to(dtype), torch.randint(
+        0, 10, (n,), generator=g
+    )
+
+
+class StopsBrightRows(nn.Module):
+    """f(x) = -c (x - 1/2) with c = 100 on rows brighter than 1/2 on average, else 1: ADP's step is
+    lambda / c, so bright rows stop at the first step when tau = 1e-3 and the others never do."""
+
+    def forward(self, x):
+        c = torch.where(x.flatten(1).mean(1) > 0.5, 100.0, 1.0).to(x.dtype).view(-1, 1, 1, 1)
+        return -c * (x - 0.5)
+
+
+@pytest.mark.parametrize("tau", [0.0, 1e-3])
+def test_reference_purification_equals_ours_with_the_same_noise(tau):
+    score, clf = tiny_nets()
+    x, _ = batch(3)
+    s = 4
+    defense = Defense(clf, ADPPurifier(score, sigma=0.25, tau=tau, steps=3), replicas=s)
+    ours = defense.purify(x, GeneratorRNG(seed=5), s)
+    noise = GeneratorRNG(seed=5).normal(s, x)  # the same (S, B, ...) block ours draws
+    ref = reference_adp_purify(x, score, noise, sigma=0.25, tau=tau, steps=3)
+    assert ref.shape == ours.x.shape == (s * 3, 1, 28, 28)
+    torch.testing.assert_close(ref, ours.x, atol=1e-10, rtol=0)
+
+
+def test_reference_purification_equals_ours_when_some_rows_stop():
+    x = torch.cat([torch.full((2, 1, 28, 28), 0.8), torch.full((2, 1, 28, 28), 0.2)]).double()
+    defense = Defense(nn.Flatten(), ADPPurifier(StopsBrightRows(), sigma=0.05, tau=1e-3, steps=4), replicas=3)
+    ours = defense.purify(x, GeneratorRNG(seed=2), 3)
+    assert (ours.steps == 0).any() and (ours.steps == 4).any()  # the compaction path is exercised
+    ref = reference_adp_purify(
+        x, StopsBrightRows(), GeneratorRNG(seed=2).normal(3, x), sigma=0.05, tau=1e-3, steps=4
+    )
+    torch.testing.assert_close(ref, ours.x, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [0.0, 1e-3])
+def test_reference_bpda_eot_attack_equals_run_attack_with_the_same_noise(tau):
+    score, clf = tiny_nets()
+    x, y = batch(3)
+    s, k, t, iters = 2, 3, 2, 3
+    defense = Defense(clf, ADPPurifier(score, sigma=0.25, tau=tau, steps=t), replicas=s)
+    spec = AttackConfig(kind="pgd", gradient="bpda", iters=iters, eot=k, eot_aggregate="mean")
+    rng = GeneratorRNG(seed=9)
+    res = run_attack(spec, defense, x, y, rng, eps=0.1, step=0.01)
+    with torch.no_grad():
+        probs = defense(res.x_adv, rng)
+    log: list[float] = []
+    x_ref, probs_ref = reference_bpda_eot_attack(
+        x,
+        y,
+        score,
+        clf,
+        GeneratorRNG(seed=9),
+        eps=0.1,
+        step=0.01,
+        iters=iters,
+        eot=k,
+        replicas=s,
+        sigma=0.25,
+        tau=tau,
+        steps=t,
+        log=log,
+    )
+    assert not torch.equal(res.x_adv, x)  # the attack moved
+    torch.testing.assert_close(x_ref, res.x_adv, atol=1e-10, rtol=0)
+    torch.testing.assert_close(probs_ref, probs, atol=1e-6, rtol=0)
+    # the reference classified every purification iterate: (iters + 1) * K + S chains of T + 1 iterates
+    assert len(log) == ((iters + 1) * k + s) * (t + 1)
+
+
+def test_no_checkpoint_variant_computes_the_same_gradient():
+    score, clf = tiny_nets()
+    x, y = batch(2)
+    grads = []
+    for cls in (ADPPurifier, NoCheckpointADPPurifier):
+        d = Defense(clf, cls(score, sigma=0.25, tau=0.0, steps=3), replicas=2)
+        grads.append(eot_gradient(d, x, y, GeneratorRNG(seed=3), gradient="full", eot=2).grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
+
+
+def test_tiny_suite_writes_every_figure(tmp_path):
+    out = tmp_path / "perf.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "advpure.perf", "--tiny", "--quick", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    figs = data["figures"]
+    attacks = list(load_config("fmnist").attacks)
+    required = [
+        "P1.overhead",
+        "P1.speedup_vs_loop",
+        "P1.forward_ms",
+        "P1.score_evals_per_chain",
+        "P2.speedup_vs_reference",
+        "P2.ours_images_per_s",
+        "P2.reference_images_per_s",
+        "P2.speedup_vs_reference_large_batch",
+        "P2.sample_rng_overhead",
+        "P2.ours_score_evals_per_image",
+        "P3.mem_growth_ckpt",
+        "P3.mem_growth_nockpt",
+        "P3.time_ratio_ckpt_vs_nockpt_max",
+        "P3.mem_per_step_kib_ckpt",
+        "P3.mem_per_step_kib_nockpt",
+        "P4.overhead",
+        "P4.dsm_images_per_s",
+        "throughput.classifier_train_images_per_s",
+        "throughput.dsm_train_images_per_s",
+        "throughput.defended_inference_images_per_s",
+        "formats.channels_last_vs_nchw",
+        "formats.shipped_vs_nchw",
+        "formats.bf16_autocast_vs_fp32",
+        *[f"throughput.attack.{a}.images_per_s" for a in attacks],
+        *[f"P2.score_evals_per_image.{a}" for a in attacks],
+        *[f"P2.benchmark_score_evals_per_image.{a}" for a in attacks],
+    ]
+    t_keys = [k for k in figs if k.startswith("P3.peak_mib_ckpt_T")]
+    assert len(t_keys) >= 2 and all(k.replace("_ckpt_", "_nockpt_") in figs for k in t_keys)
+    missing = [k for k in required if k not in figs]
+    assert not missing, missing
+    for key, fig in figs.items():
+        v = fig["value"]
+        assert math.isfinite(v), key
+        # counts can be zero (the blind PGD makes no score evaluation); everything else is > 0
+        assert v >= 0 if "score_evals" in key else v > 0, (key, v)
+        assert fig["met"] in (None, True, False)
+    assert data["figures"]["P2.score_evals_per_image.bpda40_eot15"]["value"] == 41 * 15 * 20
+    assert all(c["ok"] for c in data["checks"].values()), data["checks"]
+    m = data["machine"]
+    assert m["cpu_model"] and m["torch"] == torch.__version__ and m["threads"] == 1 and m["device_name"]
