@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see advpure/__init__.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -50,9 +52,17 @@ needs_fmnist = pytest.mark.skipif(
 
 
 TINY_TRAIN = {
-    "data.train_subset": 2000, "data.val_size": 500, "data.eval_batch_size": 250, "trainer.max_epochs": 1,
-    "score.ngf": 8, "score.max_steps": 60, "score.batch_size": 64, "score.val_every_n_steps": 60,
-    "score.ckpt_every_n_steps": 60, "score.val_batches": 1, "score.ema_decay": 0.9,
+    "data.train_subset": 2000,
+    "data.val_size": 500,
+    "data.eval_batch_size": 250,
+    "trainer.max_epochs": 1,
+    "score.ngf": 8,
+    "score.max_steps": 60,
+    "score.batch_size": 64,
+    "score.val_every_n_steps": 60,
+    "score.ckpt_every_n_steps": 60,
+    "score.val_batches": 1,
+    "score.ema_decay": 0.9,
 }
 
 
@@ -61,12 +71,19 @@ def tiny_bench(tmp: Path, artifacts: Path, **extra) -> list[str]:
     out = {
         **TINY_TRAIN,
         "paths.artifacts": artifacts,
-        "benchmark.n_images": 7, "benchmark.batch_size": 3, "benchmark.worst_of_n": 3, "benchmark.image_grid": 2,
+        "benchmark.n_images": 7,
+        "benchmark.batch_size": 3,
+        "benchmark.worst_of_n": 3,
+        "benchmark.image_grid": 2,
         "benchmark.train_missing": "false",
-        "defense.replicas": 2, "defense.steps": 3,
+        "defense.replicas": 2,
+        "defense.steps": 3,
         "attack": "[pgd40_blind,bpda40_eot15,pgd200_eot20_full]",
-        "attacks.pgd40_blind.iters": 3, "attacks.bpda40_eot15.iters": 2, "attacks.bpda40_eot15.eot": 2,
-        "attacks.pgd200_eot20_full.iters": 2, "attacks.pgd200_eot20_full.eot": 2,
+        "attacks.pgd40_blind.iters": 3,
+        "attacks.bpda40_eot15.iters": 2,
+        "attacks.bpda40_eot15.eot": 2,
+        "attacks.pgd200_eot20_full.iters": 2,
+        "attacks.pgd200_eot20_full.eot": 2,
         "trainer.num_threads": 1,
     }
     out.update(extra)

@@ -61,6 +61,7 @@ def test_step_size_probe_is_fp32_for_bf16_scores():
 
 def test_stopping_only_stops_the_samples_whose_alpha_falls_below_tau():
     mu = 0.5
+
     # c = 1 (alpha = lam = 0.05) while the sample is far from mu, c = 100 (alpha = 5e-4 <= tau) once
     # its mean |x - mu| drops below 0.05 -> distance-dependent stopping step.
     def c_of(x):
@@ -107,7 +108,9 @@ class TinyScore(nn.Module):
     def __init__(self, dtype=torch.float64):
         super().__init__()
         torch.manual_seed(3)
-        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 1, 3, padding=1)).to(dtype)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 1, 3, padding=1)).to(
+            dtype
+        )
 
     def forward(self, x):
         return 0.3 * self.net(x)
@@ -163,14 +166,20 @@ def test_non_differentiable_mode_keeps_no_graph():
 @pytest.mark.skipif(not cpu_peak_supported(), reason="needs glibc mallinfo2 to read the CPU heap")
 def test_checkpointing_keeps_peak_memory_flat_in_T():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ELU(), nn.Conv2d(64, 64, 3, padding=1), nn.ELU(),
-                        nn.Conv2d(64, 1, 3, padding=1))
+    net = nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1),
+        nn.ELU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ELU(),
+        nn.Conv2d(64, 1, 3, padding=1),
+    )
     x = torch.rand(16, 1, 28, 28)
 
     def run(T, ckpt):
         def fn():
             xx = x.clone().requires_grad_(True)
             adp_chain(xx, net, steps=T, tau=0.0, differentiable=True, checkpointing=ckpt).x.sum().backward()
+
         peak_memory(fn)  # warm-up (allocator, kernels)
         return peak_memory(fn)
 

@@ -130,12 +130,26 @@ def test_identity_purifier_makes_bpda_and_full_equal_classifier_pgd(kind, traine
     x, y = x[:16], y[:16]
     d = Defense(clf, replicas=3)  # identity purifier
     runs = {
-        g: run_attack(spec(kind, gradient=g, eot=4, iters=6, random_start=True), d, x, y, rng_for(16), eps=0.08,
-                      step=0.02)
+        g: run_attack(
+            spec(kind, gradient=g, eot=4, iters=6, random_start=True),
+            d,
+            x,
+            y,
+            rng_for(16),
+            eps=0.08,
+            step=0.02,
+        )
         for g in ("classifier", "bpda", "full")
     }
-    runs["vote"] = run_attack(spec(kind, gradient="bpda", eot_aggregate="vote", eot=4, iters=6, random_start=True),
-                              d, x, y, rng_for(16), eps=0.08, step=0.02)
+    runs["vote"] = run_attack(
+        spec(kind, gradient="bpda", eot_aggregate="vote", eot=4, iters=6, random_start=True),
+        d,
+        x,
+        y,
+        rng_for(16),
+        eps=0.08,
+        step=0.02,
+    )
     ref = runs["classifier"]
     assert not torch.equal(ref.x_adv, x)  # the attack moved
     for r in runs.values():
@@ -162,8 +176,17 @@ def test_every_iterate_stays_in_the_ball_and_the_image_range(name, eps, step, b,
     d = adp_defense(channels=c, replicas=2)
     iterates = []
     cfg = SPECS[name]
-    res = run_attack(cfg, d, x, y, SampleRNG(seed, range(b)), eps=eps, step=step, track_path=True,
-                     observer=lambda i, xi: iterates.append((i, xi.clone())))
+    res = run_attack(
+        cfg,
+        d,
+        x,
+        y,
+        SampleRNG(seed, range(b)),
+        eps=eps,
+        step=step,
+        track_path=True,
+        observer=lambda i, xi: iterates.append((i, xi.clone())),
+    )
     assert [i for i, _ in iterates] == list(range(cfg.iters + 1))
     for _, xi in [*iterates, (None, res.x_adv)]:
         assert xi.shape == x.shape
@@ -217,10 +240,18 @@ def test_joint_attacks_without_the_purifier_term_are_pgd(kind, joint_grad, aggre
     d = adp_defense(replicas=2, sigma=0.3)
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     gradient = "classifier" if joint_grad == "input" else "bpda"
-    pgd = run_attack(spec(gradient=gradient, eot_aggregate=aggregate, eot=3), d, x, y, rng_for(4), eps=EPS,
-                     step=STEP)
-    joint = run_attack(spec(kind, eps_mix=0.0, joint_grad=joint_grad, eot_aggregate=aggregate, eot=3), d, x, y,
-                       rng_for(4), eps=EPS, step=STEP)
+    pgd = run_attack(
+        spec(gradient=gradient, eot_aggregate=aggregate, eot=3), d, x, y, rng_for(4), eps=EPS, step=STEP
+    )
+    joint = run_attack(
+        spec(kind, eps_mix=0.0, joint_grad=joint_grad, eot_aggregate=aggregate, eot=3),
+        d,
+        x,
+        y,
+        rng_for(4),
+        eps=EPS,
+        step=STEP,
+    )
     assert torch.equal(joint.x_adv, pgd.x_adv) and torch.equal(joint.losses, pgd.losses)
 
 
@@ -231,8 +262,16 @@ def test_joint_attacks_purifier_term(kind):
     b, k, step = 4, 3, 0.01
     x, y = 0.2 + 0.6 * torch.rand(b, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     iterates = []
-    run_attack(spec(kind, eps_mix=1.0, eot=k, iters=1), d, x, y, rng_for(b), eps=0.1, step=step,
-               observer=lambda i, xi: iterates.append(xi))
+    run_attack(
+        spec(kind, eps_mix=1.0, eot=k, iters=1),
+        d,
+        x,
+        y,
+        rng_for(b),
+        eps=0.1,
+        step=step,
+        observer=lambda i, xi: iterates.append(xi),
+    )
     with torch.no_grad():
         if kind == "joint_score":
             direction = d.score(x).sign()
@@ -301,8 +340,15 @@ def test_dlr_against_a_hand_computation():
 def test_dlr_with_two_classes_fails_with_a_clear_error():
     d = Defense(any_size_classifier(classes=2))
     with pytest.raises(ValueError, match="3 classes"):
-        run_attack(spec(loss="dlr", gradient="classifier"), d, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]),
-                   rng_for(2), eps=EPS, step=STEP)
+        run_attack(
+            spec(loss="dlr", gradient="classifier"),
+            d,
+            torch.rand(2, 1, 8, 8),
+            torch.tensor([0, 1]),
+            rng_for(2),
+            eps=EPS,
+            step=STEP,
+        )
 
 
 # --- SPSA ----------------------------------------------------------------------------------------
@@ -321,7 +367,9 @@ def _cosines(samples, seeds=5):
     xr = x.clone().requires_grad_(True)
     true = torch.autograd.grad(f(xr).sum(), xr)[0]
     cos = [
-        nn.functional.cosine_similarity(spsa_gradient(f, x, GeneratorRNG(seed=s), samples, 1e-3), true, dim=-1)
+        nn.functional.cosine_similarity(
+            spsa_gradient(f, x, GeneratorRNG(seed=s), samples, 1e-3), true, dim=-1
+        )
         for s in range(seeds)
     ]
     return torch.stack(cos)
@@ -371,8 +419,9 @@ def test_spsa_queries_use_common_random_numbers_and_chunks_do_not_matter():
         assert (q_out[:, 0] - q_out[:, 1]).abs().mean() < 0.05
         assert (q_out[0] - q_out[1]).abs().mean() > 0.1  # replicas are independent draws
     d.calls.clear()
-    chunked = spsa_attack(d, x, y, rng_for(b), eps=EPS, step=STEP, iters=2, samples=n, delta=0.01,
-                          max_queries=2 * b)
+    chunked = spsa_attack(
+        d, x, y, rng_for(b), eps=EPS, step=STEP, iters=2, samples=n, delta=0.01, max_queries=2 * b
+    )
     assert max(c[0].shape[0] for c in d.calls) == 2 * b
     assert torch.allclose(whole.losses, chunked.losses) and torch.equal(whole.x_adv, chunked.x_adv)
 
@@ -404,8 +453,18 @@ def test_apgd_first_step_has_size_two_eps_and_the_best_iterate_is_returned():
     x = 0.2 + 0.6 * torch.rand(b, 1, 8, 8)  # interior: the ball is not clipped by [0, 1]
     y = d.classify(x).argmax(1)
     iterates = []
-    res = apgd_attack(d, x, y, rng_for(b), eps=eps, iters=10, gradient="bpda", eot=2, random_start=True,
-                      observer=lambda i, xi: iterates.append(xi))
+    res = apgd_attack(
+        d,
+        x,
+        y,
+        rng_for(b),
+        eps=eps,
+        iters=10,
+        gradient="bpda",
+        eot=2,
+        random_start=True,
+        observer=lambda i, xi: iterates.append(xi),
+    )
     # from a random start inside the ball, a step of 2 eps reaches its boundary in every pixel
     assert torch.allclose((iterates[1] - x).abs(), torch.full_like(x, eps), atol=1e-6)
     # the best point: the iterate with the highest (EOT) loss, per sample
@@ -424,8 +483,18 @@ def test_apgd_halves_and_restarts_from_the_best_point(trained):
     d = Defense(clf)
     eps, a = 0.1, 0.75
     iterates = []
-    res = apgd_attack(d, x, y, rng_for(64), eps=eps, iters=10, gradient="classifier", rho=1.0, momentum=a,
-                      observer=lambda i, xi: iterates.append(xi))
+    res = apgd_attack(
+        d,
+        x,
+        y,
+        rng_for(64),
+        eps=eps,
+        iters=10,
+        gradient="classifier",
+        rho=1.0,
+        momentum=a,
+        observer=lambda i, xi: iterates.append(xi),
+    )
     w = apgd_checkpoints(10)[0]
     assert w == 3
     loss = res.losses[: w + 1]
@@ -467,8 +536,9 @@ def test_apgd_beats_or_equals_pgd_at_the_same_budget(trained):
 def test_apgd_dlr_fools_the_undefended_classifier(trained):
     clf, x, y = trained
     d = Defense(clf)
-    res = run_attack(spec("apgd", gradient="classifier", loss="dlr", iters=10), d, x, y, rng_for(64), eps=0.15,
-                     step=STEP)
+    res = run_attack(
+        spec("apgd", gradient="classifier", loss="dlr", iters=10), d, x, y, rng_for(64), eps=0.15, step=STEP
+    )
     assert (clf(res.x_adv).argmax(1) == y).float().mean() < 0.2
 
 
@@ -497,8 +567,17 @@ def test_path_tracking_reuses_the_attack_chains_or_evaluates_afresh(name, cfg, s
     x = torch.rand(b, 1, 8, 8)
     y = d.classify(x).argmax(1)
     iterates = []
-    res = run_attack(cfg, d, x, y, rng_for(b), eps=EPS, step=STEP, track_path=True,
-                     observer=lambda i, xi: iterates.append(xi))
+    res = run_attack(
+        cfg,
+        d,
+        x,
+        y,
+        rng_for(b),
+        eps=EPS,
+        step=STEP,
+        track_path=True,
+        observer=lambda i, xi: iterates.append(xi),
+    )
     iterates = iterates[: cfg.iters]
     expected = _path_by_separate_evaluation(d, iterates, y, rng_for(b).child(stream))
     for rule in expected:
@@ -514,8 +593,17 @@ def test_path_of_the_identity_defense_is_classifier_correctness(name, trained):
     x, y = x[:16], y[:16]
     d = Defense(clf, replicas=3)
     iterates = []
-    res = run_attack(replace(SPECS[name], iters=4), d, x, y, rng_for(16), eps=0.1, step=0.03, track_path=True,
-                     observer=lambda i, xi: iterates.append(xi))
+    res = run_attack(
+        replace(SPECS[name], iters=4),
+        d,
+        x,
+        y,
+        rng_for(16),
+        eps=0.1,
+        step=0.03,
+        track_path=True,
+        observer=lambda i, xi: iterates.append(xi),
+    )
     expected = torch.stack([clf(xi).argmax(1) == y for xi in iterates[:-1]])
     for v in res.path_correct.values():
         assert torch.equal(v, expected)

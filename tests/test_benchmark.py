@@ -14,12 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import needs_fmnist, tiny_bench
 
 from advpure import config as C
 from advpure.errors import CheckpointError, ConfigError, RunDirError
 from advpure.results import load_batches, load_records, read_csv, read_json
 from advpure.results.wandb_offline import find_run_files, read_run
+from conftest import needs_fmnist, tiny_bench
 
 pytestmark = needs_fmnist
 
@@ -38,8 +38,15 @@ def by_key(records):
 
 def test_end_to_end_files_numbers_and_wandb(tmp_path, tiny_artifacts):
     cfg, run = run_bench(tmp_path, tiny_artifacts, **{"logger.kind": "wandb"})
-    for name in ("config.yaml", "manifest.json", "results.json", "results.csv", "results.md",
-                 "records/rank0.sqlite", "plots/loss_curves.png"):
+    for name in (
+        "config.yaml",
+        "manifest.json",
+        "results.json",
+        "results.csv",
+        "results.md",
+        "records/rank0.sqlite",
+        "plots/loss_curves.png",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "plots").glob("grid_adp_s0.25_*.png"))
     rows, meta = read_json(run / "results.json")
@@ -60,7 +67,9 @@ def test_end_to_end_files_numbers_and_wandb(tmp_path, tiny_artifacts):
     for row in rows:
         assert row["natural"] == pytest.approx(nat[(row["defense"], row["merge"])])
     md = (run / "results.md").read_text()
-    assert "first 7 test images" in md and "eps 0.15" in md and "not measured here" in md and "BPDA2+EOT2" in md
+    assert (
+        "first 7 test images" in md and "eps 0.15" in md and "not measured here" in md and "BPDA2+EOT2" in md
+    )
     # the offline W&B run holds the same numbers under natural/... and robust/... keys
     files = find_run_files(run)
     assert len(files) == 1
@@ -82,10 +91,18 @@ def test_sanity_eps_zero_identity_bpda_and_undefended_pgd(tmp_path, tiny_artifac
     identity purifier makes BPDA = PGD (the third check, undefended PGD-40 -> ~0%, needs the
     fully trained default classifier: tests/test_slow.py)."""
     attacks = "[pgd40_blind,bpda40_eot15,pgd200_eot20_full,joint_score_eot15,joint_full_eot15,spsa,apgd100_eot20_ce]"
-    extra = {"attack": attacks, "benchmark.undefended_attacks": "[pgd40_blind,bpda40_eot15]",
-             "attacks.joint_score_eot15.iters": 2, "attacks.joint_score_eot15.eot": 2,
-             "attacks.joint_full_eot15.iters": 2, "attacks.joint_full_eot15.eot": 2, "attacks.spsa.iters": 2,
-             "attacks.spsa.spsa_samples": 4, "attacks.apgd100_eot20_ce.iters": 3, "attacks.apgd100_eot20_ce.eot": 2}
+    extra = {
+        "attack": attacks,
+        "benchmark.undefended_attacks": "[pgd40_blind,bpda40_eot15]",
+        "attacks.joint_score_eot15.iters": 2,
+        "attacks.joint_score_eot15.eot": 2,
+        "attacks.joint_full_eot15.iters": 2,
+        "attacks.joint_full_eot15.eot": 2,
+        "attacks.spsa.iters": 2,
+        "attacks.spsa.spsa_samples": 4,
+        "attacks.apgd100_eot20_ce.iters": 3,
+        "attacks.apgd100_eot20_ce.eot": 2,
+    }
     zero = {f"attacks.{a}.eps": 0.0 for a in attacks.strip("[]").split(",")}
     _, run = run_bench(tmp_path / "zero", tiny_artifacts, **extra, **zero)
     recs = by_key(load_records(run))
@@ -96,10 +113,19 @@ def test_sanity_eps_zero_identity_bpda_and_undefended_pgd(tmp_path, tiny_artifac
             checked += 1
     assert checked == 7 * 3 * 3 * (2 + 7)
 
-    _, run = run_bench(tmp_path / "pgd", tiny_artifacts, **{
-        "attack": "[pgd40_blind,bpda40_eot15]", "benchmark.undefended_attacks": "[pgd40_blind,bpda40_eot15]",
-        "attacks.pgd40_blind.iters": 10, "attacks.bpda40_eot15.iters": 10, "benchmark.n_images": 20,
-        "benchmark.batch_size": 10, "defense.kind": "none"})
+    _, run = run_bench(
+        tmp_path / "pgd",
+        tiny_artifacts,
+        **{
+            "attack": "[pgd40_blind,bpda40_eot15]",
+            "benchmark.undefended_attacks": "[pgd40_blind,bpda40_eot15]",
+            "attacks.pgd40_blind.iters": 10,
+            "attacks.bpda40_eot15.iters": 10,
+            "benchmark.n_images": 20,
+            "benchmark.batch_size": 10,
+            "defense.kind": "none",
+        },
+    )
     recs = by_key(load_records(run))
     pgd = {k[4]: v for k, v in recs.items() if k[:4] == ("none", "pgd40_blind", "single", "softmax")}
     bpda = {k[4]: v for k, v in recs.items() if k[:4] == ("none", "bpda40_eot15", "single", "softmax")}
@@ -113,15 +139,21 @@ def _bench_cmd(tmp, artifacts, **extra):
 
 
 def test_kill_9_then_rerun_gives_identical_results_without_redoing_batches(tmp_path, tiny_artifacts):
-    extra = {"benchmark.n_images": 12, "benchmark.batch_size": 2, "attacks.bpda40_eot15.iters": 6,
-             "attacks.pgd200_eot20_full.iters": 4}
+    extra = {
+        "benchmark.n_images": 12,
+        "benchmark.batch_size": 2,
+        "attacks.bpda40_eot15.iters": 6,
+        "attacks.pgd200_eot20_full.iters": 4,
+    }
     ref = tmp_path / "ref"
     subprocess.run(_bench_cmd(ref, tiny_artifacts, **extra), check=True, capture_output=True, timeout=600)
     ref_rows, _ = read_json(ref / "runs/benchmark/fmnist/results.json")
 
     work = tmp_path / "work"
     store = work / "runs/benchmark/fmnist/records/rank0.sqlite"
-    proc = subprocess.Popen(_bench_cmd(work, tiny_artifacts, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _bench_cmd(work, tiny_artifacts, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
     def done_batches():
         try:
@@ -151,8 +183,13 @@ def test_kill_9_then_rerun_gives_identical_results_without_redoing_batches(tmp_p
 def test_two_ddp_ranks_equal_one_rank_on_an_odd_number_of_images(tmp_path, tiny_artifacts):
     extra = {"benchmark.n_images": 7, "benchmark.batch_size": 2}
     _, one = run_bench(tmp_path / "one", tiny_artifacts, **extra)
-    _, two = run_bench(tmp_path / "two", tiny_artifacts, **extra, **{"trainer.devices": 2, "trainer.strategy": "ddp_fork"})
-    assert sorted(p.name for p in (two / "records").iterdir() if p.suffix == ".sqlite") == ["rank0.sqlite", "rank1.sqlite"]
+    _, two = run_bench(
+        tmp_path / "two", tiny_artifacts, **extra, **{"trainer.devices": 2, "trainer.strategy": "ddp_fork"}
+    )
+    assert sorted(p.name for p in (two / "records").iterdir() if p.suffix == ".sqlite") == [
+        "rank0.sqlite",
+        "rank1.sqlite",
+    ]
     a, b = by_key(load_records(one)), by_key(load_records(two))
     assert a == b and len({k[4] for k in a}) == 7
     ra, _ = read_json(one / "results.json")
@@ -170,26 +207,57 @@ def test_bad_input_is_refused_before_anything_is_overwritten(tmp_path, tiny_arti
         benchmark(cfg)
     # an attack that needs a score network on the undefended model
     with pytest.raises(ConfigError, match="needs a purifier"):
-        benchmark(C.load("fmnist", tiny_bench(tmp_path / "b", tiny_artifacts, **{
-            "attack": "[joint_score_eot15]", "benchmark.undefended_attacks": "[joint_score_eot15]"})))
+        benchmark(
+            C.load(
+                "fmnist",
+                tiny_bench(
+                    tmp_path / "b",
+                    tiny_artifacts,
+                    **{
+                        "attack": "[joint_score_eot15]",
+                        "benchmark.undefended_attacks": "[joint_score_eot15]",
+                    },
+                ),
+            )
+        )
     # a run dir written by another config is refused, its records untouched
     cfg, run = run_bench(tmp_path / "c", tiny_artifacts)
     snapshot = (run / "records" / "rank0.sqlite").read_bytes()
     with pytest.raises(RunDirError, match="other settings"):
-        benchmark(C.load("fmnist", tiny_bench(tmp_path / "c", tiny_artifacts, **{"attacks.bpda40_eot15.eot": 3})))
+        benchmark(
+            C.load("fmnist", tiny_bench(tmp_path / "c", tiny_artifacts, **{"attacks.bpda40_eot15.eot": 3}))
+        )
     assert (run / "records" / "rank0.sqlite").read_bytes() == snapshot
     # ... unless asked: overwrite discards the old records
-    benchmark(C.load("fmnist", tiny_bench(tmp_path / "c", tiny_artifacts, **{"attacks.bpda40_eot15.eot": 3,
-                                                                              "benchmark.overwrite": "true"})))
+    benchmark(
+        C.load(
+            "fmnist",
+            tiny_bench(
+                tmp_path / "c",
+                tiny_artifacts,
+                **{"attacks.bpda40_eot15.eot": 3, "benchmark.overwrite": "true"},
+            ),
+        )
+    )
     assert json.loads((run / "manifest.json").read_text())["units"]
     # adding a new defense sigma to the same run dir is allowed (new units, same base settings)
-    benchmark(C.load("fmnist", tiny_bench(tmp_path / "c", tiny_artifacts, **{
-        "defense.sigma": 0.1, "benchmark.undefended": "false", "attacks.bpda40_eot15.eot": 3})))
+    benchmark(
+        C.load(
+            "fmnist",
+            tiny_bench(
+                tmp_path / "c",
+                tiny_artifacts,
+                **{"defense.sigma": 0.1, "benchmark.undefended": "false", "attacks.bpda40_eot15.eot": 3},
+            ),
+        )
+    )
     assert {r.defense for r in load_records(run)} == {"none", "adp_s0.25", "adp_s0.1"}
     # a corrupt store is a clear error
     (run / "records" / "rank0.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(RunDirError, match="corrupt results store"):
-        benchmark(C.load("fmnist", tiny_bench(tmp_path / "c", tiny_artifacts, **{"attacks.bpda40_eot15.eot": 3})))
+        benchmark(
+            C.load("fmnist", tiny_bench(tmp_path / "c", tiny_artifacts, **{"attacks.bpda40_eot15.eot": 3}))
+        )
     # more devices than the machine has
     with pytest.raises(ConfigError, match="trainer.devices=64"):
         benchmark(C.load("fmnist", tiny_bench(tmp_path / "d", tiny_artifacts, **{"trainer.devices": 64})))

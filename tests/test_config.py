@@ -33,7 +33,14 @@ def test_cifar_paper_settings():
     assert cfg.data.crop_padding == 4 and cfg.data.hflip
     assert cfg.data.eps == pytest.approx(8 / 255) and cfg.data.step == pytest.approx(2 / 255)
     s = cfg.score
-    assert (s.ngf, s.sigma_max, s.sigma_min, s.num_sigmas, s.ema_decay, s.max_steps) == (128, 50.0, 0.01, 232, 0.999, 300000)
+    assert (s.ngf, s.sigma_max, s.sigma_min, s.num_sigmas, s.ema_decay, s.max_steps) == (
+        128,
+        50.0,
+        0.01,
+        232,
+        0.999,
+        300000,
+    )
     assert list(cfg.benchmark.sigmas) == [0.1, 0.25] and cfg.benchmark.n_images == 10000
 
 
@@ -45,8 +52,17 @@ def test_extends_merges_parent_and_child():
 
 
 def test_command_line_overrides_win_in_order():
-    cfg = C.load("fmnist", ["trainer.max_epochs=7", "defense=none", "attack=[spsa]", "attacks.spsa.iters=3",
-                            "logger.tags=[a,b]", "data.root=null"])
+    cfg = C.load(
+        "fmnist",
+        [
+            "trainer.max_epochs=7",
+            "defense=none",
+            "attack=[spsa]",
+            "attacks.spsa.iters=3",
+            "logger.tags=[a,b]",
+            "data.root=null",
+        ],
+    )
     assert cfg.trainer.max_epochs == 7
     assert cfg.defense.kind == "none"
     assert list(cfg.attacks) == ["spsa"] and cfg.attacks.spsa.iters == 3
@@ -111,17 +127,23 @@ def test_fingerprint_changes_with_content():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "advpure", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "advpure", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_config_prints_resolved_yaml():
     out = _cli("config", "experiment=fmnist", "defense.sigma=0.1")
     assert out.returncode == 0, out.stderr
     data = yaml.safe_load(out.stdout)
-    assert data["defense"]["sigma"] == 0.1 and data["classifier"]["weights"] == "artifacts/fmnist/classifier.pt"
+    assert (
+        data["defense"]["sigma"] == 0.1 and data["classifier"]["weights"] == "artifacts/fmnist/classifier.pt"
+    )
 
 
-@pytest.mark.parametrize("args", [("config", "data.nope=1"), ("config", "trainer.max_epochs=abc"), ("train", "data=nope")])
+@pytest.mark.parametrize(
+    "args", [("config", "data.nope=1"), ("config", "trainer.max_epochs=abc"), ("train", "data=nope")]
+)
 def test_cli_config_errors_exit_2_without_traceback(args):
     out = _cli(*args)
     assert out.returncode == 2

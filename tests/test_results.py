@@ -53,7 +53,14 @@ def test_store_round_trip(tmp_path):
     recs = [Record("adp", "pgd", "single", "softmax", 0, 1.0), ("worst_of_n", "vote", 1, 0.0)]
     with RecordStore.for_rank(tmp_path, 3) as store:
         store.write_batch(
-            "adp", "pgd", 0, 0, 2, recs, score_evals=1234, seconds=2.5,
+            "adp",
+            "pgd",
+            0,
+            0,
+            2,
+            recs,
+            score_evals=1234,
+            seconds=2.5,
             traces={0: np.array([0.1, 0.5, 0.9]), 1: torch.tensor([1.0, 2.0])},
             examples=[(1, clean, adv, pur)],
         )
@@ -71,7 +78,10 @@ def test_store_round_trip(tmp_path):
         ]
         assert store.batch_records("adp", "pgd", 5) == []
     assert load_records(tmp_path) == sorted(
-        [Record("adp", "pgd", "single", "softmax", 0, 1.0), Record("adp", "pgd", "worst_of_n", "vote", 1, 0.0)]
+        [
+            Record("adp", "pgd", "single", "softmax", 0, 1.0),
+            Record("adp", "pgd", "worst_of_n", "vote", 1, 0.0),
+        ]
     )
     (batch,) = load_batches(tmp_path)
     assert (batch.first_idx, batch.n, batch.score_evals, batch.seconds) == (0, 2, 1234, 2.5)
@@ -117,15 +127,18 @@ def _write_and_die(run_dir, mid_transaction: bool) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # inside write_batch's open transaction
         yield (11, image, image, image)
 
-    store.write_batch("adp", "pgd", 1, 10, 5, _batch_records(10, 5), traces={10: np.ones(3)},
-                      examples=examples_then_crash())
+    store.write_batch(
+        "adp", "pgd", 1, 10, 5, _batch_records(10, 5), traces={10: np.ones(3)}, examples=examples_then_crash()
+    )
 
 
 @pytest.mark.parametrize("mid_transaction", [False, True])
 def test_kill9_keeps_exactly_the_committed_batches(tmp_path, mid_transaction):
     with RecordStore.for_rank(tmp_path, 0) as store:
         store.write_batch("adp", "pgd", 0, 0, 10, _batch_records(0, 10))
-    child = multiprocessing.get_context("fork").Process(target=_write_and_die, args=(tmp_path, mid_transaction))
+    child = multiprocessing.get_context("fork").Process(
+        target=_write_and_die, args=(tmp_path, mid_transaction)
+    )
     child.start()
     child.join(30)
     assert child.exitcode == -signal.SIGKILL
@@ -161,7 +174,9 @@ def test_ranks_merge_to_deduplicated_union(tmp_path):
         r1.write_batch("adp", "pgd", 1, 4, 4, _batch_records(4, 4, value=0.0), score_evals=50)
         r1.write_batch("adp", "pgd", 1, 4, 4, _batch_records(4, 4, value=0.0))  # redone in one file
     records = load_records(tmp_path)
-    assert [(r.idx, r.value) for r in records] == [(i, 1.0) for i in range(4)] + [(i, 0.0) for i in range(4, 8)]
+    assert [(r.idx, r.value) for r in records] == [(i, 1.0) for i in range(4)] + [
+        (i, 0.0) for i in range(4, 8)
+    ]
     batches = load_batches(tmp_path)
     assert [(b.batch, b.score_evals) for b in batches] == [(0, 40), (1, 0)]  # lowest rank's copy, not summed
 
@@ -248,8 +263,12 @@ def test_protocol_records_by_hand():
 
 
 def test_check_consistency_catches_violations():
-    good = [("d", "a", "single", "softmax", 0, 1.0), ("d", "a", "worst_of_n", "softmax", 0, 0.0),
-            ("d", "a", "mean_of_n", "softmax", 0, 0.5), ("d", "a", "ever_broken", "softmax", 0, 1.0)]
+    good = [
+        ("d", "a", "single", "softmax", 0, 1.0),
+        ("d", "a", "worst_of_n", "softmax", 0, 0.0),
+        ("d", "a", "mean_of_n", "softmax", 0, 0.5),
+        ("d", "a", "ever_broken", "softmax", 0, 1.0),
+    ]
     assert check_consistency(good) == 1
     for bad in (
         [("d", "a", "single", "vote", 7, 0.0), ("d", "a", "worst_of_n", "vote", 7, 1.0)],
@@ -272,10 +291,17 @@ def _hand_records() -> tuple[list[Record], list[tuple]]:
         "mean_of_n": [1, 0.5, 0.5, 0, 1],
         "ever_broken": [1, 0, 0, 0, 0],
     }
-    recs += [Record("adp", "pgd", p, "softmax", i, float(v)) for p, vals in columns.items() for i, v in enumerate(vals)]
+    recs += [
+        Record("adp", "pgd", p, "softmax", i, float(v))
+        for p, vals in columns.items()
+        for i, v in enumerate(vals)
+    ]
     recs += [Record("adp", "pgd", "single", "vote", i, 0.0) for i in range(5)]
-    batches = [("adp", "pgd", 0, 0, 3, 300, 3.0), ("adp", "pgd", 1, 3, 2, 250, 1.0),
-               ("adp", "natural", 0, 0, 6, 60, 0.6)]
+    batches = [
+        ("adp", "pgd", 0, 0, 3, 300, 3.0),
+        ("adp", "pgd", 1, 3, 2, 250, 1.0),
+        ("adp", "natural", 0, 0, 6, 60, 0.6),
+    ]
     return recs, batches
 
 
@@ -283,7 +309,10 @@ def test_summarize_matches_hand_computation():
     recs, batches = _hand_records()
     rows = summarize(recs, batches, labels={"adp": "ADP σ=0.25"})
     assert [(r["defense"], r["attack"], r["merge"]) for r in rows] == [
-        ("adp", "natural", "softmax"), ("adp", "pgd", "softmax"), ("adp", "pgd", "vote")]
+        ("adp", "natural", "softmax"),
+        ("adp", "pgd", "softmax"),
+        ("adp", "pgd", "vote"),
+    ]
     nat, pgd, vote = rows
     assert nat["single"] == pytest.approx(4 / 6) and nat["natural"] == pytest.approx(4 / 6) and nat["n"] == 6
     assert pgd["defense_label"] == "ADP σ=0.25" and pgd["attack_label"] == "pgd"
@@ -311,9 +340,12 @@ def test_markdown_console_csv_json(tmp_path):
     assert "| adp | pgd | 80.00 | 60.00 | 40.00 (60.00) | 20.00 |" in measured
     assert "vote" not in measured.split("|---")[-1].split("\n", 1)[1]  # only the softmax rows
     assert "not measured here" in CITED_HEADING
-    for cited_row in ("| ADP (σ=0.25), BPDA40+EOT | 86.14 | 70.01 | WRN-28-10 |",
-                      "| Gowal et al. 2020 | 89.48 | 64.08 | WRN-28-10 |",
-                      "| ADP (σ=0.1) | 93.09 | 85.45 |", "33.5–33.7%"):
+    for cited_row in (
+        "| ADP (σ=0.25), BPDA40+EOT | 86.14 | 70.01 | WRN-28-10 |",
+        "| Gowal et al. 2020 | 89.48 | 64.08 | WRN-28-10 |",
+        "| ADP (σ=0.1) | 93.09 | 85.45 |",
+        "33.5–33.7%",
+    ):
         assert cited_row in cited and cited_row not in measured
     assert "| adp | pgd | – | 0.00 |" in to_markdown(rows, header_lines=[], merge="vote")
 
@@ -336,12 +368,18 @@ def _png(path) -> Image.Image:
 
 
 def test_plots_write_valid_pngs(tmp_path):
-    points = [("none", 0.05, 0.1, 0.05, 0.2), ("none", 0.1, 0.0, 0.0, 0.05),
-              ("adp_s0.25", 0.1, 0.6, 0.5, 0.7), ("adp_s0.25", 0.05, 0.8, 0.7, 0.9)]
+    points = [
+        ("none", 0.05, 0.1, 0.05, 0.2),
+        ("none", 0.1, 0.0, 0.0, 0.05),
+        ("adp_s0.25", 0.1, 0.6, 0.5, 0.7),
+        ("adp_s0.25", 0.05, 0.8, 0.7, 0.9),
+    ]
     _png(plot_robust_vs_eps(points, tmp_path / "eps.png"))
     rng = np.random.default_rng(0)
-    traces = {("adp", "pgd"): {i: np.cumsum(rng.random(20)) for i in range(8)},
-              ("none", "pgd"): {0: np.arange(12.0), 1: np.arange(20.0)}}  # unequal lengths
+    traces = {
+        ("adp", "pgd"): {i: np.cumsum(rng.random(20)) for i in range(8)},
+        ("none", "pgd"): {0: np.arange(12.0), 1: np.arange(20.0)},
+    }  # unequal lengths
     _png(plot_loss_curves(traces, tmp_path / "plots" / "loss.png"))
 
     def examples(n: int, channels: int) -> list[Example]:

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from conftest import needs_fmnist, tiny_overrides
 from torch import nn
 
 from advpure import config as C
@@ -18,6 +17,7 @@ from advpure.checkpoint import read_weights
 from advpure.ema import EMA
 from advpure.errors import ConfigError, TrainingError
 from advpure.losses import dsm_loss, geometric_sigmas, psnr
+from conftest import needs_fmnist, tiny_overrides
 
 
 def exact_gaussian_score(mu, s, sigma):
@@ -84,10 +84,15 @@ def test_geometric_sigmas_and_their_errors():
             geometric_sigmas(*args)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("score.sigma_max=0", "score.sigma_max"), ("score.sigma_min=-1", "score.sigma_min"),
-    ("score.sigma_fixed=0", "score.sigma_fixed"), ("score.num_sigmas=0", "score.num_sigmas"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("score.sigma_max=0", "score.sigma_max"),
+        ("score.sigma_min=-1", "score.sigma_min"),
+        ("score.sigma_fixed=0", "score.sigma_fixed"),
+        ("score.num_sigmas=0", "score.num_sigmas"),
+    ],
+)
 def test_bad_sigma_config(override, match):
     with pytest.raises(ConfigError, match=match):
         C.load("fmnist", [override])
@@ -113,9 +118,17 @@ def test_ema_update_arithmetic():
 
 def score_overrides(tmp, **extra):
     base = {
-        "train.stages": "[score]", "score.ngf": 8, "score.batch_size": 32, "score.max_steps": 60,
-        "score.ckpt_every_n_steps": 20, "score.val_every_n_steps": 60, "score.val_batches": 2,
-        "score.ema_decay": 0.9, "data.train_subset": 2000, "data.val_size": 500, "data.eval_batch_size": 100,
+        "train.stages": "[score]",
+        "score.ngf": 8,
+        "score.batch_size": 32,
+        "score.max_steps": 60,
+        "score.ckpt_every_n_steps": 20,
+        "score.val_every_n_steps": 60,
+        "score.val_batches": 2,
+        "score.ema_decay": 0.9,
+        "data.train_subset": 2000,
+        "data.val_size": 500,
+        "data.eval_batch_size": 100,
     }
     base.update(extra)
     return tiny_overrides(tmp, **base)
@@ -127,7 +140,9 @@ def test_short_real_training_denoises_and_exports_the_ema(tmp_path):
     from advpure.lit.score import make_score_net
     from advpure.train import train
 
-    cfg = C.load("fmnist", score_overrides(tmp_path, **{"score.max_steps": 100, "score.val_every_n_steps": 100}))
+    cfg = C.load(
+        "fmnist", score_overrides(tmp_path, **{"score.max_steps": 100, "score.val_every_n_steps": 100})
+    )
     meta = train(cfg)["score"]
     assert meta["steps"] == 100
     # the one-step denoiser beats the noisy input at both validation sigmas
@@ -160,8 +175,12 @@ def _train_cmd(tmp, **extra):
 
 @needs_fmnist
 def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
-    extra = {"score.max_steps": 200, "score.ckpt_every_n_steps": 20, "score.val_every_n_steps": 1000,
-             "trainer.num_threads": 1}
+    extra = {
+        "score.max_steps": 200,
+        "score.ckpt_every_n_steps": 20,
+        "score.val_every_n_steps": 1000,
+        "trainer.num_threads": 1,
+    }
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_train_cmd(straight, **extra), check=True, capture_output=True, timeout=600)
 
@@ -202,6 +221,8 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(score_mod, "dsm_loss", poisoned)
     cfg = C.load("fmnist", score_overrides(tmp_path))
-    with pytest.raises(TrainingError, match=r"DSM loss is nan at step 25; last good checkpoint: .*step0000020\.ckpt"):
+    with pytest.raises(
+        TrainingError, match=r"DSM loss is nan at step 25; last good checkpoint: .*step0000020\.ckpt"
+    ):
         train(cfg)
     assert not os.path.exists(cfg.score.weights)  # nothing exported from a diverged run

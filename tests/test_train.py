@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, needs_fmnist, tiny_overrides
 
 from advpure import config as C
 from advpure.checkpoint import load_weights, read_weights, save_weights
@@ -16,6 +15,7 @@ from advpure.data import get_spec
 from advpure.errors import CheckpointError, ConfigError
 from advpure.lit.classifier import ClassifierModule, build_optimizer, classifier_arch, make_classifier
 from advpure.results.wandb_offline import find_run_files, read_run
+from conftest import ROOT, needs_fmnist, tiny_overrides
 
 
 def test_classifier_overfits_a_tiny_batch():
@@ -88,10 +88,20 @@ def test_train_classifier_logs_to_offline_wandb_and_exports(tmp_path):
     from advpure.train import train
 
     wandb_dir = tmp_path / "runs" / "train" / "fmnist" / "classifier"
-    cfg = C.load("fmnist", tiny_overrides(tmp_path, **{
-        "logger.kind": "wandb", "data.train_subset": 2000, "data.val_size": 500, "trainer.max_epochs": 1,
-        "train.stages": "[classifier]", "trainer.log_every_n_steps": 5,
-    }))
+    cfg = C.load(
+        "fmnist",
+        tiny_overrides(
+            tmp_path,
+            **{
+                "logger.kind": "wandb",
+                "data.train_subset": 2000,
+                "data.val_size": 500,
+                "trainer.max_epochs": 1,
+                "train.stages": "[classifier]",
+                "trainer.log_every_n_steps": 5,
+            },
+        ),
+    )
     out = train(cfg)
     meta = out["classifier"]
     assert 0.5 < meta["test_acc"] <= 1.0  # 1 epoch on 2000 images: well above chance (0.1)
@@ -117,8 +127,12 @@ def test_devices_beyond_the_machine_is_a_clear_error(tmp_path):
     cfg = C.load("fmnist", tiny_overrides(tmp_path, **{"trainer.devices": 512}))
     with pytest.raises(ConfigError, match="trainer.devices=512 but this machine has"):
         check_devices(cfg.trainer)
-    out = subprocess.run([sys.executable, "-m", "advpure", "train", *tiny_overrides(tmp_path), "trainer.devices=512"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "advpure", "train", *tiny_overrides(tmp_path), "trainer.devices=512"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "trainer.devices=512" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -141,6 +155,12 @@ def test_fresh_clone_needs_nothing_beyond_the_readme(tmp_path):
     ci = (clone / ".ci" / "run").read_text()
     assert "make test" in ci and os.access(clone / ".ci" / "run", os.X_OK)
     env = {**os.environ, "ADVPURE_ROOT": str(clone)}
-    out = subprocess.run([sys.executable, "-m", "advpure", "config", "experiment=fmnist"], cwd=clone, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "advpure", "config", "experiment=fmnist"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "small_cnn" in out.stdout

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,16 +36,9 @@ from advpure.purify.defense import build_defense
 from advpure.results import NATURAL, PROTOCOLS, clear
 from advpure.suite import Suite, build_suite, natural_fingerprint, unit_fingerprint
 from advpure.train import say, train, weights_path
-from advpure.trainer import build_trainer
+from advpure.trainer import build_trainer, launch_rank
 
 AMP = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-
-
-def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 # 1 ------------------------------------------------------------------------------------------------
@@ -57,7 +49,9 @@ def ensure_weights(cfg: DictConfig, suite: Suite) -> None:
         return
     if not cfg.benchmark.train_missing:
         paths = ", ".join(str(weights_path(cfg, s)) for s in missing)
-        raise CheckpointError(f"missing trained weights ({paths}) and benchmark.train_missing=false; run `make train`")
+        raise CheckpointError(
+            f"missing trained weights ({paths}) and benchmark.train_missing=false; run `make train`"
+        )
     say(f"training what is missing: {', '.join(missing)}")
     train(cfg, stages=tuple(missing))
 
@@ -72,7 +66,11 @@ def load_nets(cfg: DictConfig, suite: Suite):
         sarch = score_arch(cfg, spec)
         score = make_score_net(sarch)
         load_weights(cfg.score.weights, "score", sarch, score)
-    return spec, classifier.eval().requires_grad_(False), score.eval().requires_grad_(False) if score else None
+    return (
+        spec,
+        classifier.eval().requires_grad_(False),
+        score.eval().requires_grad_(False) if score else None,
+    )
 
 
 def _file_hash(path: str) -> str:
@@ -89,11 +87,18 @@ def base_fingerprint(cfg: DictConfig, suite: Suite) -> str:
     weights = {"classifier": _file_hash(cfg.classifier.weights)}
     if suite.needs_score:
         weights["score"] = _file_hash(cfg.score.weights)
-    return fingerprint({
-        "data": cfg.data.name, "n_images": bc.n_images, "batch_size": bc.batch_size, "worst_of_n": bc.worst_of_n,
-        "ever_broken": bc.ever_broken, "seed": cfg.seed, "weights": weights,
-        "merge": cfg.defense.merge,
-    })
+    return fingerprint(
+        {
+            "data": cfg.data.name,
+            "n_images": bc.n_images,
+            "batch_size": bc.batch_size,
+            "worst_of_n": bc.worst_of_n,
+            "ever_broken": bc.ever_broken,
+            "seed": cfg.seed,
+            "weights": weights,
+            "merge": cfg.defense.merge,
+        }
+    )
 
 
 def open_run_dir(cfg: DictConfig, suite: Suite) -> Path:
@@ -109,23 +114,30 @@ def open_run_dir(cfg: DictConfig, suite: Suite) -> Path:
             old = json.loads(manifest_path.read_text())
             old_base, old_units = old["base"], old["units"]
         except (ValueError, KeyError, TypeError):
-            raise RunDirError(f"{manifest_path} is corrupt; delete the run dir or use benchmark.overwrite=true") from None
+            raise RunDirError(
+                f"{manifest_path} is corrupt; delete the run dir or use benchmark.overwrite=true"
+            ) from None
         changed = [k for k in units if k in old_units and old_units[k] != units[k]]
         if old_base != manifest["base"]:
-            changed = ["the base settings (data, images, batch size, protocols, seed or trained weights)", *changed]
+            changed = [
+                "the base settings (data, images, batch size, protocols, seed or trained weights)",
+                *changed,
+            ]
         if changed and not cfg.benchmark.overwrite:
             raise RunDirError(
                 f"{run_dir} holds results made with other settings ({'; '.join(changed[:4])}); "
                 "use benchmark.overwrite=true to discard them, or another benchmark.run_dir"
             )
         if changed or not cfg.benchmark.resume:
-            if _rank() == 0:
+            if launch_rank() == 0:
                 clear(run_dir)
             old_units = {}
         manifest["units"] = {**old_units, **units}
-    if _rank() == 0:
+    if launch_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        for stale in run_dir.glob("hpc_ckpt_*.ckpt"):  # the nets come from the weights files, not these
+            stale.unlink()
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return run_dir
 
@@ -142,7 +154,9 @@ def header_lines(cfg: DictConfig, suite: Suite) -> list[str]:
         + ("ever broken (defense checked at every iterate)" if bc.ever_broken else "ever broken not tracked"),
     ]
     if cfg.data.name != "cifar10" or bc.n_images < 10000:
-        lines.append("smaller than the seed's protocol (CIFAR-10, 10k images, WRN-28-10): see experiments/cifar10_paper.yaml")
+        lines.append(
+            "smaller than the seed's protocol (CIFAR-10, 10k images, WRN-28-10): see experiments/cifar10_paper.yaml"
+        )
     capped = [f"{u.attack} on the first {u.spec.max_images}" for u in suite.units if u.spec.max_images]
     if capped:
         lines.append("attacks on fewer images: " + ", ".join(dict.fromkeys(capped)))
@@ -157,8 +171,15 @@ def benchmark(cfg: DictConfig) -> dict | None:
     spec, classifier, score = load_nets(cfg, suite)
     amp = AMP.get(cfg.trainer.precision)
     defenses = {
-        name: build_defense(dcfg, classifier, score, channels=spec.channels, image_size=spec.image_size,
-                            amp_dtype=amp, name=name)
+        name: build_defense(
+            dcfg,
+            classifier,
+            score,
+            channels=spec.channels,
+            image_size=spec.image_size,
+            amp_dtype=amp,
+            name=name,
+        )
         for name, dcfg in suite.defenses.items()
     }
     for u in suite.units:  # every impossible attack/defense pair fails here, before any work
@@ -170,20 +191,45 @@ def benchmark(cfg: DictConfig) -> dict | None:
     bc = cfg.benchmark
     names = [metric_name(d, NATURAL, p) for d in suite.defenses for p in ("single", "worst_of_n")]
     names += [metric_name(u.defense, u.attack, p) for u in suite.units for p in PROTOCOLS if p != "mean_of_n"]
-    module = DefendedClassifier(defenses, run_dir=str(run_dir), seed=cfg.seed, batch_size=bc.batch_size,
-                                worst_of_n=bc.worst_of_n, metric_names=names, merge=cfg.defense.merge)
+    module = DefendedClassifier(
+        defenses,
+        run_dir=str(run_dir),
+        seed=cfg.seed,
+        batch_size=bc.batch_size,
+        worst_of_n=bc.worst_of_n,
+        metric_names=names,
+        merge=cfg.defense.merge,
+    )
     dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
     dm.test_n, dm.test_batch_size = bc.n_images, bc.batch_size
-    report = ReportCallback(run_dir, header_lines=header_lines(cfg, suite), labels=suite.labels,
-                            merge=cfg.defense.merge, sweep={u.attack: u.eps for u in suite.units if u.sweep},
-                            order=[p for d in suite.defenses for p in [(d, NATURAL)] + [(u.defense, u.attack) for u in suite.units_of(d)]],
-                            meta={"config": to_dict(cfg)})
-    callbacks = [AttackCallback(u, worst_of_n=bc.worst_of_n, ever_broken=bc.ever_broken, image_grid=bc.image_grid)
-                 for u in suite.units]
-    trainer = build_trainer(cfg, inference_mode=False, logger=build_logger(cfg, "benchmark", run_dir),
-                            callbacks=[*callbacks, report], default_root_dir=str(run_dir))
-    say(f"benchmark: {len(suite.defenses)} defense(s) x {len(suite.units)} attack run(s) on {bc.n_images} images "
-        f"-> {run_dir}")
+    report = ReportCallback(
+        run_dir,
+        header_lines=header_lines(cfg, suite),
+        labels=suite.labels,
+        merge=cfg.defense.merge,
+        sweep={u.attack: u.eps for u in suite.units if u.sweep},
+        order=[
+            p
+            for d in suite.defenses
+            for p in [(d, NATURAL)] + [(u.defense, u.attack) for u in suite.units_of(d)]
+        ],
+        meta={"config": to_dict(cfg)},
+    )
+    callbacks = [
+        AttackCallback(u, worst_of_n=bc.worst_of_n, ever_broken=bc.ever_broken, image_grid=bc.image_grid)
+        for u in suite.units
+    ]
+    trainer = build_trainer(
+        cfg,
+        inference_mode=False,
+        logger=build_logger(cfg, "benchmark", run_dir),
+        callbacks=[*callbacks, report],
+        default_root_dir=str(run_dir),
+    )
+    say(
+        f"benchmark: {len(suite.defenses)} defense(s) x {len(suite.units)} attack run(s) on {bc.n_images} images "
+        f"-> {run_dir}"
+    )
     trainer.test(module, datamodule=dm, verbose=False)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -25,12 +25,20 @@ from advpure.errors import CheckpointError
 FORMAT = "advpure-weights/1"
 
 
-def save_weights(path: str | Path, kind: str, arch: dict[str, Any], module: nn.Module, meta: dict | None = None) -> Path:
+def save_weights(
+    path: str | Path, kind: str, arch: dict[str, Any], module: nn.Module, meta: dict | None = None
+) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves a half-written weights file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    payload = {"format": FORMAT, "kind": kind, "arch": dict(arch), "state_dict": state, "meta": dict(meta or {})}
+    payload = {
+        "format": FORMAT,
+        "kind": kind,
+        "arch": dict(arch),
+        "state_dict": state,
+        "meta": dict(meta or {}),
+    }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
@@ -45,7 +53,9 @@ def save_weights(path: str | Path, kind: str, arch: dict[str, Any], module: nn.M
 def read_weights(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path} (train it with `make train` or set its path in the config)")
+        raise CheckpointError(
+            f"weights file not found: {path} (train it with `make train` or set its path in the config)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad files
@@ -64,9 +74,13 @@ def load_weights(path: str | Path, kind: str, arch: dict[str, Any], module: nn.M
     diff = {k: (stored.get(k), v) for k, v in arch.items() if stored.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: file has {a!r}, config asks {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"{path} holds another {kind} architecture ({detail}); retrain or point the config at the right file")
+        raise CheckpointError(
+            f"{path} holds another {kind} architecture ({detail}); retrain or point the config at the right file"
+        )
     try:
         module.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the {kind} network: {str(e).splitlines()[0][:200]}") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the {kind} network: {str(e).splitlines()[0][:200]}"
+        ) from None
     return payload.get("meta", {})

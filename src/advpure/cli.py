@@ -43,6 +43,18 @@ def _usage() -> str:
     return USAGE.format(commands=lines) + f"experiments: {exps}\n"
 
 
+def _quiet_lightning() -> None:
+    """Keep the console for our progress and tables: drop Lightning's tips and a SLURM hint that
+    fires whenever `srun` is installed but not used."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -53,6 +65,7 @@ def run(argv: list[str]) -> int:
         return 2
     from advpure import config as C
 
+    _quiet_lightning()
     cfg = C.load(None, overrides)
     if command == "config":
         print(C.to_yaml(cfg), end="")

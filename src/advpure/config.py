@@ -351,7 +351,9 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
         raise ConfigError(f"experiments/{experiment}.yaml: 'defaults' must map group -> option")
     for g in defaults:
         if g not in GROUPS:
-            raise ConfigError(f"experiments/{experiment}.yaml: unknown group '{g}'; allowed: {', '.join(GROUPS)}")
+            raise ConfigError(
+                f"experiments/{experiment}.yaml: unknown group '{g}'; allowed: {', '.join(GROUPS)}"
+            )
     selected = {**defaults, **groups}
 
     cfg = OmegaConf.structured(Config)
@@ -439,7 +441,9 @@ def validate(cfg: DictConfig) -> None:
         if e < 0:
             raise ConfigError(f"benchmark.eps_sweep: eps must be >= 0, got {e}")
     devices = cfg.trainer.devices
-    if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)):
+    if not (
+        devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
+    ):
         raise ConfigError(f"trainer.devices: expected a positive int or 'auto', got {devices!r}")
 
 

@@ -25,7 +25,9 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num: int) -> torch.Tens
         raise ValueError(f"number of noise levels must be >= 1, got {num}")
     if num == 1:
         return torch.tensor([float(sigma_max)])
-    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num, dtype=torch.float64)).float()
+    return torch.exp(
+        torch.linspace(math.log(sigma_max), math.log(sigma_min), num, dtype=torch.float64)
+    ).float()
 
 
 def dsm_loss(

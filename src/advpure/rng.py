@@ -118,7 +118,9 @@ class GeneratorRNG:
         return out.to(device=like.device, dtype=like.dtype)
 
     def rademacher(self, draws: int, like: torch.Tensor) -> torch.Tensor:
-        bits = torch.randint(0, 2, self._shape(draws, like), generator=self.generator, device=self.generator.device)
+        bits = torch.randint(
+            0, 2, self._shape(draws, like), generator=self.generator, device=self.generator.device
+        )
         return (bits.to(like.dtype) * 2 - 1).to(like.device)
 
     def uniform(self, draws: int, like: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,14 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 FINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
     "OUT_OF_MEMORY",
 }
 
@@ -52,7 +59,9 @@ def missing_requirements() -> str | None:
     missing = [n for n in (*DAEMONS, *CLIENTS) if _which(n) is None]
     problems = []
     if missing:
-        problems.append(f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge, or `make apt` as root)")
+        problems.append(
+            f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge, or `make apt` as root)"
+        )
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         problems.append("must run as root (the local cluster's daemons run as SlurmUser=root)")
     return "; ".join(problems) or None
@@ -66,7 +75,7 @@ def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -113,7 +122,7 @@ JobCompType=jobcomp/none
 SlurmdParameters=config_overrides
 ReturnToService=2
 MailProg=/bin/true
-KillWait=10
+KillWait={kill_wait}
 MinJobAge=3600
 InactiveLimit=0
 JobRequeue=1
@@ -147,16 +156,30 @@ class Cluster:
         """Run a client command (`scontrol`, `squeue`, ...) against this cluster; text output."""
         proc = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+            )
         return proc
 
-    def sbatch(self, script: str | Path, *options: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-               cwd: str | Path | None = None) -> int:
+    def sbatch(
+        self,
+        script: str | Path,
+        *options: str,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+    ) -> int:
         """Submit `script` (sbatch `options` override its #SBATCH lines; `args` go to the script);
         `env`: variables added to the job's environment. Returns the job id."""
         job_env = {**self.env, **(env or {})}
-        proc = subprocess.run(["sbatch", "--parsable", *options, str(script), *args], env=job_env, cwd=cwd,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script), *args],
+            env=job_env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {script} failed: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
@@ -190,15 +213,18 @@ class Cluster:
             time.sleep(poll)
 
     def requeue(self, job_id: int, release: bool = True, timeout: float = 120) -> None:
-        """`scontrol requeue` a running job. Slurm holds a requeued job back for ~2 minutes
-        (Reason=BeginTime); `release` waits until it is pending again and lets it start now."""
+        """`scontrol requeue` a running job; with `release`, also `release()` it."""
         self.run("scontrol", "requeue", str(job_id))
-        if not release:
-            return
+        if release:
+            self.release(job_id, timeout)
+
+    def release(self, job_id: int, timeout: float = 120) -> None:
+        """Slurm holds a requeued job back for ~2 minutes (Reason=BeginTime): wait until the job
+        is pending again (its old processes are gone by then) and let it start now."""
         deadline = time.monotonic() + timeout
         while self.state(job_id) != "PENDING":
             if time.monotonic() > deadline:
-                raise TimeoutError(f"requeued job {job_id} not pending after {timeout:.0f} s")
+                raise TimeoutError(f"job {job_id} not pending after {timeout:.0f} s: {self.state(job_id)}")
             time.sleep(0.2)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
@@ -272,11 +298,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def start_cluster(cpus: int = 2, base: str | Path | None = None, memory_mib: int | None = None,
-                  timeout: float = 30) -> Cluster:
+def start_cluster(
+    cpus: int = 2,
+    base: str | Path | None = None,
+    memory_mib: int | None = None,
+    kill_wait: int = 5,
+    timeout: float = 30,
+) -> Cluster:
     """Start munged, slurmctld and slurmd for a one-node cluster (`cpus` CPUs, partition `debug`)
-    in `base` (default: a new dir under /tmp, mode 755). Returns once the node is idle; raises
-    `SlurmUnavailable` (after cleaning up) if something is missing or a daemon does not come up."""
+    in `base` (default: a new dir under /tmp, mode 755). `kill_wait`: seconds between SIGTERM and
+    SIGKILL when a job is cancelled or requeued (Lightning ignores SIGTERM under SLURM, so its
+    processes run on for that long). Returns once the node is idle; raises `SlurmUnavailable`
+    (after cleaning up) if something is missing or a daemon does not come up."""
     problem = missing_requirements()
     if problem:
         raise SlurmUnavailable(f"cannot start a local SLURM cluster: {problem}")
@@ -289,16 +322,30 @@ def start_cluster(cpus: int = 2, base: str | Path | None = None, memory_mib: int
     key = base / "key" / "munge.key"
     key.write_bytes(os.urandom(1024))
     os.chmod(key, 0o400)
-    (base / "slurm.conf").write_text(SLURM_CONF.format(
-        base=base, cpus=int(cpus), memory=int(memory_mib or _memory_mib()),
-        ctld_port=_free_port(), slurmd_port=_free_port(),
-    ))
+    (base / "slurm.conf").write_text(
+        SLURM_CONF.format(
+            base=base,
+            cpus=int(cpus),
+            memory=int(memory_mib or _memory_mib()),
+            ctld_port=free_port(),
+            slurmd_port=free_port(),
+            kill_wait=int(kill_wait),
+        )
+    )
     cluster = Cluster.attach(base)
     daemon_env = dict(cluster.env)
     try:
-        _start(daemon_env, [_which("munged"), f"--key-file={key}", f"--socket={base}/run/munge.socket.2",
-                            f"--pid-file={base}/run/munged.pid", f"--log-file={base}/log/munged.log",
-                            f"--seed-file={base}/key/munged.seed"])
+        _start(
+            daemon_env,
+            [
+                _which("munged"),
+                f"--key-file={key}",
+                f"--socket={base}/run/munge.socket.2",
+                f"--pid-file={base}/run/munged.pid",
+                f"--log-file={base}/log/munged.log",
+                f"--seed-file={base}/key/munged.seed",
+            ],
+        )
         _wait_for(lambda: (base / "run" / "munge.socket.2").exists(), timeout, "munged socket", cluster)
         _start(daemon_env, [_which("slurmctld"), "-f", str(cluster.conf)])
         _start(daemon_env, [_which("slurmd"), "-f", str(cluster.conf), "-N", "localhost"])
@@ -317,21 +364,27 @@ def start_cluster(cpus: int = 2, base: str | Path | None = None, memory_mib: int
 def _start(env: dict[str, str], cmd: list[str | None]) -> None:
     proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
-        raise SlurmUnavailable(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): "
-                               f"{proc.stderr.strip() or proc.stdout.strip()}")
+        raise SlurmUnavailable(
+            f"{' '.join(map(str, cmd))} failed ({proc.returncode}): "
+            f"{proc.stderr.strip() or proc.stdout.strip()}"
+        )
 
 
 def _wait_for(ready, timeout: float, what: str, cluster: Cluster) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
-            raise SlurmUnavailable(f"local SLURM cluster: no {what} after {timeout:.0f} s\n{cluster.log_tail()}")
+            raise SlurmUnavailable(
+                f"local SLURM cluster: no {what} after {timeout:.0f} s\n{cluster.log_tail()}"
+            )
         time.sleep(0.2)
 
 
 # --- command line -------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m advpure.slurm_local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m advpure.slurm_local", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_start = sub.add_parser("start", help="start a cluster; prints the SLURM_CONF to export")
     p_start.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
@@ -347,9 +400,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export SLURM_CONF={cluster.conf}")
             print(f"stop it with: python -m advpure.slurm_local stop {cluster.base}")
             return 0
-        base = args.dir or (str(Path(os.environ["SLURM_CONF"]).parent) if os.environ.get("SLURM_CONF") else None)
+        base = args.dir or (
+            str(Path(os.environ["SLURM_CONF"]).parent) if os.environ.get("SLURM_CONF") else None
+        )
         if base is None or not (Path(base) / "slurm.conf").exists():
-            print("advpure.slurm_local: give the cluster dir (or set SLURM_CONF to its slurm.conf)", file=sys.stderr)
+            print(
+                "advpure.slurm_local: give the cluster dir (or set SLURM_CONF to its slurm.conf)",
+                file=sys.stderr,
+            )
             return 2
         Cluster.attach(base).stop(remove=not args.keep)
         print(f"stopped the local SLURM cluster in {base}")

@@ -49,8 +49,11 @@ class Suite:
 def attack_label(spec, eps: float | None = None) -> str:
     it, eot = spec.iters, spec.eot
     if spec.kind == "pgd":
-        base = {"classifier": f"PGD{it} (classifier, blind)", "bpda": f"BPDA{it}+EOT{eot}",
-                "full": f"PGD{it}-EOT{eot} (full gradient)"}[spec.gradient]
+        base = {
+            "classifier": f"PGD{it} (classifier, blind)",
+            "bpda": f"BPDA{it}+EOT{eot}",
+            "full": f"PGD{it}-EOT{eot} (full gradient)",
+        }[spec.gradient]
     elif spec.kind == "apgd":
         src = {"full": "", "bpda": ", BPDA", "classifier": ", classifier"}[spec.gradient]
         base = f"APGD-{spec.loss.upper()}{it}-EOT{eot}{src}"
@@ -98,7 +101,9 @@ def build_suite(cfg: DictConfig) -> Suite:
                     f"benchmark.undefended_attacks: '{n}' is not a selected attack; selected: {', '.join(attacks)}"
                 )
             if _needs_score(attacks[n]):
-                raise ConfigError(f"benchmark.undefended_attacks: '{n}' needs a purifier; the undefended model has none")
+                raise ConfigError(
+                    f"benchmark.undefended_attacks: '{n}' needs a purifier; the undefended model has none"
+                )
         defenses = {"none": d, **defenses}
         plan = {"none": names, **plan}
 
@@ -113,7 +118,9 @@ def build_suite(cfg: DictConfig) -> Suite:
     if bc.eps_sweep:
         sweep = bc.sweep_attack or next(iter(attacks), None)
         if sweep not in attacks:
-            raise ConfigError(f"benchmark.sweep_attack: '{sweep}' is not a selected attack; selected: {', '.join(attacks)}")
+            raise ConfigError(
+                f"benchmark.sweep_attack: '{sweep}' is not a selected attack; selected: {', '.join(attacks)}"
+            )
         for dname in plan:
             if dname == "none" and _needs_score(attacks[sweep]):
                 continue
@@ -127,14 +134,17 @@ def build_suite(cfg: DictConfig) -> Suite:
 
 
 def unit_fingerprint(suite: Suite, unit: Unit, cfg: DictConfig) -> str:
-    return fingerprint({
-        "defense": to_dict(suite.defenses[unit.defense]) if isinstance(suite.defenses[unit.defense], DictConfig)
-        else suite.defenses[unit.defense],
-        "attack": {k: v for k, v in to_dict(unit.spec).items() if k != "name"},
-        "eps": unit.eps,
-        "step": unit.step,
-        "image_grid": cfg.benchmark.image_grid,
-    })
+    return fingerprint(
+        {
+            "defense": to_dict(suite.defenses[unit.defense])
+            if isinstance(suite.defenses[unit.defense], DictConfig)
+            else suite.defenses[unit.defense],
+            "attack": {k: v for k, v in to_dict(unit.spec).items() if k != "name"},
+            "eps": unit.eps,
+            "step": unit.step,
+            "image_grid": cfg.benchmark.image_grid,
+        }
+    )
 
 
 def natural_fingerprint(suite: Suite, defense: str) -> str:

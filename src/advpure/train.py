@@ -26,13 +26,13 @@ from advpure.errors import RunDirError
 from advpure.lit.classifier import ClassifierModule, classifier_arch
 from advpure.lit.score import ScoreModule, score_arch
 from advpure.loggers import build_logger
-from advpure.trainer import build_trainer
+from advpure.trainer import build_trainer, launch_rank
 
 STAGES = ("classifier", "score")
 
 
 def say(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if launch_rank() == 0:
         print(f"[advpure] {msg}", flush=True)
 
 
@@ -46,12 +46,24 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
 
 def stage_fingerprint(cfg: DictConfig, stage: str) -> str:
     """What a stage's checkpoints depend on; schedule lengths of the score net may grow on resume."""
-    data = {k: cfg.data[k] for k in ("name", "val_size", "split_seed", "train_subset", "crop_padding", "hflip")}
+    data = {
+        k: cfg.data[k] for k in ("name", "val_size", "split_seed", "train_subset", "crop_padding", "hflip")
+    }
     if stage == "classifier":
-        return fingerprint({"data": data, "batch": cfg.data.batch_size, "net": to_dict(cfg.classifier),
-                            "epochs": cfg.trainer.max_epochs, "seed": cfg.seed})
-    score = {k: v for k, v in to_dict(cfg.score).items() if k not in ("max_steps", "ckpt_every_n_steps",
-                                                                       "val_every_n_steps", "val_batches", "weights")}
+        return fingerprint(
+            {
+                "data": data,
+                "batch": cfg.data.batch_size,
+                "net": to_dict(cfg.classifier),
+                "epochs": cfg.trainer.max_epochs,
+                "seed": cfg.seed,
+            }
+        )
+    score = {
+        k: v
+        for k, v in to_dict(cfg.score).items()
+        if k not in ("max_steps", "ckpt_every_n_steps", "val_every_n_steps", "val_batches", "weights")
+    }
     return fingerprint({"data": data, "net": score, "seed": cfg.seed})
 
 
@@ -71,9 +83,24 @@ def prepare_stage_dir(cfg: DictConfig, stage: str) -> Path | None:
                 f"or set paths.runs elsewhere"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"fingerprint": fp, "stage": stage, "experiment": cfg.experiment}))
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last if last.exists() else None
+    if launch_rank() == 0:
+        manifest.write_text(json.dumps({"fingerprint": fp, "stage": stage, "experiment": cfg.experiment}))
+    # SIGUSR1 under SLURM saves hpc_ckpt_N.ckpt (newer than the last step checkpoint): resume from
+    # whichever is newest
+    found = [
+        p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def drop_hpc_checkpoints(run_dir: Path) -> None:
+    """After a finished fit: a leftover SLURM hpc checkpoint would be loaded by the next
+    `trainer.test` in place of the trained weights (Lightning prefers it under SLURM)."""
+    if launch_rank() == 0:
+        for p in run_dir.glob("hpc_ckpt_*.ckpt"):
+            p.unlink()
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class MidEpochResume(Callback):
@@ -128,12 +155,19 @@ def train_classifier(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, verbose=False)
     dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
     arch = classifier_arch(cfg, dm.spec)
-    module = ClassifierModule(arch, dm.spec, to_dict(cfg.classifier.optim), cfg.classifier.dropout,
-                              cfg.classifier.label_smoothing)
+    module = ClassifierModule(
+        arch, dm.spec, to_dict(cfg.classifier.optim), cfg.classifier.dropout, cfg.classifier.label_smoothing
+    )
     resume = prepare_stage_dir(cfg, "classifier")
     run_dir = stage_dir(cfg, "classifier")
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}", save_last=True,
-                           save_top_k=1, every_n_epochs=1, auto_insert_metric_name=False)
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:03d}",
+        save_last=True,
+        save_top_k=1,
+        every_n_epochs=1,
+        auto_insert_metric_name=False,
+    )
     trainer = build_trainer(
         cfg,
         max_epochs=cfg.trainer.max_epochs,
@@ -142,17 +176,27 @@ def train_classifier(cfg: DictConfig) -> dict:
         default_root_dir=str(run_dir),
         gradient_clip_val=cfg.classifier.optim.grad_clip,
     )
-    say(f"classifier: training {arch['arch']} on {cfg.data.name} for {cfg.trainer.max_epochs} epochs"
-        + (f" (resuming from {resume})" if resume else ""))
+    say(
+        f"classifier: training {arch['arch']} on {cfg.data.name} for {cfg.trainer.max_epochs} epochs"
+        + (f" (resuming from {resume})" if resume else "")
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    drop_hpc_checkpoints(run_dir)
     test = trainer.test(module, datamodule=dm, verbose=False)
     acc = float(test[0]["test/acc"]) if test else float("nan")
     seconds = time.perf_counter() - t0
-    meta = {"test_acc": acc, "epochs": int(trainer.current_epoch), "seconds": seconds, "dataset": cfg.data.name,
-            "images_per_s": float(getattr(module, "images_per_s", float("nan")))}
+    meta = {
+        "test_acc": acc,
+        "epochs": int(trainer.current_epoch),
+        "seconds": seconds,
+        "dataset": cfg.data.name,
+        "images_per_s": float(getattr(module, "images_per_s", float("nan"))),
+    }
     _export(cfg, "classifier", arch, module.net, meta)
-    say(f"classifier: test accuracy {100 * acc:.2f}% after {seconds:.0f} s "
-        f"({meta['images_per_s']:.0f} training images/s)")
+    say(
+        f"classifier: test accuracy {100 * acc:.2f}% after {seconds:.0f} s "
+        f"({meta['images_per_s']:.0f} training images/s)"
+    )
     _finish(trainer)
     return meta
 
@@ -161,17 +205,34 @@ def train_score(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     sc = cfg.score
-    dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed, batch_size=sc.batch_size, crop_padding=0, hflip=sc.hflip)
+    dm = ImageDataModule(
+        cfg.data, cfg.paths, seed=cfg.seed, batch_size=sc.batch_size, crop_padding=0, hflip=sc.hflip
+    )
     arch = score_arch(cfg, dm.spec)
     module = ScoreModule(
-        arch, sigma_max=sc.sigma_max, sigma_min=sc.sigma_min, num_sigmas=sc.num_sigmas, sigma_fixed=sc.sigma_fixed,
-        lr=sc.lr, beta1=sc.beta1, weight_decay=sc.weight_decay, ema_decay=sc.ema_decay, seed=cfg.seed,
-        val_batches=sc.val_batches, log_images=cfg.logger.log_images,
+        arch,
+        sigma_max=sc.sigma_max,
+        sigma_min=sc.sigma_min,
+        num_sigmas=sc.num_sigmas,
+        sigma_fixed=sc.sigma_fixed,
+        lr=sc.lr,
+        beta1=sc.beta1,
+        weight_decay=sc.weight_decay,
+        ema_decay=sc.ema_decay,
+        seed=cfg.seed,
+        val_batches=sc.val_batches,
+        log_images=cfg.logger.log_images,
     )
     resume = prepare_stage_dir(cfg, "score")
     run_dir = stage_dir(cfg, "score")
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", save_last=True,
-                           save_top_k=1, every_n_train_steps=sc.ckpt_every_n_steps, auto_insert_metric_name=False)
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:07d}",
+        save_last=True,
+        save_top_k=1,
+        every_n_train_steps=sc.ckpt_every_n_steps,
+        auto_insert_metric_name=False,
+    )
     trainer = build_trainer(
         cfg,
         max_steps=sc.max_steps,
@@ -185,16 +246,21 @@ def train_score(cfg: DictConfig) -> dict:
         default_root_dir=str(run_dir),
         gradient_clip_val=sc.grad_clip,
     )
-    say(f"score: training NCSNv2 (ngf {sc.ngf}) by DSM for {sc.max_steps} steps"
-        + (f" (resuming from {resume})" if resume else ""))
+    say(
+        f"score: training NCSNv2 (ngf {sc.ngf}) by DSM for {sc.max_steps} steps"
+        + (f" (resuming from {resume})" if resume else "")
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    drop_hpc_checkpoints(run_dir)
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     meta = {"steps": int(trainer.global_step), "seconds": seconds, "dataset": cfg.data.name, **metrics}
     _export(cfg, "score", arch, module.ema.shadow, meta)
     gain = metrics.get("val/psnr_gain_s0.25")
-    say(f"score: {trainer.global_step} steps in {seconds:.0f} s; one-step denoising PSNR gain at sigma 0.25: "
-        + (f"{gain:+.2f} dB" if gain is not None else "n/a"))
+    say(
+        f"score: {trainer.global_step} steps in {seconds:.0f} s; one-step denoising PSNR gain at sigma 0.25: "
+        + (f"{gain:+.2f} dB" if gain is not None else "n/a")
+    )
     _finish(trainer)
     return meta
 

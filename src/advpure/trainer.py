@@ -5,9 +5,24 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from advpure.errors import ConfigError
+
+
+def launch_rank() -> int:
+    """This process's global rank, known before the process group exists (srun / torchrun env)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def under_slurm() -> bool:
+    return "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ
 
 
 def resolve_accelerator(accelerator: str) -> str:
@@ -30,8 +45,11 @@ def check_devices(tc: DictConfig) -> tuple[str, int | str]:
     have = available_devices(accel)
     devices = tc.devices
     if accel != "cpu" and have == 0:
-        raise ConfigError(f"trainer.accelerator={tc.accelerator}: no {accel} device on this machine; use trainer=cpu")
-    if devices != "auto" and int(devices) > have:
+        raise ConfigError(
+            f"trainer.accelerator={tc.accelerator}: no {accel} device on this machine; use trainer=cpu"
+        )
+    # under SLURM each task may see only its own GPU (--gpus-per-task): the scheduler decides
+    if devices != "auto" and int(devices) > have and not under_slurm():
         raise ConfigError(f"trainer.devices={devices} but this machine has {have} {accel} device(s)")
     return accel, devices
 
@@ -46,7 +64,7 @@ def build_trainer(cfg: DictConfig, **kwargs):
     if tc.num_threads:
         torch.set_num_threads(int(tc.num_threads))
     plugins = []
-    if "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ:
+    if under_slurm():
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         plugins.append(SLURMEnvironment(auto_requeue=True))

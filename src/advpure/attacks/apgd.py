@@ -41,7 +41,11 @@ def apgd_checkpoints(iters: int) -> list[int]:
 
 
 def should_halve(
-    increases: torch.Tensor, span: int, rho: float, halved_last: torch.Tensor, best: torch.Tensor,
+    increases: torch.Tensor,
+    span: int,
+    rho: float,
+    halved_last: torch.Tensor,
+    best: torch.Tensor,
     best_at_last: torch.Tensor,
 ) -> torch.Tensor:
     """Per sample, at a checkpoint `span` iterations after the previous one: halve the step if
@@ -53,9 +57,22 @@ def should_halve(
 
 
 def apgd_attack(
-    defense, x, y, rng: RNG, *, eps: float, iters: int, gradient: str = "full", eot: int = 1,
-    eot_aggregate: str = "mean", loss: str = "ce", rho: float = 0.75, momentum: float = 0.75,
-    random_start: bool = False, track_path: bool = False, progress: Progress | None = None,
+    defense,
+    x,
+    y,
+    rng: RNG,
+    *,
+    eps: float,
+    iters: int,
+    gradient: str = "full",
+    eot: int = 1,
+    eot_aggregate: str = "mean",
+    loss: str = "ce",
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    random_start: bool = False,
+    track_path: bool = False,
+    progress: Progress | None = None,
     observer: Observer | None = None,
 ) -> AttackResult:
     """APGD-EOT; returns the best point found (highest EOT loss), not the last iterate."""

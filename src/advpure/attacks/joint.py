@@ -32,9 +32,23 @@ JOINT_GRADS = ("input", "bpda")
 
 
 def joint_attack(
-    defense, x, y, rng: RNG, *, kind: str, eps: float, step: float, iters: int, eps_mix: float = 0.5,
-    joint_grad: str = "input", eot: int = 1, eot_aggregate: str = "mean", loss: str = "ce",
-    random_start: bool = False, track_path: bool = False, progress: Progress | None = None,
+    defense,
+    x,
+    y,
+    rng: RNG,
+    *,
+    kind: str,
+    eps: float,
+    step: float,
+    iters: int,
+    eps_mix: float = 0.5,
+    joint_grad: str = "input",
+    eot: int = 1,
+    eot_aggregate: str = "mean",
+    loss: str = "ce",
+    random_start: bool = False,
+    track_path: bool = False,
+    progress: Progress | None = None,
     observer: Observer | None = None,
 ) -> AttackResult:
     """Joint attack `kind` (score | full); returns the last iterate."""
@@ -49,7 +63,9 @@ def joint_attack(
 
     def classifier_term(x_i, purified=None, grad=True):
         if joint_grad == "bpda":
-            return bpda_objective(defense, x_i, y, eot_rng, k, loss, eot_aggregate, grad=grad, purified=purified)
+            return bpda_objective(
+                defense, x_i, y, eot_rng, k, loss, eot_aggregate, grad=grad, purified=purified
+            )
         return classifier_objective(defense, x_i, y, loss, grad=grad)
 
     x_i = start_point(x, eps, rng, random_start)

@@ -99,7 +99,15 @@ def full_objective(defense, x, y, rng: RNG, draws: int, loss: str, *, grad: bool
 
 
 def bpda_objective(
-    defense, x, y, rng: RNG, draws: int, loss: str, aggregate: str = "mean", *, grad: bool = True,
+    defense,
+    x,
+    y,
+    rng: RNG,
+    draws: int,
+    loss: str,
+    aggregate: str = "mean",
+    *,
+    grad: bool = True,
     purified: torch.Tensor | None = None,
 ) -> Evaluation:
     """BPDA: classifier gradients at K purified points (purified without gradient), aggregated
@@ -118,7 +126,15 @@ def bpda_objective(
 
 
 def eot_gradient(
-    defense, x, y, rng: RNG, *, gradient: str, eot: int = 1, aggregate: str = "mean", loss: str = "ce",
+    defense,
+    x,
+    y,
+    rng: RNG,
+    *,
+    gradient: str,
+    eot: int = 1,
+    aggregate: str = "mean",
+    loss: str = "ce",
     grad: bool = True,
 ) -> Evaluation:
     """The EOT objective at x and (grad=True) its ascent direction, from gradient source
@@ -158,8 +174,16 @@ class Trace:
     """Per-iterate bookkeeping shared by all attacks: the objective at x_0 .. x_iters, the
     defense's correctness at x_0 .. x_{iters-1} (when tracked), and the caller's hooks."""
 
-    def __init__(self, defense, y, rng: RNG, *, track_path: bool = False, progress: Progress | None = None,
-                 observer: Observer | None = None):
+    def __init__(
+        self,
+        defense,
+        y,
+        rng: RNG,
+        *,
+        track_path: bool = False,
+        progress: Progress | None = None,
+        observer: Observer | None = None,
+    ):
         self.defense, self.y = defense, y
         self.track_path = track_path
         self.progress, self.observer = progress, observer
@@ -180,7 +204,9 @@ class Trace:
         if self.progress is not None:
             self.progress(i)
 
-    def finish(self, x_last: torch.Tensor, loss_last: torch.Tensor, x_adv: torch.Tensor | None = None) -> AttackResult:
+    def finish(
+        self, x_last: torch.Tensor, loss_last: torch.Tensor, x_adv: torch.Tensor | None = None
+    ) -> AttackResult:
         """Record the last iterate x_iters and build the result (x_adv defaults to x_last)."""
         iters = len(self.losses)
         self.losses.append(loss_last.detach())
@@ -192,9 +218,22 @@ class Trace:
 
 
 def pgd_attack(
-    defense, x, y, rng: RNG, *, eps: float, step: float, iters: int, gradient: str = "bpda", eot: int = 1,
-    eot_aggregate: str = "mean", loss: str = "ce", random_start: bool = False, track_path: bool = False,
-    progress: Progress | None = None, observer: Observer | None = None,
+    defense,
+    x,
+    y,
+    rng: RNG,
+    *,
+    eps: float,
+    step: float,
+    iters: int,
+    gradient: str = "bpda",
+    eot: int = 1,
+    eot_aggregate: str = "mean",
+    loss: str = "ce",
+    random_start: bool = False,
+    track_path: bool = False,
+    progress: Progress | None = None,
+    observer: Observer | None = None,
 ) -> AttackResult:
     """PGD with sign steps of size `step`; returns the last iterate (Madry et al.)."""
     trace = Trace(defense, y, rng, track_path=track_path, progress=progress, observer=observer)
@@ -225,4 +264,3 @@ __all__ = [
     "path_correct",
     "pgd_attack",
 ]
-

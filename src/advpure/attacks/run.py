@@ -68,7 +68,9 @@ def check_attack(spec, defense, eps: float, step: float) -> None:
             bad(f"{key} must be in [0, 1], got {getattr(spec, key)}")
     if spec.eot_aggregate == "vote" and not _uses_bpda(spec):
         which = spec.gradient if spec.kind in ("pgd", "apgd") else spec.kind
-        bad(f"eot_aggregate 'vote' (a vote of per-draw sign steps) is only defined for bpda gradients, not '{which}'")
+        bad(
+            f"eot_aggregate 'vote' (a vote of per-draw sign steps) is only defined for bpda gradients, not '{which}'"
+        )
     if spec.kind == "joint_score" and not defense.has_score:
         bad(f"joint_score needs a score network, and defense '{defense.name}' has none")
     if spec.kind == "joint_full" and not defense.stochastic:
@@ -76,8 +78,17 @@ def check_attack(spec, defense, eps: float, step: float) -> None:
 
 
 def run_attack(
-    spec, defense, x: torch.Tensor, y: torch.Tensor, rng: RNG, *, eps: float, step: float,
-    track_path: bool = False, progress: Progress | None = None, observer: Observer | None = None,
+    spec,
+    defense,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rng: RNG,
+    *,
+    eps: float,
+    step: float,
+    track_path: bool = False,
+    progress: Progress | None = None,
+    observer: Observer | None = None,
 ) -> AttackResult:
     """Attack the batch (x, y) of images in [0, 1] with `spec`; all randomness from `rng`.
 
@@ -92,24 +103,65 @@ def run_attack(
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     eps, step = float(eps), float(step)
     common = dict(
-        eps=eps, iters=int(spec.iters), loss=spec.loss, random_start=bool(spec.random_start),
-        track_path=track_path, progress=progress, observer=observer,
+        eps=eps,
+        iters=int(spec.iters),
+        loss=spec.loss,
+        random_start=bool(spec.random_start),
+        track_path=track_path,
+        progress=progress,
+        observer=observer,
     )
     with torch.inference_mode(False):
         x, y = x.detach().clone(), y.detach().clone()
         if spec.kind == "pgd":
-            return pgd_attack(defense, x, y, rng, step=step, gradient=spec.gradient, eot=int(spec.eot),
-                              eot_aggregate=spec.eot_aggregate, **common)
+            return pgd_attack(
+                defense,
+                x,
+                y,
+                rng,
+                step=step,
+                gradient=spec.gradient,
+                eot=int(spec.eot),
+                eot_aggregate=spec.eot_aggregate,
+                **common,
+            )
         if spec.kind == "apgd":
-            return apgd_attack(defense, x, y, rng, gradient=spec.gradient, eot=int(spec.eot),
-                               eot_aggregate=spec.eot_aggregate, rho=float(spec.apgd_rho),
-                               momentum=float(spec.apgd_momentum), **common)
+            return apgd_attack(
+                defense,
+                x,
+                y,
+                rng,
+                gradient=spec.gradient,
+                eot=int(spec.eot),
+                eot_aggregate=spec.eot_aggregate,
+                rho=float(spec.apgd_rho),
+                momentum=float(spec.apgd_momentum),
+                **common,
+            )
         if spec.kind in ("joint_score", "joint_full"):
-            return joint_attack(defense, x, y, rng, kind=spec.kind.removeprefix("joint_"), step=step,
-                                eps_mix=float(spec.eps_mix), joint_grad=spec.joint_grad, eot=int(spec.eot),
-                                eot_aggregate=spec.eot_aggregate, **common)
-        return spsa_attack(defense, x, y, rng, step=step, samples=int(spec.spsa_samples),
-                           delta=float(spec.spsa_delta), **common)
+            return joint_attack(
+                defense,
+                x,
+                y,
+                rng,
+                kind=spec.kind.removeprefix("joint_"),
+                step=step,
+                eps_mix=float(spec.eps_mix),
+                joint_grad=spec.joint_grad,
+                eot=int(spec.eot),
+                eot_aggregate=spec.eot_aggregate,
+                **common,
+            )
+        return spsa_attack(
+            defense,
+            x,
+            y,
+            rng,
+            step=step,
+            samples=int(spec.spsa_samples),
+            delta=float(spec.spsa_delta),
+            **common,
+        )
 
 
 __all__ = ["KINDS", "check_attack", "run_attack"]

@@ -60,9 +60,22 @@ def spsa_gradient(
 
 
 def spsa_attack(
-    defense, x, y, rng: RNG, *, eps: float, step: float, iters: int, samples: int = 128, delta: float = 0.01,
-    loss: str = "ce", random_start: bool = False, max_queries: int | None = None, track_path: bool = False,
-    progress: Progress | None = None, observer: Observer | None = None,
+    defense,
+    x,
+    y,
+    rng: RNG,
+    *,
+    eps: float,
+    step: float,
+    iters: int,
+    samples: int = 128,
+    delta: float = 0.01,
+    loss: str = "ce",
+    random_start: bool = False,
+    max_queries: int | None = None,
+    track_path: bool = False,
+    progress: Progress | None = None,
+    observer: Observer | None = None,
 ) -> AttackResult:
     """SPSA with sign steps; returns the last iterate.
 

@@ -23,9 +23,16 @@ from advpure.suite import Unit
 
 
 class AttackCallback(Callback):
-    def __init__(self, unit: Unit, *, worst_of_n: int, ever_broken: bool, image_grid: int, progress: bool = True):
+    def __init__(
+        self, unit: Unit, *, worst_of_n: int, ever_broken: bool, image_grid: int, progress: bool = True
+    ):
         self.unit = unit
-        self.worst_of_n, self.ever_broken, self.image_grid, self.progress = worst_of_n, ever_broken, image_grid, progress
+        self.worst_of_n, self.ever_broken, self.image_grid, self.progress = (
+            worst_of_n,
+            ever_broken,
+            image_grid,
+            progress,
+        )
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         u = self.unit
@@ -44,8 +51,17 @@ class AttackCallback(Callback):
         t0, e0 = time.perf_counter(), defense.score_evals
         bar = self._bar(trainer, b)
         with torch.enable_grad():
-            result = run_attack(u.spec, defense, x, y, rng.child("attack"), eps=u.eps, step=u.step,
-                                track_path=self.ever_broken, progress=(lambda i: bar.update(1)) if bar else None)
+            result = run_attack(
+                u.spec,
+                defense,
+                x,
+                y,
+                rng.child("attack"),
+                eps=u.eps,
+                step=u.step,
+                track_path=self.ever_broken,
+                progress=(lambda i: bar.update(1)) if bar else None,
+            )
         if bar:
             bar.close()
         # Common random numbers: the final input is judged with the same defense noise as the clean
@@ -59,8 +75,16 @@ class AttackCallback(Callback):
         }
         examples = self._examples(defense, x, result.x_adv, idx, rng)
         traces = {int(i): result.losses[:, k].float().cpu().numpy() for k, i in enumerate(idx.tolist())}
-        pl_module.write(u.defense, u.attack, idx, per_merge, score_evals=defense.score_evals - e0,
-                        seconds=time.perf_counter() - t0, traces=traces, examples=examples)
+        pl_module.write(
+            u.defense,
+            u.attack,
+            idx,
+            per_merge,
+            score_evals=defense.score_evals - e0,
+            seconds=time.perf_counter() - t0,
+            traces=traces,
+            examples=examples,
+        )
 
     def _examples(self, defense, x, x_adv, idx, rng):
         """Clean / adversarial / purified (one purification draw) for the first images of the run."""
@@ -70,7 +94,12 @@ class AttackCallback(Callback):
         with torch.no_grad():
             purified = defense.purify(x_adv[sel], rng.child("grid").subset(sel), draws=1).x
         return [
-            (int(idx[s]), x[s].float().cpu().numpy(), x_adv[s].float().cpu().numpy(), purified[k].float().cpu().numpy())
+            (
+                int(idx[s]),
+                x[s].float().cpu().numpy(),
+                x_adv[s].float().cpu().numpy(),
+                purified[k].float().cpu().numpy(),
+            )
             for k, s in enumerate(sel.tolist())
         ]
 
@@ -80,5 +109,10 @@ class AttackCallback(Callback):
         from tqdm.auto import tqdm
 
         u = self.unit
-        return tqdm(total=int(u.spec.iters), desc=f"{u.defense} {u.attack} batch {b}", leave=False, position=1,
-                    dynamic_ncols=True)
+        return tqdm(
+            total=int(u.spec.iters),
+            desc=f"{u.defense} {u.attack} batch {b}",
+            leave=False,
+            position=1,
+            dynamic_ncols=True,
+        )

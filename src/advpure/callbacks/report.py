@@ -21,9 +21,15 @@ class ReportCallback(Callback):
             dist.barrier()
         if not trainer.is_global_zero:
             return
-        self.report = write_report(self.run_dir, header_lines=self.header_lines, labels=self.labels,
-                                   merge=self.merge, sweep=self.sweep, order=self.order,
-                                   meta=self.meta)
+        self.report = write_report(
+            self.run_dir,
+            header_lines=self.header_lines,
+            labels=self.labels,
+            merge=self.merge,
+            sweep=self.sweep,
+            order=self.order,
+            meta=self.meta,
+        )
         print("\n" + self.report["console"] + f"\n\nresults: {self.run_dir}/results.md", flush=True)
         for logger in trainer.loggers:
             if logger.__class__.__name__ == "WandbLogger":
@@ -33,11 +39,24 @@ class ReportCallback(Callback):
         import wandb
 
         rows = [r for r in self.report["rows"] if r["merge"] == self.merge]
-        columns = ["defense", "attack", "natural", "single", "single_lo", "single_hi", "worst_of_n", "mean_of_n",
-                   "ever_broken", "n", "score_evals_per_img", "seconds_per_img"]
-        table = wandb.Table(columns=columns, data=[
-            [r["defense_label"], r["attack_label"], *(r.get(c) for c in columns[2:])] for r in rows
-        ])
+        columns = [
+            "defense",
+            "attack",
+            "natural",
+            "single",
+            "single_lo",
+            "single_hi",
+            "worst_of_n",
+            "mean_of_n",
+            "ever_broken",
+            "n",
+            "score_evals_per_img",
+            "seconds_per_img",
+        ]
+        table = wandb.Table(
+            columns=columns,
+            data=[[r["defense_label"], r["attack_label"], *(r.get(c) for c in columns[2:])] for r in rows],
+        )
         payload = {"results": table, **self.report["metrics"]}
         for name, path in self.report["plots"].items():
             payload[f"plots/{name}"] = wandb.Image(str(path))

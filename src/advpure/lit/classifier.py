@@ -35,7 +35,9 @@ def make_classifier(arch: dict, spec, dropout: float = 0.0) -> nn.Module:
 
 def build_optimizer(params, oc) -> torch.optim.Optimizer:
     if oc.name == "sgd":
-        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, weight_decay=oc.weight_decay)
+        return torch.optim.SGD(
+            params, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, weight_decay=oc.weight_decay
+        )
     if oc.name == "adam":
         return torch.optim.Adam(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
     return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
@@ -55,9 +57,14 @@ def build_schedule(opt, oc, total_steps: int):
 
 
 class ClassifierModule(L.LightningModule):
+    # evaluation batches are never padded, so with few batches a rank may get none
+    allow_zero_length_dataloader_with_multiple_devices = True
+
     def __init__(self, arch: dict, spec, optim: dict, dropout: float = 0.0, label_smoothing: float = 0.0):
         super().__init__()
-        self.save_hyperparameters({"arch": arch, "optim": optim, "dropout": dropout, "label_smoothing": label_smoothing})
+        self.save_hyperparameters(
+            {"arch": arch, "optim": optim, "dropout": dropout, "label_smoothing": label_smoothing}
+        )
         self.arch, self.optim_cfg = arch, optim
         self.net = make_classifier(arch, spec, dropout)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

@@ -30,6 +30,9 @@ def metric_name(defense: str, attack: str, protocol: str) -> str:
 
 
 class DefendedClassifier(L.LightningModule):
+    # evaluation batches are never padded, so with few batches a rank may get none
+    allow_zero_length_dataloader_with_multiple_devices = True
+
     def __init__(
         self,
         defenses: dict[str, Defense],
@@ -44,7 +47,13 @@ class DefendedClassifier(L.LightningModule):
         super().__init__()
         self.names = list(defenses)
         self.defenses = nn.ModuleList(defenses.values())
-        self.run_dir, self.seed, self.batch_size, self.worst_of_n, self.merge = run_dir, seed, batch_size, worst_of_n, merge
+        self.run_dir, self.seed, self.batch_size, self.worst_of_n, self.merge = (
+            run_dir,
+            seed,
+            batch_size,
+            worst_of_n,
+            merge,
+        )
         self.metric_keys = {name: f"m{i}" for i, name in enumerate(metric_names)}
         self.metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in self.metric_keys.values()})
         self.store: RecordStore | None = None
@@ -81,10 +90,22 @@ class DefendedClassifier(L.LightningModule):
         self.update_metrics(self.store.batch_records(defense, attack, batch))
         return True
 
-    def write(self, defense, attack, idx, per_merge, *, score_evals, seconds, traces=None, examples=None) -> None:
+    def write(
+        self, defense, attack, idx, per_merge, *, score_evals, seconds, traces=None, examples=None
+    ) -> None:
         records = records_for(defense, attack, idx.tolist(), per_merge)
-        self.store.write_batch(defense, attack, self.batch_id(idx), int(idx[0]), len(idx), records,
-                               score_evals=score_evals, seconds=seconds, traces=traces, examples=examples)
+        self.store.write_batch(
+            defense,
+            attack,
+            self.batch_id(idx),
+            int(idx[0]),
+            len(idx),
+            records,
+            score_evals=score_evals,
+            seconds=seconds,
+            traces=traces,
+            examples=examples,
+        )
         self.update_metrics(records)
 
     # --- the loop --------------------------------------------------------------------------------
@@ -98,8 +119,14 @@ class DefendedClassifier(L.LightningModule):
             rng = SampleRNG(self.seed, idx, stream=f"{name}/{NATURAL}")
             correct = defense.evaluate(x, y, rng, n=self.worst_of_n)
             per_merge = {m: protocol_records(c) for m, c in correct.items()}
-            self.write(name, NATURAL, idx, per_merge, score_evals=defense.score_evals - e0,
-                       seconds=time.perf_counter() - t0)
+            self.write(
+                name,
+                NATURAL,
+                idx,
+                per_merge,
+                score_evals=defense.score_evals - e0,
+                seconds=time.perf_counter() - t0,
+            )
 
     def on_test_epoch_end(self) -> None:
         for name, key in self.metric_keys.items():

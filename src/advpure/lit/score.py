@@ -21,14 +21,24 @@ VAL_SIGMAS = (0.1, 0.25)
 
 
 def score_arch(cfg, spec) -> dict:
-    return {"arch": cfg.score.arch, "ngf": cfg.score.ngf, "in_channels": spec.channels, "image_size": spec.image_size}
+    return {
+        "arch": cfg.score.arch,
+        "ngf": cfg.score.ngf,
+        "in_channels": spec.channels,
+        "image_size": spec.image_size,
+    }
 
 
 def make_score_net(arch: dict):
-    return build_score_net(arch["arch"], in_channels=arch["in_channels"], image_size=arch["image_size"], ngf=arch["ngf"])
+    return build_score_net(
+        arch["arch"], in_channels=arch["in_channels"], image_size=arch["image_size"], ngf=arch["ngf"]
+    )
 
 
 class ScoreModule(L.LightningModule):
+    # evaluation batches are never padded, so with few batches a rank may get none
+    allow_zero_length_dataloader_with_multiple_devices = True
+
     def __init__(
         self,
         arch: dict,
@@ -50,7 +60,11 @@ class ScoreModule(L.LightningModule):
         self.arch = arch
         self.net = make_score_net(arch)
         self.ema = EMA(self.net, ema_decay)
-        sigmas = torch.tensor([float(sigma_fixed)]) if sigma_fixed else geometric_sigmas(sigma_max, sigma_min, num_sigmas)
+        sigmas = (
+            torch.tensor([float(sigma_fixed)])
+            if sigma_fixed
+            else geometric_sigmas(sigma_max, sigma_min, num_sigmas)
+        )
         self.register_buffer("sigmas", sigmas)
         self.seed, self.val_batches, self.log_images = seed, val_batches, log_images
         self.last_good_ckpt: str | None = None
@@ -71,7 +85,9 @@ class ScoreModule(L.LightningModule):
         loss = dsm_loss(self.net, x, sigma, eps)
         if not torch.isfinite(loss):
             where = self.last_good_ckpt or "none saved yet"
-            raise TrainingError(f"DSM loss is {loss.item()} at step {self.global_step}; last good checkpoint: {where}")
+            raise TrainingError(
+                f"DSM loss is {loss.item()} at step {self.global_step}; last good checkpoint: {where}"
+            )
         self.log("train/dsm_loss", loss, prog_bar=True)
         return loss
 
@@ -95,7 +111,11 @@ class ScoreModule(L.LightningModule):
             self.log(f"val/psnr_denoised_s{s:g}", p_den, sync_dist=True)
             self.log(f"val/psnr_gain_s{s:g}", p_den - p_noisy, sync_dist=True)
         if batch_idx == 0 and self.log_images:
-            self._log_grid(x[:8], (x[:8] + 0.25 * eps[:8]).clamp(0, 1), one_step_denoise(self.ema, x[:8] + 0.25 * eps[:8], 0.25).clamp(0, 1))
+            self._log_grid(
+                x[:8],
+                (x[:8] + 0.25 * eps[:8]).clamp(0, 1),
+                one_step_denoise(self.ema, x[:8] + 0.25 * eps[:8], 0.25).clamp(0, 1),
+            )
 
     def _log_grid(self, clean, noisy, denoised):
         logger = self.logger
@@ -112,4 +132,6 @@ class ScoreModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return torch.optim.Adam(self.net.parameters(), lr=hp.lr, betas=(hp.beta1, 0.999), weight_decay=hp.weight_decay)
+        return torch.optim.Adam(
+            self.net.parameters(), lr=hp.lr, betas=(hp.beta1, 0.999), weight_decay=hp.weight_decay
+        )

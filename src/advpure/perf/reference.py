@@ -148,14 +148,14 @@ def reference_bpda_eot_attack(
     x_adv = x_orig.clone()
     for _ in range(iters):
         noise = rng.normal(eot, x_adv)
-        grad = torch.zeros_like(x_adv)
+        grads = []
         for k in range(eot):
             xp = reference_adp_chain(reference_screen(x_adv, sigma, noise[k]), score_fn, **chain)
             xp = xp.detach().requires_grad_(True)
             with torch.enable_grad():
                 loss = F.cross_entropy(classifier(xp).float(), y, reduction="none")
-                grad += torch.autograd.grad(loss.sum(), xp)[0]
-        grad /= eot
+                grads.append(torch.autograd.grad(loss.sum(), xp)[0])
+        grad = torch.stack(grads).mean(0)  # the EOT mean, summed in the same order as the batched code
         x_new = x_adv + step * grad.sign()
         x_adv = torch.minimum(torch.maximum(x_new, x_orig - eps), x_orig + eps).clamp(0.0, 1.0)
     # the objective at the last iterate (the batched attack records it as losses[-1])

@@ -50,7 +50,9 @@ def check_images(x: torch.Tensor, channels: int | None = None, size: int | None 
     if size is not None and (x.shape[2] != size or x.shape[3] != size):
         raise ValueError(f"expected {size}x{size} images, got {tuple(x.shape)}")
     if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(f"images must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
+        raise ValueError(
+            f"images must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]"
+        )
 
 
 def screen(x: torch.Tensor, sigma: float, noise: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:
@@ -155,7 +157,9 @@ def adp_purify(
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     if noise_sample is None:
         if noise == "rademacher":
-            bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device if generator is None else generator.device)
+            bits = torch.randint(
+                0, 2, x.shape, generator=generator, device=x.device if generator is None else generator.device
+            )
             noise_sample = (bits * 2 - 1).to(device=x.device, dtype=x.dtype)
         else:
             noise_sample = torch.randn(

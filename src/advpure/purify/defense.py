@@ -96,7 +96,9 @@ class IdentityPurifier(Purifier):
 
 
 class ADPPurifier(Purifier):
-    def __init__(self, score_net: nn.Module, *, sigma=0.25, lam=0.05, delta=1e-3, tau=1e-3, steps=10, noise="gaussian"):
+    def __init__(
+        self, score_net: nn.Module, *, sigma=0.25, lam=0.05, delta=1e-3, tau=1e-3, steps=10, noise="gaussian"
+    ):
         super().__init__()
         if sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
@@ -107,18 +109,33 @@ class ADPPurifier(Purifier):
         if lam <= 0 or delta <= 0 or tau < 0:
             raise ValueError(f"need lam > 0, delta > 0, tau >= 0; got {lam}, {delta}, {tau}")
         self.score_net = score_net
-        self.sigma, self.lam, self.delta, self.tau, self.steps, self.noise = sigma, lam, delta, tau, steps, noise
+        self.sigma, self.lam, self.delta, self.tau, self.steps, self.noise = (
+            sigma,
+            lam,
+            delta,
+            tau,
+            steps,
+            noise,
+        )
 
     def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
         n = rng.rademacher(draws, x) if self.noise == "rademacher" else rng.normal(draws, x)
         x0 = screen(_rows(x, draws), self.sigma, n.reshape(-1, *x.shape[1:]), self.noise)
         return adp_chain(
-            x0, score_fn, lam=self.lam, delta=self.delta, tau=self.tau, steps=self.steps, differentiable=differentiable
+            x0,
+            score_fn,
+            lam=self.lam,
+            delta=self.delta,
+            tau=self.tau,
+            steps=self.steps,
+            differentiable=differentiable,
         )
 
 
 class LangevinPurifier(Purifier):
-    def __init__(self, score_net: nn.Module, *, sigma=0.25, eta=1e-4, score_sigma=0.05, steps=100, noise="gaussian"):
+    def __init__(
+        self, score_net: nn.Module, *, sigma=0.25, eta=1e-4, score_sigma=0.05, steps=100, noise="gaussian"
+    ):
         super().__init__()
         if sigma < 0 or steps < 1:
             raise ValueError(f"need sigma >= 0 and steps >= 1, got {sigma}, {steps}")
@@ -133,7 +150,12 @@ class LangevinPurifier(Purifier):
         if self.sigma > 0:
             x0 = screen(x0, self.sigma, noise_fn(), "gaussian")
         return langevin_chain(
-            x0, score_fn, noise_fn, eta=self.eta, score_sigma=self.score_sigma, steps=self.steps,
+            x0,
+            score_fn,
+            noise_fn,
+            eta=self.eta,
+            score_sigma=self.score_sigma,
+            steps=self.steps,
             differentiable=differentiable,
         )
 
@@ -236,13 +258,19 @@ class Defense(nn.Module):
 
 def correct_by_merge(grouped_logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """(n, S, B, K) logits -> {rule: (n, B) bool} correctness of each of the n merged predictions."""
-    return {
-        rule: torch.stack([merge_predict(g, rule) == y for g in grouped_logits]) for rule in MERGE_RULES
-    }
+    return {rule: torch.stack([merge_predict(g, rule) == y for g in grouped_logits]) for rule in MERGE_RULES}
 
 
-def build_defense(cfg, classifier: nn.Module, score_net: nn.Module | None, *, channels=None, image_size=None,
-                  amp_dtype=None, name=None) -> Defense:
+def build_defense(
+    cfg,
+    classifier: nn.Module,
+    score_net: nn.Module | None,
+    *,
+    channels=None,
+    image_size=None,
+    amp_dtype=None,
+    name=None,
+) -> Defense:
     """A `Defense` from a `DefenseConfig` (kind adp | langevin | none)."""
     if cfg.kind == "none":
         purifier, replicas = None, 1
@@ -250,16 +278,38 @@ def build_defense(cfg, classifier: nn.Module, score_net: nn.Module | None, *, ch
         if score_net is None:
             raise ValueError(f"defense kind '{cfg.kind}' needs a score network")
         if cfg.kind == "adp":
-            purifier = ADPPurifier(score_net, sigma=cfg.sigma, lam=cfg.lam, delta=cfg.delta, tau=cfg.tau,
-                                   steps=cfg.steps, noise=cfg.noise)
+            purifier = ADPPurifier(
+                score_net,
+                sigma=cfg.sigma,
+                lam=cfg.lam,
+                delta=cfg.delta,
+                tau=cfg.tau,
+                steps=cfg.steps,
+                noise=cfg.noise,
+            )
         elif cfg.kind == "langevin":
-            purifier = LangevinPurifier(score_net, sigma=cfg.sigma, eta=cfg.langevin_eta,
-                                        score_sigma=cfg.langevin_sigma, steps=cfg.steps, noise=cfg.noise)
+            purifier = LangevinPurifier(
+                score_net,
+                sigma=cfg.sigma,
+                eta=cfg.langevin_eta,
+                score_sigma=cfg.langevin_sigma,
+                steps=cfg.steps,
+                noise=cfg.noise,
+            )
         else:
             raise ValueError(f"unknown defense kind '{cfg.kind}'; allowed: adp, langevin, none")
         replicas = cfg.replicas
-    return Defense(classifier, purifier, replicas=replicas, merge=cfg.merge, max_batch=cfg.max_batch,
-                   amp_dtype=amp_dtype, channels=channels, image_size=image_size, name=name or defense_name(cfg))
+    return Defense(
+        classifier,
+        purifier,
+        replicas=replicas,
+        merge=cfg.merge,
+        max_batch=cfg.max_batch,
+        amp_dtype=amp_dtype,
+        channels=channels,
+        image_size=image_size,
+        name=name or defense_name(cfg),
+    )
 
 
 def defense_name(cfg) -> str:

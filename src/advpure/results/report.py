@@ -61,11 +61,18 @@ def write_report(
     traces = {k: v for k, v in load_traces(run_dir).items() if k[1] not in sweep}
     if traces:
         plots["loss_curves"] = plot_loss_curves(
-            {(labels.get(d, d), labels.get(a, a)): t for (d, a), t in traces.items()}, pdir / "loss_curves.png"
+            {(labels.get(d, d), labels.get(a, a)): t for (d, a), t in traces.items()},
+            pdir / "loss_curves.png",
         )
     if sweep:
         points = [
-            (labels.get(r["defense"], r["defense"]), sweep[r["attack"]], r["single"], r["single_lo"], r["single_hi"])
+            (
+                labels.get(r["defense"], r["defense"]),
+                sweep[r["attack"]],
+                r["single"],
+                r["single_lo"],
+                r["single_hi"],
+            )
             for r in rows
             if r["merge"] == merge and r["attack"] in sweep and r["single"] is not None
         ]
@@ -75,7 +82,11 @@ def write_report(
     for defense in dict.fromkeys(e.defense for e in examples):
         mine = [e for e in examples if e.defense == defense]
         # one grid per defense: the attack listed last in the table (the strongest ones come last)
-        attack = [r["attack"] for r in rows if r["defense"] == defense and any(e.attack == r["attack"] for e in mine)][-1]
+        attack = [
+            r["attack"]
+            for r in rows
+            if r["defense"] == defense and any(e.attack == r["attack"] for e in mine)
+        ][-1]
         chosen = [e for e in mine if e.attack == attack]
         plots[f"grid_{defense}"] = plot_image_grid(chosen, pdir / f"grid_{defense}_{attack}.png")
     shown = [r for r in rows if r["merge"] == merge]

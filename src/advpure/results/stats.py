@@ -45,7 +45,9 @@ def accuracy(values: Iterable[float] | np.ndarray, z: float = Z95) -> tuple[floa
     """
     if hasattr(values, "detach"):  # torch tensor
         values = values.detach().cpu().numpy()
-    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).reshape(-1)
+    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).reshape(
+        -1
+    )
     n = int(v.size)
     if n == 0:
         return float("nan"), 0.0, 1.0, 0

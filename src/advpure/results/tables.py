@@ -225,20 +225,35 @@ def _cited_markdown() -> list[str]:
 
 def to_console(rows: Sequence[Mapping[str, Any]]) -> str:
     """A compact fixed-width table for the terminal (all merge rules)."""
-    head = ("defense", "attack", "merge", "natural", "single", "worst", "mean", "ever", "n", "evals/img", "s/img")
-    lines = [[
-        str(r["defense_label"]),
-        str(r["attack_label"]),
-        str(r["merge"]),
-        _pct(r["natural"]),
-        _pct(r["single"]),
-        _pct(r["worst_of_n"]),
-        _pct(r["mean_of_n"]),
-        _pct(r["ever_broken"]),
-        str(r["n"]),
-        _num(r["score_evals_per_img"], 0),
-        _num(r["seconds_per_img"], 3),
-    ] for r in rows]
+    head = (
+        "defense",
+        "attack",
+        "merge",
+        "natural",
+        "single",
+        "worst",
+        "mean",
+        "ever",
+        "n",
+        "evals/img",
+        "s/img",
+    )
+    lines = [
+        [
+            str(r["defense_label"]),
+            str(r["attack_label"]),
+            str(r["merge"]),
+            _pct(r["natural"]),
+            _pct(r["single"]),
+            _pct(r["worst_of_n"]),
+            _pct(r["mean_of_n"]),
+            _pct(r["ever_broken"]),
+            str(r["n"]),
+            _num(r["score_evals_per_img"], 0),
+            _num(r["seconds_per_img"], 3),
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
 
     def fmt(cells: Sequence[str]) -> str:
@@ -256,8 +271,12 @@ def to_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: "" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k])
-                             for k in COLUMNS})
+            writer.writerow(
+                {
+                    k: "" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k])
+                    for k in COLUMNS
+                }
+            )
     return path
 
 
