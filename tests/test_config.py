@@ -18,8 +18,10 @@ def test_experiment_composes_groups_and_deltas():
     assert cfg.data.name == "fmnist" and cfg.data.eps == pytest.approx(0.15)
     assert cfg.classifier.arch == "small_cnn" and cfg.classifier.optim.name == "adam"  # group file
     assert cfg.score.ngf == 16  # conf/score/ncsnv2_small.yaml
-    assert cfg.defense.kind == "adp" and cfg.defense.sigma == 0.25 and cfg.defense.replicas == 10
-    assert "bpda40_eot15" in cfg.attacks and cfg.attacks.bpda40_eot15.eot == 15
+    assert cfg.defense.kind == "adp" and cfg.defense.sigma == 0.25 and cfg.defense.lam == 0.05  # group file
+    assert cfg.defense.replicas == 4  # the experiment's delta over conf/defense/adp.yaml (10)
+    assert "bpda40_eot15" in cfg.attacks and cfg.attacks.bpda40_eot15.eot == 4
+    assert C.load("cifar10_paper").attacks.bpda40_eot15.eot == 15
     assert cfg.attacks.bpda40_eot15.name == "bpda40_eot15"
     assert cfg.classifier.weights == "artifacts/fmnist/classifier.pt"  # interpolation resolved
 
@@ -155,3 +157,17 @@ def test_cli_config_errors_exit_2_without_traceback(args):
 def test_cli_unknown_command():
     out = _cli("fly")
     assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_experiment_attack_deltas_apply_only_to_selected_attacks(tmp_path, monkeypatch):
+    cfg = C.load("fmnist", ["attack=[spsa]"])
+    assert list(cfg.attacks) == ["spsa"] and cfg.attacks.spsa.iters == 5  # the experiment's delta
+    assert list(C.load("fmnist_sweep").attacks) == ["bpda40_eot15"]  # parent's other deltas dropped
+    root = tmp_path
+    (root / "conf" / "attack").mkdir(parents=True)
+    (root / "conf" / "attack" / "spsa.yaml").write_text("kind: spsa\n")
+    (root / "experiments").mkdir()
+    (root / "experiments" / "x.yaml").write_text("defaults:\n  attack: [spsa]\nattacks:\n  sppsa: {iters: 2}\n")
+    monkeypatch.setenv("ADVPURE_ROOT", str(root))
+    with pytest.raises(ConfigError, match="attacks.sppsa: unknown attack; allowed: spsa"):
+        C.load("x")

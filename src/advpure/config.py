@@ -372,6 +372,16 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
             if not isinstance(option, str):
                 raise ConfigError(f"{group}: expected one option name, got {option!r}")
             cfg = _merge(cfg, {group: _read_yaml(_group_file(group, option))}, f"conf/{group}/{option}.yaml")
+    # an experiment's per-attack deltas apply to the attacks that are selected; a name that is no
+    # attack option at all is a typo
+    for name in list((body.get("attacks") or {})):
+        if name not in cfg.attacks:
+            if name not in group_options("attack"):
+                raise ConfigError(
+                    f"experiments/{experiment}.yaml: attacks.{name}: unknown attack; "
+                    f"allowed: {', '.join(group_options('attack'))}"
+                )
+            del body["attacks"][name]
     cfg = _merge(cfg, body, f"experiments/{experiment}.yaml")
     cfg.experiment = experiment
     for key, value in dotted:
