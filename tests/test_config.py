@@ -167,7 +167,9 @@ def test_experiment_attack_deltas_apply_only_to_selected_attacks(tmp_path, monke
     (root / "conf" / "attack").mkdir(parents=True)
     (root / "conf" / "attack" / "spsa.yaml").write_text("kind: spsa\n")
     (root / "experiments").mkdir()
-    (root / "experiments" / "x.yaml").write_text("defaults:\n  attack: [spsa]\nattacks:\n  sppsa: {iters: 2}\n")
+    (root / "experiments" / "x.yaml").write_text(
+        "defaults:\n  attack: [spsa]\nattacks:\n  sppsa: {iters: 2}\n"
+    )
     monkeypatch.setenv("ADVPURE_ROOT", str(root))
     with pytest.raises(ConfigError, match="attacks.sppsa: unknown attack; allowed: spsa"):
         C.load("x")

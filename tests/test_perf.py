@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from advpure import config as C
 from advpure.attacks import eot_gradient, run_attack
 from advpure.config import AttackConfig
 from advpure.config import load as load_config
@@ -179,7 +180,9 @@ def test_tiny_suite_writes_every_figure(tmp_path):
         # counts can be zero (the blind PGD makes no score evaluation); everything else is > 0
         assert v >= 0 if "score_evals" in key else v > 0, (key, v)
         assert fig["met"] in (None, True, False)
-    assert data["figures"]["P2.score_evals_per_image.bpda40_eot15"]["value"] == 41 * 15 * 20
+    bpda = C.load("fmnist").attacks.bpda40_eot15  # the suite reads the experiment's budget
+    evals = (bpda.iters + 1) * bpda.eot * 2 * C.load("fmnist").defense.steps
+    assert data["figures"]["P2.score_evals_per_image.bpda40_eot15"]["value"] == evals
     assert all(c["ok"] for c in data["checks"].values()), data["checks"]
     m = data["machine"]
     assert m["cpu_model"] and m["torch"] == torch.__version__ and m["threads"] == 1 and m["device_name"]

@@ -374,7 +374,7 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
             cfg = _merge(cfg, {group: _read_yaml(_group_file(group, option))}, f"conf/{group}/{option}.yaml")
     # an experiment's per-attack deltas apply to the attacks that are selected; a name that is no
     # attack option at all is a typo
-    for name in list((body.get("attacks") or {})):
+    for name in list(body.get("attacks") or {}):
         if name not in cfg.attacks:
             if name not in group_options("attack"):
                 raise ConfigError(

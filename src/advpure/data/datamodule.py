@@ -308,7 +308,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.training and (self.crop_padding > 0 or self.hflip):
             # keyed by (seed, step, rank), not the global RNG: a resumed run augments identically
             gen = torch.Generator(device=x.device)
-            gen.manual_seed(mix(self.seed, 0xA06, self.trainer.global_step, self.trainer.global_rank))
+            step, rank = getattr(self.trainer, "global_step", 0), getattr(self.trainer, "global_rank", 0)
+            gen.manual_seed(mix(self.seed, 0xA06, step, rank))
             x = self.augment(x, gen)
         return x, y, idx
 
