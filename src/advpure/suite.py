@@ -134,12 +134,12 @@ def build_suite(cfg: DictConfig) -> Suite:
 
 
 def unit_fingerprint(suite: Suite, unit: Unit, cfg: DictConfig) -> str:
+    """Everything that makes one (defense, attack) block of records."""
+    attack = {k: v for k, v in to_dict(unit.spec).items() if k != "name"}
     return fingerprint(
         {
-            "defense": to_dict(suite.defenses[unit.defense])
-            if isinstance(suite.defenses[unit.defense], DictConfig)
-            else suite.defenses[unit.defense],
-            "attack": {k: v for k, v in to_dict(unit.spec).items() if k != "name"},
+            "defense": to_dict(suite.defenses[unit.defense]),
+            "attack": attack,
             "eps": unit.eps,
             "step": unit.step,
             "image_grid": cfg.benchmark.image_grid,
@@ -148,5 +148,4 @@ def unit_fingerprint(suite: Suite, unit: Unit, cfg: DictConfig) -> str:
 
 
 def natural_fingerprint(suite: Suite, defense: str) -> str:
-    d = suite.defenses[defense]
-    return fingerprint({"defense": to_dict(d) if isinstance(d, DictConfig) else d})
+    return fingerprint({"defense": to_dict(suite.defenses[defense])})

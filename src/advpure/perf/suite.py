@@ -62,7 +62,6 @@ from advpure.perf.reference import (
     reference_adp_purify,
     reference_bpda_eot_attack,
 )
-from advpure.purify.adp import adp_chain, screen
 from advpure.purify.defense import ADPPurifier, Defense, build_defense
 from advpure.rng import GeneratorRNG, SampleRNG
 
@@ -471,30 +470,18 @@ class Counter(nn.Module):
         return self.net(x)
 
 
-class NoCheckpointADPPurifier(ADPPurifier):
-    """`ADPPurifier` whose differentiable chain keeps every step's activations (no checkpointing)."""
-
-    def forward(self, x, rng, draws, score_fn, differentiable=False):
-        n = rng.rademacher(draws, x) if self.noise == "rademacher" else rng.normal(draws, x)
-        rows = x.unsqueeze(0).expand(draws, *x.shape).reshape(draws * x.shape[0], *x.shape[1:])
-        x0 = screen(rows, self.sigma, n.reshape(-1, *x.shape[1:]), self.noise)
-        return adp_chain(
-            x0,
-            score_fn,
-            lam=self.lam,
-            delta=self.delta,
-            tau=self.tau,
-            steps=self.steps,
-            differentiable=differentiable,
-            checkpointing=False,
-        )
-
-
 def adp_defense(
     score, clf, exp: Experiment, *, steps: int, replicas: int, tau: float = 0.0, checkpointing: bool = True
 ) -> Defense:
-    cls = ADPPurifier if checkpointing else NoCheckpointADPPurifier
-    purifier = cls(score, sigma=exp.sigma, lam=exp.lam, delta=exp.delta, tau=tau, steps=steps)
+    purifier = ADPPurifier(
+        score,
+        sigma=exp.sigma,
+        lam=exp.lam,
+        delta=exp.delta,
+        tau=tau,
+        steps=steps,
+        checkpointing=checkpointing,
+    )
     return Defense(clf, purifier, replicas=replicas)
 
 

@@ -96,8 +96,20 @@ class IdentityPurifier(Purifier):
 
 
 class ADPPurifier(Purifier):
+    """ADP chains (purify/adp.py). `checkpointing=False` keeps every step's activations in the
+    differentiable mode (faster backward, memory linear in T; for comparisons)."""
+
     def __init__(
-        self, score_net: nn.Module, *, sigma=0.25, lam=0.05, delta=1e-3, tau=1e-3, steps=10, noise="gaussian"
+        self,
+        score_net: nn.Module,
+        *,
+        sigma=0.25,
+        lam=0.05,
+        delta=1e-3,
+        tau=1e-3,
+        steps=10,
+        noise="gaussian",
+        checkpointing: bool = True,
     ):
         super().__init__()
         if sigma < 0:
@@ -109,26 +121,14 @@ class ADPPurifier(Purifier):
         if lam <= 0 or delta <= 0 or tau < 0:
             raise ValueError(f"need lam > 0, delta > 0, tau >= 0; got {lam}, {delta}, {tau}")
         self.score_net = score_net
-        self.sigma, self.lam, self.delta, self.tau, self.steps, self.noise = (
-            sigma,
-            lam,
-            delta,
-            tau,
-            steps,
-            noise,
-        )
+        self.sigma, self.noise, self.checkpointing = sigma, noise, checkpointing
+        self.chain = dict(lam=lam, delta=delta, tau=tau, steps=steps)
 
     def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
         n = rng.rademacher(draws, x) if self.noise == "rademacher" else rng.normal(draws, x)
         x0 = screen(_rows(x, draws), self.sigma, n.reshape(-1, *x.shape[1:]), self.noise)
         return adp_chain(
-            x0,
-            score_fn,
-            lam=self.lam,
-            delta=self.delta,
-            tau=self.tau,
-            steps=self.steps,
-            differentiable=differentiable,
+            x0, score_fn, **self.chain, differentiable=differentiable, checkpointing=self.checkpointing
         )
 
 
