@@ -173,3 +173,13 @@ def test_experiment_attack_deltas_apply_only_to_selected_attacks(tmp_path, monke
     monkeypatch.setenv("ADVPURE_ROOT", str(root))
     with pytest.raises(ConfigError, match="attacks.sppsa: unknown attack; allowed: spsa"):
         C.load("x")
+
+
+def test_eps_sweep_units_scale_the_step_with_eps():
+    from advpure.suite import build_suite
+
+    cfg = C.load("fmnist_sweep")
+    sweep = {u.eps: u.step for u in build_suite(cfg).units if u.sweep and u.defense == "adp_s0.1"}
+    assert sorted(sweep) == [0.0, 0.05, 0.1, 0.15, 0.2]
+    assert sweep[0.15] == pytest.approx(0.04) and sweep[0.05] == pytest.approx(0.04 / 3)
+    assert all(s / e == pytest.approx(0.04 / 0.15) for e, s in sweep.items() if e > 0)

@@ -126,7 +126,10 @@ def build_suite(cfg: DictConfig) -> Suite:
                 continue
             for e in bc.eps_sweep:
                 spec = attacks[sweep]
-                _, step = attack_eps_step(cfg, spec)
+                base_eps, base_step = attack_eps_step(cfg, spec)
+                # the step scales with eps (fixed step/eps ratio): with a fixed step, a few
+                # iterations could not even reach the larger balls
+                step = base_step * e / base_eps if base_eps > 0 and e > 0 else base_step
                 key = f"{sweep}@eps{e:.4g}"
                 units.append(Unit(dname, key, spec, float(e), step, attack_label(spec, float(e)), sweep=True))
                 labels[key] = attack_label(spec, float(e))
