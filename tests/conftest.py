@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_HOME = Path(os.path.expanduser("~"))
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -18,6 +19,18 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 def _isolated_env(tmp_path_factory):
     """W&B offline, its folders in a temp dir; no SLURM variables leaking into non-SLURM tests."""
     base = tmp_path_factory.mktemp("env")
+    # nothing a test runs may write under the user's home: point every home-based cache at tmp
+    home = base / "home"
+    home.mkdir()
+    for var, sub in (
+        ("HOME", ""),
+        ("XDG_CACHE_HOME", ".cache"),
+        ("XDG_CONFIG_HOME", ".config"),
+        ("XDG_DATA_HOME", ".local/share"),
+        ("MPLCONFIGDIR", ".config/matplotlib"),
+    ):
+        os.environ[var] = str(home / sub)
+        (home / sub).mkdir(parents=True, exist_ok=True)
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         os.environ[var] = str(base / var.lower())
         os.makedirs(os.environ[var], exist_ok=True)

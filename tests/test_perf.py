@@ -22,7 +22,6 @@ from advpure.perf.reference import (
     reference_adp_purify,
     reference_bpda_eot_attack,
 )
-from advpure.perf.suite import NoCheckpointADPPurifier
 from advpure.purify import ADPPurifier, Defense
 from advpure.rng import GeneratorRNG
 
@@ -123,8 +122,9 @@ def test_no_checkpoint_variant_computes_the_same_gradient():
     score, clf = tiny_nets()
     x, y = batch(2)
     grads = []
-    for cls in (ADPPurifier, NoCheckpointADPPurifier):
-        d = Defense(clf, cls(score, sigma=0.25, tau=0.0, steps=3), replicas=2)
+    for checkpointing in (True, False):
+        purifier = ADPPurifier(score, sigma=0.25, tau=0.0, steps=3, checkpointing=checkpointing)
+        d = Defense(clf, purifier, replicas=2)
         grads.append(eot_gradient(d, x, y, GeneratorRNG(seed=3), gradient="full", eot=2).grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
 

@@ -15,7 +15,7 @@ from advpure.data import get_spec
 from advpure.errors import CheckpointError, ConfigError
 from advpure.lit.classifier import ClassifierModule, build_optimizer, classifier_arch, make_classifier
 from advpure.results.wandb_offline import find_run_files, read_run
-from conftest import ROOT, needs_fmnist, tiny_overrides
+from conftest import REAL_HOME, ROOT, needs_fmnist, tiny_overrides
 
 
 def test_classifier_overfits_a_tiny_batch():
@@ -87,6 +87,14 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
 def test_train_classifier_logs_to_offline_wandb_and_exports(tmp_path):
     from advpure.train import train
 
+    def home_files():
+        return {
+            (str(p), p.stat().st_mtime)
+            for sub in (".cache", ".config", ".local", "wandb", ".netrc")
+            for p in ([REAL_HOME / sub] if (REAL_HOME / sub).is_file() else (REAL_HOME / sub).rglob("*"))
+        }
+
+    before = home_files()
     wandb_dir = tmp_path / "runs" / "train" / "fmnist" / "classifier"
     cfg = C.load(
         "fmnist",
@@ -119,6 +127,7 @@ def test_train_classifier_logs_to_offline_wandb_and_exports(tmp_path):
     assert w["kind"] == "classifier" and w["meta"]["test_acc"] == pytest.approx(meta["test_acc"])
     # a second `train` skips the stage because the weights exist
     assert train(cfg) == {}
+    assert home_files() == before  # W&B, Lightning and matplotlib wrote nothing under the real $HOME
 
 
 def test_devices_beyond_the_machine_is_a_clear_error(tmp_path):
