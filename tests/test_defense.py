@@ -24,10 +24,12 @@ def tiny_nets(seed=0):
     return clf, score
 
 
-def adp_defense(replicas=4, max_batch=4096, **kw):
+def adp_defense(replicas=4, max_batch=4096, amp_dtype=None, **kw):
     clf, score = tiny_nets()
     pur = ADPPurifier(score, sigma=0.2, steps=5, tau=0.0, **kw)
-    return Defense(clf, pur, replicas=replicas, max_batch=max_batch, channels=1, image_size=8)
+    return Defense(
+        clf, pur, replicas=replicas, max_batch=max_batch, channels=1, image_size=8, amp_dtype=amp_dtype
+    )
 
 
 def test_replicas_in_batch_equal_a_loop_over_replicas_with_the_same_generator():
@@ -46,6 +48,19 @@ def test_chunking_does_not_change_results():
     big = adp_defense(max_batch=4096).chain_logits(x, SampleRNG(0, range(5)), 4)[0]
     small = adp_defense(max_batch=3).chain_logits(x, SampleRNG(0, range(5)), 4)[0]
     assert torch.equal(big, small)
+
+
+def test_purification_runs_the_score_net_in_fp32_under_bf16_autocast():
+    """ADP's probe compares f(x) and f(x + delta g): bf16 would turn it into rounding noise."""
+    d = adp_defense(amp_dtype=torch.bfloat16)
+    x = torch.rand(6, 1, 8, 8)
+    plain = adp_defense().purify(x, SampleRNG(0, range(6)), draws=2)  # no amp anywhere
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = d.purify(x, SampleRNG(0, range(6)), draws=2)
+        assert d.score(x).dtype == torch.float32  # the attacks' direct score calls do use autocast ...
+        bf16_out = d.score_net(x)
+    assert bf16_out.dtype == torch.bfloat16  # ... (autocast is active in this block)
+    assert torch.equal(plain.x, under_amp.x) and torch.equal(plain.steps, under_amp.steps)
 
 
 def test_sample_rng_results_do_not_depend_on_batch_composition():

@@ -32,6 +32,7 @@ from advpure.lit.classifier import classifier_arch, make_classifier
 from advpure.lit.defended import DefendedClassifier, metric_name
 from advpure.lit.score import make_score_net, score_arch
 from advpure.loggers import build_logger
+from advpure.nets.compiled import compile_net
 from advpure.purify.defense import build_defense
 from advpure.results import NATURAL, PROTOCOLS, clear
 from advpure.suite import Suite, build_suite, natural_fingerprint, unit_fingerprint
@@ -169,6 +170,8 @@ def benchmark(cfg: DictConfig) -> dict | None:
     suite = build_suite(cfg)
     ensure_weights(cfg, suite)
     spec, classifier, score = load_nets(cfg, suite)
+    compiled = compile_net(score) if cfg.benchmark.compile and score is not None else None
+    score = compiled if compiled is not None else score
     amp = AMP.get(cfg.trainer.precision)
     defenses = {
         name: build_defense(
@@ -199,6 +202,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
         worst_of_n=bc.worst_of_n,
         metric_names=names,
         merge=cfg.defense.merge,
+        compiled_score=compiled,
     )
     dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
     dm.test_n, dm.test_batch_size = bc.n_images, bc.batch_size

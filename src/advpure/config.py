@@ -201,6 +201,7 @@ class BenchmarkConfig:
     overwrite: bool = False  # allow a run_dir written by another config (its records are deleted)
     train_missing: bool = True  # train classifier / score net when their weights are missing
     image_grid: int = at_least(8, 0)  # clean / attacked / purified examples in the grid plot
+    compile: bool = False  # torch.compile the score net (compile time reported; checked against eager)
 
 
 @dataclass

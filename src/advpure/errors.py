@@ -27,3 +27,7 @@ class RunDirError(AdvpureError):
 
 class TrainingError(AdvpureError):
     """Training diverged (NaN/Inf loss)."""
+
+
+class CompileError(AdvpureError):
+    """torch.compile is unavailable on this machine, or its net disagrees with the eager one."""

@@ -28,7 +28,7 @@ class ReportCallback(Callback):
             merge=self.merge,
             sweep=self.sweep,
             order=self.order,
-            meta=self.meta,
+            meta={**self.meta, "compile_seconds": getattr(pl_module, "compile_seconds", None)},
         )
         print("\n" + self.report["console"] + f"\n\nresults: {self.run_dir}/results.md", flush=True)
         for logger in trainer.loggers:

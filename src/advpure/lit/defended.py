@@ -18,6 +18,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advpure.nets.compiled import eager_of, warm_up
 from advpure.purify.defense import Defense
 from advpure.results import NATURAL, RecordStore, protocol_records, records_for
 from advpure.rng import SampleRNG
@@ -43,6 +44,7 @@ class DefendedClassifier(L.LightningModule):
         worst_of_n: int,
         metric_names: list[str],
         merge: str = "softmax",
+        compiled_score: nn.Module | None = None,
     ):
         super().__init__()
         self.names = list(defenses)
@@ -57,6 +59,8 @@ class DefendedClassifier(L.LightningModule):
         self.metric_keys = {name: f"m{i}" for i, name in enumerate(metric_names)}
         self.metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in self.metric_keys.values()})
         self.store: RecordStore | None = None
+        self.compiled_score = compiled_score  # torch.compile'd score net, warmed up and checked first
+        self.compile_seconds: float | None = None
 
     def defense(self, name: str) -> Defense:
         return self.defenses[self.names.index(name)]
@@ -64,6 +68,15 @@ class DefendedClassifier(L.LightningModule):
     # --- records and metrics ---------------------------------------------------------------------
     def on_test_start(self) -> None:
         self.store = RecordStore.for_rank(self.run_dir, self.global_rank)
+        if self.compiled_score is not None and self.compile_seconds is None:
+            net = eager_of(self.compiled_score)
+            x = torch.rand(4, net.in_channels, net.image_size, net.image_size, device=self.device)
+            self.compile_seconds = warm_up(self.compiled_score, x)
+            self.print(
+                f"torch.compile: first calls of the score net took {self.compile_seconds:.1f} s; agrees with eager"
+            )
+            for logger in self.loggers:
+                logger.log_metrics({"perf/compile_seconds": self.compile_seconds})
 
     def on_test_end(self) -> None:
         if self.store is not None:

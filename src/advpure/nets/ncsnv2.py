@@ -226,7 +226,10 @@ class RefineBlock(nn.Module):
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
         hs = [rcu(x) for rcu, x in zip(self.adapt, xs)]
         if self.msf is not None:
-            size = max((tuple(h.shape[-2:]) for h in hs), key=lambda s: s[0] * s[1])
+            size = tuple(hs[0].shape[-2:])  # the largest input's size (a loop: torch.compile traces it)
+            for h in hs[1:]:
+                if h.shape[-2] * h.shape[-1] > size[0] * size[1]:
+                    size = tuple(h.shape[-2:])
             h = self.msf(hs, size)
         else:
             h = hs[0]

@@ -23,19 +23,9 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from advpure.purify.adp import step_size  # the formula is not what the comparison is about
+
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
-
-ALPHA_MIN, ALPHA_MAX = 1e-5, 1e-1
-
-
-def reference_step_size(g: torch.Tensor, g_delta: torch.Tensor, lam: float, delta: float) -> torch.Tensor:
-    """alpha = clamp(lam * delta / (1 - <g, g_d>/<g, g>), 1e-5, 1e-1) per sample, in >= fp32."""
-    wide = torch.promote_types(g.dtype, torch.float32)
-    g = g.flatten(1).to(wide)
-    g_delta = g_delta.flatten(1).to(wide)
-    gg = (g * g).sum(1).clamp_min(torch.finfo(wide).tiny)
-    z = (g * g_delta).sum(1) / gg
-    return (lam * delta / (1.0 - z)).nan_to_num(nan=ALPHA_MIN).clamp(ALPHA_MIN, ALPHA_MAX)
 
 
 def reference_adp_chain(
@@ -60,7 +50,7 @@ def reference_adp_chain(
         for _ in range(steps):
             g = score_fn(x)
             g_delta = score_fn(x + delta * g.to(x.dtype))
-            alpha = reference_step_size(g, g_delta, lam, delta)
+            alpha = step_size(g, g_delta, lam, delta)
             active = active & (alpha > tau)
             move = (alpha * active).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
             x = (x + move * g.to(x.dtype)).clamp(0.0, 1.0)
@@ -187,5 +177,4 @@ __all__ = [
     "reference_bpda_eot_attack",
     "reference_defended_probs",
     "reference_screen",
-    "reference_step_size",
 ]

@@ -13,8 +13,9 @@ One chain on a batch `x` in [0, 1] with a score net `f` trained by denoising sco
 
 `alpha` is a secant estimate of the step along g that would reach the mode of a locally
 Gaussian density: for f(x) = -c (x - mu), z = 1 - c*delta and alpha = lambda / c, so each step
-shrinks x - mu by (1 - lambda). `1 - z` is of order delta/sigma, so the probe is computed in
-fp32 (or the input's wider dtype) even when the score net runs in bf16.
+shrinks x - mu by (1 - lambda). `1 - z` is of order delta/sigma (~4e-3), below bf16's resolution:
+`Defense` runs the score net in fp32 for purification even under bf16 autocast, and the probe's
+inner products here are taken in fp32 (or the input's wider dtype).
 
 Departure from the official code, on purpose: it rescales images to the pixel grid
 (x * 255/256 + 1/512) inconsistently at every step; we do not.

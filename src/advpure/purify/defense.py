@@ -160,6 +160,20 @@ class LangevinPurifier(Purifier):
         )
 
 
+@contextlib.contextmanager
+def no_tf32(device: torch.device):
+    """cuDNN convolutions in full fp32 (TF32 keeps 10 mantissa bits) for the block, on CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 # --- the defense --------------------------------------------------------------------------------
 class Defense(nn.Module):
     def __init__(
@@ -223,11 +237,21 @@ class Defense(nn.Module):
         with self._autocast(x):
             return chunked(self.score_net, x, self.max_batch).to(x.dtype)
 
+    def score_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """f_theta(x) in (at least) fp32 whatever autocast is active, for purification: ADP's step-size
+        probe compares f(x) with f(x + delta f(x)), which differ by ~delta/sigma (~4e-3 relative),
+        below bf16's resolution and close to TF32's. In bf16 the probe is noise (measured on the
+        default: a third fewer steps before alpha <= tau)."""
+        if self.score_net is None:
+            raise ValueError(f"defense '{self.name}' has no score network")
+        with torch.autocast(device_type=x.device.type, enabled=False), no_tf32(x.device):
+            return chunked(self.score_net, x, self.max_batch)
+
     def purify(self, x: torch.Tensor, rng: RNG, draws: int = 1, differentiable: bool = False) -> PurifyResult:
         """`draws` independent chains per image; result rows are (draws * B), draw-major."""
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
-        return self.purifier(x, rng, draws, self.score, differentiable=differentiable)
+        return self.purifier(x, rng, draws, self.score_fp32, differentiable=differentiable)
 
     def chain_logits(
         self, x: torch.Tensor, rng: RNG, draws: int, differentiable: bool = False
