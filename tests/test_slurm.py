@@ -195,7 +195,8 @@ def job_log(log: Path) -> str:
 def wait_completed(cluster: Cluster, job: int, log: Path) -> dict[str, str]:
     info = cluster.wait(job, timeout=JOB_TIMEOUT)
     assert info.get("JobState") == "COMPLETED", (
-        f"job {job}: {info.get('JobState')} {info.get('ExitCode')}\n{job_log(log)}"
+        f"job {job}: {info.get('JobState')} {info.get('ExitCode')} {info.get('Reason')}\n{job_log(log)}\n"
+        f"{cluster.log_tail(60)}"
     )
     return info
 

@@ -134,11 +134,14 @@ def open_run_dir(cfg: DictConfig, suite: Suite) -> Path:
                 clear(run_dir)
             old_units = {}
         manifest["units"] = {**old_units, **units}
+    # A SIGUSR1 under SLURM left an hpc checkpoint here; under SLURM Lightning's test() would load
+    # it, but the nets come from the weights files and the records are what resumes. Every rank
+    # deletes it before its own test() picks a checkpoint (rank 0 alone would race the others).
+    for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
+        stale.unlink(missing_ok=True)
     if launch_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        for stale in run_dir.glob("hpc_ckpt_*.ckpt"):  # the nets come from the weights files, not these
-            stale.unlink()
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return run_dir
 

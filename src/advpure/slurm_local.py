@@ -220,13 +220,27 @@ class Cluster:
 
     def release(self, job_id: int, timeout: float = 120) -> None:
         """Slurm holds a requeued job back for ~2 minutes (Reason=BeginTime): wait until the job
-        is pending again (its old processes are gone by then) and let it start now."""
+        is pending again and the node has finished cleaning up its old run (no job COMPLETING:
+        starting it earlier lets the old run's end be recorded against the new one), then let it
+        start now."""
         deadline = time.monotonic() + timeout
-        while self.state(job_id) != "PENDING":
+        while self.state(job_id) != "PENDING" or self.completing():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} not pending after {timeout:.0f} s: {self.state(job_id)}")
+                raise TimeoutError(
+                    f"job {job_id} not pending after {timeout:.0f} s: {self.state(job_id)}; "
+                    f"node states {self.node_states()}"
+                )
             time.sleep(0.2)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    def node_states(self) -> list[str]:
+        proc = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
+        return proc.stdout.split()
+
+    def completing(self) -> bool:
+        """A job is still completing somewhere (a node in COMPLETING state, or a job in CG)."""
+        jobs = self.run("squeue", "-h", "-t", "CG", "-o", "%i", check=False).stdout.split()
+        return bool(jobs) or any("completing" in st for st in self.node_states())
 
     def log_tail(self, n: int = 40) -> str:
         """The last lines of the daemons' logs (for error messages)."""
