@@ -1,4 +1,4 @@
-"""The ADP chain (DESIGN §2): closed form, stopping, gradients, memory."""
+"""The ADP chain (Yoon et al. 2021): closed form, stopping, gradients, memory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from advpure.memory import cpu_peak_supported, peak_memory
-from advpure.purify import adp_chain, adp_purify, screen, step_size
+from advpure.purify import adp_chain, adp_purify, adp_step, screen, step_size
 
 
 class GaussianScore(nn.Module):
@@ -38,6 +38,22 @@ def test_closed_form_gaussian_score_float64():
     assert (out.x - expected).abs().max() < 1e-10
     assert out.steps.tolist() == [T] * 5
     assert out.score_evals.tolist() == [2 * T] * 5
+
+
+def test_adp_step_on_the_closed_form_gaussian_score():
+    """One update of the paper's rule: alpha = lam / c, so x - mu shrinks by (1 - lam) exactly;
+    per-sample curvatures give per-sample steps; the step is differentiable through g only."""
+    mu, lam = 0.5, 0.05
+    c = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64).view(3, 1, 1, 1)
+    x = (mu + 0.1 * (torch.rand(3, 1, 4, 4, dtype=torch.float64) - 0.5)).requires_grad_(True)
+    net = GaussianScore(mu, c)
+    x_next, alpha = adp_step(x, net, lam, 1e-3)
+    assert torch.allclose(alpha, lam / c.flatten(), rtol=1e-9)
+    assert torch.allclose(x_next, mu + (1 - lam) * (x - mu), atol=1e-12)
+    assert net.calls == [3, 3]  # f(x) and the probe f(x + delta g)
+    # gradient: d x_next / d x = 1 - alpha c = 1 - lam (alpha held constant, as the attack defines it)
+    (grad,) = torch.autograd.grad(x_next.sum(), x)
+    assert torch.allclose(grad, torch.full_like(grad, 1 - lam), atol=1e-9)
 
 
 def test_step_size_is_lambda_over_c():

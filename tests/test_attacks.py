@@ -3,6 +3,7 @@ SPSA's estimator, APGD vs PGD, losses, path tracking and validation. Tiny nets, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advpure.attacks import (
+    ATTACKS,
+    PGD,
     aggregate_draws,
     apgd_attack,
     apgd_checkpoints,
@@ -27,7 +30,6 @@ from advpure.attacks import (
     spsa_attack,
     spsa_gradient,
 )
-from advpure.config import AttackConfig
 from advpure.purify import ADPPurifier, Defense
 from advpure.rng import GeneratorRNG, SampleRNG
 
@@ -86,8 +88,14 @@ def trained():
 
 
 def spec(kind="pgd", **kw):
-    base = dict(iters=3, eot=2, spsa_samples=4, name=kind)
-    return AttackConfig(kind=kind, **{**base, **kw})
+    """Parameters of attack `kind`, unvalidated (check_attack must catch bad values); an unknown
+    kind keeps PGD's schema."""
+    cls = ATTACKS.get(kind) if kind in ATTACKS else PGD
+    fields = {f.name for f in dataclasses.fields(cls.Params)}
+    values = {
+        k: v for k, v in {"iters": 3, "eot": 2, "samples": 4, "name": kind, **kw}.items() if k in fields
+    }
+    return replace(cls.Params(**values), kind=kind)
 
 
 SPECS = {
@@ -616,7 +624,7 @@ BAD = [
     ({"step": 0.0}, "step"),
     ({"iters": 0}, "iters"),
     ({"eot": 0}, "eot"),
-    ({"spsa_samples": 0, "kind": "spsa"}, "spsa_samples"),
+    ({"samples": 0, "kind": "spsa"}, "samples"),
     ({"kind": "cw"}, "kind"),
     ({"gradient": "exact"}, "gradient"),
     ({"loss": "hinge"}, "loss"),
@@ -634,7 +642,7 @@ def test_bad_attacks_fail_before_any_defense_call(bad, match):
     bad = dict(bad)
     eps, step = bad.pop("eps", EPS), bad.pop("step", STEP)
     d = Defense(any_size_classifier()) if bad.pop("defense", "adp") == "none" else adp_defense()
-    cfg = replace(spec(), **bad)
+    cfg = spec(**bad)
     with pytest.raises(ValueError, match=match):
         check_attack(cfg, d, eps, step)
     with pytest.raises(ValueError, match=match):

@@ -1,5 +1,5 @@
 """`advpure benchmark` end to end on tiny trained nets: files, numbers from records, W&B, resume
-after kill -9, DDP = 1 rank, sanity checks of DESIGN §4, and bad input."""
+after kill -9, DDP = 1 rank, the sanity checks of a credible evaluation (Carlini et al. 2019), and bad input."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_end_to_end_files_numbers_and_wandb(tmp_path, tiny_artifacts):
 
 
 def test_sanity_eps_zero_identity_bpda_and_undefended_pgd(tmp_path, tiny_artifacts):
-    """DESIGN §4: eps = 0 gives robust = natural sample by sample (every attack and protocol);
+    """Sanity check: eps = 0 gives robust = natural sample by sample (every attack and protocol);
     identity purifier makes BPDA = PGD (the third check, undefended PGD-40 -> ~0%, needs the
     fully trained default classifier: tests/test_slow.py)."""
     attacks = "[pgd40_blind,bpda40_eot15,pgd200_eot20_full,joint_score_eot15,joint_full_eot15,spsa,apgd100_eot20_ce]"
@@ -99,7 +99,7 @@ def test_sanity_eps_zero_identity_bpda_and_undefended_pgd(tmp_path, tiny_artifac
         "attacks.joint_full_eot15.iters": 2,
         "attacks.joint_full_eot15.eot": 2,
         "attacks.spsa.iters": 2,
-        "attacks.spsa.spsa_samples": 4,
+        "attacks.spsa.samples": 4,
         "attacks.apgd100_eot20_ce.iters": 3,
         "attacks.apgd100_eot20_ce.eot": 2,
     }

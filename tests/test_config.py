@@ -35,7 +35,7 @@ def test_cifar_paper_settings():
     assert cfg.data.crop_padding == 4 and cfg.data.hflip
     assert cfg.data.eps == pytest.approx(8 / 255) and cfg.data.step == pytest.approx(2 / 255)
     s = cfg.score
-    assert (s.ngf, s.sigma_max, s.sigma_min, s.num_sigmas, s.ema_decay, s.max_steps) == (
+    assert (s.ngf, s.dsm_sigma_max, s.dsm_sigma_min, s.dsm_levels, s.ema_decay, s.max_steps) == (
         128,
         50.0,
         0.01,
@@ -95,9 +95,21 @@ def test_experiment_given_on_the_command_line():
         ("attacks.spsa.eps=-1", ["attacks.spsa.eps"]),
         ("attacks.spsa.step=0", ["attacks.spsa.step"]),
         ("attacks.bpda40_eot15.eot=0", ["attacks.bpda40_eot15.eot"]),
-        ("attacks.bpda40_eot15.kind=fgsm", ["attacks.bpda40_eot15.kind", "pgd"]),
-        ("score.sigma_min=100", ["sigma_min", "sigma_max"]),
-        ("score.num_sigmas=0", ["score.num_sigmas"]),
+        ("attacks.bpda40_eot15.kind=fgsm", ["attack kind 'fgsm'", "pgd"]),
+        ("score.dsm_sigma_min=100", ["dsm_sigma_min", "dsm_sigma_max"]),
+        ("score.dsm_levels=0", ["score.dsm_levels"]),
+        ("score.sigma_min=0.1", ["score.sigma_min", "renamed", "score.dsm_sigma_min"]),
+        ("attacks.spsa.spsa_samples=3", ["attacks.spsa.spsa_samples", "renamed", "samples"]),
+        ("defense.langevin_eta=0.1", ["defense.langevin_eta", "not a parameter of defense kind 'adp'"]),
+        ("defense.sigma=nan", ["defense.sigma", "finite"]),
+        ("defense.sigma=.inf", ["defense.sigma", "finite"]),
+        ("data.eps=.nan", ["data.eps", "finite"]),
+        ("benchmark.sigmas=[0.1,.nan]", ["benchmark.sigmas", "finite"]),
+        ("data.eps=8", ["data.eps", "<= 1.0", "8/255"]),
+        ("attacks.spsa.step=2", ["attacks.spsa.step", "8/255"]),
+        ("defense.kind=diffusion", ["defense kind 'diffusion'", "adp, langevin"]),
+        ("benchmark.protocols=[single,best_of_n]", ["protocol 'best_of_n'", "worst_of_n"]),
+        ("benchmark.protocols=[worst_of_n]", ["benchmark.protocols", "single"]),
         ("trainer.devices=0", ["trainer.devices"]),
         ("train.stages=[eval]", ["train.stages", "classifier, score"]),
         ("novalue", ["key=value"]),
@@ -176,10 +188,10 @@ def test_experiment_attack_deltas_apply_only_to_selected_attacks(tmp_path, monke
 
 
 def test_eps_sweep_units_scale_the_step_with_eps():
-    from advpure.suite import build_suite
+    from advpure.plan import build_plan
 
     cfg = C.load("fmnist_sweep")
-    sweep = {u.eps: u.step for u in build_suite(cfg).units if u.sweep and u.defense == "adp_s0.1"}
+    sweep = {u.eps: u.step for u in build_plan(cfg).units if u.sweep and u.defense == "adp_s0.1"}
     assert sorted(sweep) == [0.0, 0.05, 0.1, 0.15, 0.2]
     assert sweep[0.15] == pytest.approx(0.04) and sweep[0.05] == pytest.approx(0.04 / 3)
     assert all(s / e == pytest.approx(0.04 / 0.15) for e, s in sweep.items() if e > 0)

@@ -44,10 +44,13 @@ def test_replicas_in_batch_equal_a_loop_over_replicas_with_the_same_generator():
 
 
 def test_chunking_does_not_change_results():
+    """Chunks see the same rows and the same noise; only the kernels' blocking may differ with the
+    batch size (oneDNN picks algorithms by shape), so equality is up to float rounding."""
     x = torch.rand(5, 1, 8, 8)
     big = adp_defense(max_batch=4096).chain_logits(x, SampleRNG(0, range(5)), 4)[0]
     small = adp_defense(max_batch=3).chain_logits(x, SampleRNG(0, range(5)), 4)[0]
-    assert torch.equal(big, small)
+    assert torch.allclose(big, small, rtol=1e-5, atol=1e-6)
+    assert torch.equal(big.argmax(-1), small.argmax(-1))
 
 
 def test_purification_runs_the_score_net_in_fp32_under_bf16_autocast():
@@ -150,7 +153,7 @@ def test_differentiable_chain_logits_have_input_gradients():
 
 def test_langevin_purifier_runs_fixed_steps_and_is_seeded():
     clf, score = tiny_nets()
-    d = Defense(clf, LangevinPurifier(score, sigma=0.1, eta=1e-3, score_sigma=0.1, steps=7), replicas=2)
+    d = Defense(clf, LangevinPurifier(score, sigma=0.1, eta=1e-3, dsm_sigma=0.1, steps=7), replicas=2)
     x = torch.rand(3, 1, 8, 8)
     a = d.purify(x, SampleRNG(0, range(3)), draws=2)
     b = d.purify(x, SampleRNG(0, range(3)), draws=2)

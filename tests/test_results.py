@@ -337,7 +337,9 @@ def test_markdown_console_csv_json(tmp_path):
     md = to_markdown(rows, header_lines=header)
     measured, cited = md.split(CITED_HEADING)
     assert all(line in measured for line in header)
-    assert "| adp | pgd | 80.00 | 60.00 | 40.00 (60.00) | 20.00 |" in measured
+    # one column per protocol, in registration order, headed by its label
+    assert "| Natural | Robust (single) | Worst-of-N | Mean-of-N | Ever broken |" in measured
+    assert "| adp | pgd | 80.00 | 60.00 | 40.00 | 60.00 | 20.00 |" in measured
     assert "vote" not in measured.split("|---")[-1].split("\n", 1)[1]  # only the softmax rows
     assert "not measured here" in CITED_HEADING
     for cited_row in (

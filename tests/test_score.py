@@ -87,10 +87,10 @@ def test_geometric_sigmas_and_their_errors():
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("score.sigma_max=0", "score.sigma_max"),
-        ("score.sigma_min=-1", "score.sigma_min"),
-        ("score.sigma_fixed=0", "score.sigma_fixed"),
-        ("score.num_sigmas=0", "score.num_sigmas"),
+        ("score.dsm_sigma_max=0", "score.dsm_sigma_max"),
+        ("score.dsm_sigma_min=-1", "score.dsm_sigma_min"),
+        ("score.dsm_sigma_fixed=0", "score.dsm_sigma_fixed"),
+        ("score.dsm_levels=0", "score.dsm_levels"),
     ],
 )
 def test_bad_sigma_config(override, match):

@@ -48,7 +48,7 @@ def _bench(tmp, artifacts, **extra):
 
 
 def test_undefended_default_classifier_falls_to_zero_under_pgd40(tmp_path, default_artifacts):
-    """DESIGN §4 sanity check: the undefended classifier under PGD falls to ~0% (<= 5%)."""
+    """Sanity check (Carlini et al. 2019): the undefended classifier under PGD falls to ~0% (<= 5%)."""
     run = _bench(
         tmp_path,
         default_artifacts,

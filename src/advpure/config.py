@@ -7,7 +7,13 @@ A run's config is composed in this order (later wins):
   3. the experiment file's own keys (`experiments/<name>.yaml`, which may `extends:` another);
   4. dotted overrides from the command line (`trainer.max_epochs=3`).
 
-Every mistake is a `ConfigError` with one line that names the key and what is allowed.
+The `defense` block and each `attacks.<name>` block are typed by their kind: `kind` names a
+registered purifier / attack (or `module.path:Class`), whose `Params` dataclass is the schema of
+that block. Selecting a group option (`defense=langevin`) replaces the whole block, so one kind's
+keys never leak into another's.
+
+Every mistake is a `ConfigError` with one line that names the key and what is allowed. Floats are
+always finite (a NaN anywhere is an error).
 """
 
 from __future__ import annotations
@@ -24,25 +30,41 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from advpure.attacks.base import EPS_HINT, attack_class
 from advpure.errors import ConfigError
+from advpure.params import at_least, between, check_finite_tree, choice, schema
+from advpure.params import validate as validate_fields
+from advpure.purify.base import purifier_class
+from advpure.results.protocols import PROTOCOLS
 
 GROUPS = ("data", "classifier", "score", "defense", "attack", "trainer", "logger")
+KIND_GROUPS = ("defense", "attack")  # blocks typed by their `kind` (registries)
+
+# keys that were renamed: a config that still uses the old name gets a one-line pointer
+RENAMED = {
+    "score.sigma_max": "score.dsm_sigma_max",
+    "score.sigma_min": "score.dsm_sigma_min",
+    "score.num_sigmas": "score.dsm_levels",
+    "score.sigma_fixed": "score.dsm_sigma_fixed",
+    "defense.langevin_eta": "defense.eta (defense=langevin)",
+    "defense.langevin_sigma": "defense.dsm_sigma (defense=langevin)",
+    "attacks.*.spsa_samples": "samples",
+    "attacks.*.spsa_delta": "delta",
+    "attacks.*.apgd_rho": "rho",
+    "attacks.*.apgd_momentum": "momentum",
+    "benchmark.ever_broken": "benchmark.protocols (a list; ever_broken is one of them)",
+}
 
 
-# --- field helpers: the metadata drives `validate()` -------------------------------------------
-def choice(default: Any, *choices: Any) -> Any:
-    return field(default=default, metadata={"choices": choices})
-
-
-def at_least(default: Any, lo: float, strict: bool = False) -> Any:
-    return field(default=default, metadata={"min": lo, "strict": strict})
-
-
-def between(default: Any, lo: float, hi: float) -> Any:
-    return field(default=default, metadata={"min": lo, "max": hi})
+def _renamed(key: str) -> str:
+    parts = key.split(".")
+    generic = f"attacks.*.{parts[-1]}" if parts[0] == "attacks" else key
+    new = RENAMED.get(key) or RENAMED.get(generic)
+    return f" ('{parts[-1]}' was renamed: use {new})" if new else ""
 
 
 # --- schema -------------------------------------------------------------------------------------
+@schema
 @dataclass
 class PathsConfig:
     artifacts: str = "artifacts"  # exported weights that later stages load
@@ -50,6 +72,7 @@ class PathsConfig:
     data: str = "data"  # download cache (first place searched after data.root)
 
 
+@schema
 @dataclass
 class DataConfig:
     name: str = choice("fmnist", "fmnist", "mnist", "cifar10", "cifar100")
@@ -63,10 +86,11 @@ class DataConfig:
     hflip: bool = False  # random horizontal flip (not for digits / clothing with text)
     train_subset: int | None = None  # use only the first n training images (tiny runs, tests)
     # Threat model of this dataset (l_inf), used by attacks that leave eps/step unset.
-    eps: float = at_least(0.1, 0.0)
-    step: float = at_least(0.01, 0.0, strict=True)
+    eps: float = between(0.1, 0.0, 1.0, hint=EPS_HINT)
+    step: float = between(0.01, 0.0, 1.0, hint=EPS_HINT, strict=True)
 
 
+@schema
 @dataclass
 class OptimConfig:
     name: str = choice("sgd", "sgd", "adam", "adamw")
@@ -81,6 +105,7 @@ class OptimConfig:
     grad_clip: float | None = None
 
 
+@schema
 @dataclass
 class ClassifierConfig:
     arch: str = choice("small_cnn", "small_cnn", "wrn28_10", "resnet18")
@@ -90,14 +115,16 @@ class ClassifierConfig:
     weights: str = "${paths.artifacts}/${data.name}/classifier.pt"
 
 
+@schema
 @dataclass
 class ScoreConfig:
     arch: str = choice("ncsnv2", "ncsnv2")
     ngf: int = at_least(128, 1)  # base channels: 128 = the paper's CIFAR-10 net
-    sigma_max: float = at_least(50.0, 0.0, strict=True)
-    sigma_min: float = at_least(0.01, 0.0, strict=True)
-    num_sigmas: int = at_least(232, 1)  # L geometric levels between sigma_max and sigma_min
-    sigma_fixed: float | None = None  # train at one sigma instead of the geometric list
+    # DSM noise levels (Song & Ermon 2020): L geometric levels dsm_sigma_max -> dsm_sigma_min
+    dsm_sigma_max: float = at_least(50.0, 0.0, strict=True)
+    dsm_sigma_min: float = at_least(0.01, 0.0, strict=True)
+    dsm_levels: int = at_least(232, 1)
+    dsm_sigma_fixed: float | None = at_least(None, 0.0, strict=True)  # train at one level instead
     batch_size: int = at_least(128, 1)
     lr: float = at_least(1e-4, 0.0, strict=True)
     beta1: float = between(0.9, 0.0, 1.0)
@@ -112,47 +139,7 @@ class ScoreConfig:
     weights: str = "${paths.artifacts}/${data.name}/score.pt"
 
 
-@dataclass
-class DefenseConfig:
-    kind: str = choice("adp", "adp", "langevin", "none")
-    sigma: float = at_least(0.25, 0.0)  # screening noise std (images in [0,1])
-    lam: float = at_least(0.05, 0.0, strict=True)  # lambda: step scale of the adaptive update
-    delta: float = at_least(1e-3, 0.0, strict=True)  # probe size of the step-size estimate
-    tau: float = at_least(1e-3, 0.0)  # stop a sample once its step alpha <= tau
-    steps: int = at_least(10, 1)  # T: at most this many updates
-    replicas: int = at_least(10, 1)  # S: independent chains merged into one prediction
-    noise: str = choice("gaussian", "gaussian", "rademacher")
-    merge: str = choice("softmax", "softmax", "logits", "vote")
-    # Langevin (ML/MCMC baseline, Hill et al. 2021): x <- x + eta/2 * s(x) + sqrt(eta) * n,
-    # with s = f_theta / langevin_sigma the score of the noise level the chain runs at.
-    langevin_eta: float = at_least(1e-4, 0.0, strict=True)
-    langevin_sigma: float = at_least(0.05, 0.0, strict=True)
-    max_batch: int = at_least(4096, 1)  # memory budget: rows per score-net forward (chunking)
-
-
-@dataclass
-class AttackConfig:
-    name: str = ""  # filled with the option name when composed
-    kind: str = choice("pgd", "pgd", "apgd", "joint_score", "joint_full", "spsa")
-    # pgd/apgd gradient source: classifier (preprocessor-blind), full (through the purifier),
-    # bpda (classifier gradient at the purified point, identity backward through the purifier)
-    gradient: str = choice("bpda", "classifier", "full", "bpda")
-    iters: int = at_least(40, 1)
-    eps: float | None = None  # None: the dataset's data.eps
-    step: float | None = None  # None: the dataset's data.step
-    eot: int = at_least(1, 1)  # expectation over transformation: purification draws per step
-    eot_aggregate: str = choice("mean", "mean", "vote")  # vote = per-draw sign steps (original code)
-    random_start: bool = False
-    loss: str = choice("ce", "ce", "dlr")
-    eps_mix: float = between(0.5, 0.0, 1.0)  # joint attacks: weight of the purifier term
-    joint_grad: str = choice("input", "input", "bpda")  # bpda = the original code's variant
-    spsa_samples: int = at_least(128, 1)
-    spsa_delta: float = at_least(0.01, 0.0, strict=True)
-    apgd_rho: float = between(0.75, 0.0, 1.0)
-    apgd_momentum: float = between(0.75, 0.0, 1.0)
-    max_images: int | None = None  # attack only the first n benchmark images (expensive attacks)
-
-
+@schema
 @dataclass
 class TrainerConfig:
     accelerator: str = choice("auto", "auto", "cpu", "gpu", "cuda", "mps")
@@ -167,6 +154,7 @@ class TrainerConfig:
     num_threads: int | None = None  # torch intra-op threads per process (None: torch's default)
 
 
+@schema
 @dataclass
 class LoggerConfig:
     kind: str = choice("wandb", "wandb", "csv", "none")
@@ -179,12 +167,14 @@ class LoggerConfig:
     log_images: bool = True
 
 
+@schema
 @dataclass
 class TrainConfig:
     stages: list[str] = field(default_factory=lambda: ["classifier", "score"])
     force: bool = False  # retrain even when exported weights exist
 
 
+@schema
 @dataclass
 class BenchmarkConfig:
     n_images: int = at_least(200, 1)  # the first n images of the test set
@@ -192,8 +182,9 @@ class BenchmarkConfig:
     undefended: bool = True  # also attack the bare classifier (identity purifier)
     undefended_attacks: list[str] = field(default_factory=lambda: ["pgd40_blind"])
     sigmas: list[float] = field(default_factory=list)  # one ADP row per sigma (empty: defense.sigma)
-    worst_of_n: int = at_least(10, 1)  # protocol "worst of N": classify N times
-    ever_broken: bool = True  # protocol "ever broken": check the defense at every iterate
+    worst_of_n: int = at_least(10, 1)  # N fresh classifications of each final input
+    # evaluation protocols (registered names); single is always computed
+    protocols: list[str] = field(default_factory=lambda: ["single", "worst_of_n", "mean_of_n", "ever_broken"])
     eps_sweep: list[float] = field(default_factory=list)  # robust accuracy vs eps plot
     sweep_attack: str | None = None  # attack used for the sweep (default: the first one)
     run_dir: str = "${paths.runs}/benchmark/${experiment}"
@@ -212,8 +203,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
-    defense: DefenseConfig = field(default_factory=DefenseConfig)
-    attacks: dict[str, AttackConfig] = field(default_factory=dict)
+    defense: Any = field(default_factory=lambda: {"kind": "adp"})  # typed by its kind (see module doc)
+    attacks: dict[str, Any] = field(default_factory=dict)  # name -> block typed by its kind
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -321,7 +312,9 @@ def _merge(base: DictConfig, update: Any, where: str) -> DictConfig:
         parent = e.full_key.rsplit(".", 1)[0] if e.full_key and "." in e.full_key else ""
         node = OmegaConf.select(base, parent) if parent else base
         allowed = _schema_keys(node)
-        raise ConfigError(f"unknown key '{e.full_key}' ({where}); allowed here: {allowed}") from None
+        raise ConfigError(
+            f"unknown key '{e.full_key}' ({where}); allowed here: {allowed}{_renamed(e.full_key)}"
+        ) from None
     except ValidationError as e:
         raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]} ({where})") from None
     except OmegaConfBaseException as e:
@@ -338,6 +331,20 @@ def _nest(key: str, value: Any) -> dict:
         cur = cur[p]
     cur[parts[-1]] = value
     return out
+
+
+def _switch_kind(cfg: DictConfig, where: str) -> None:
+    """`defense.kind=X` on the command line: keep the block's keys that kind X also has (the common
+    ones, a shared sigma...), drop the others; later overrides are then checked against X."""
+    block = OmegaConf.select(cfg, where)
+    kind = block.get("kind")
+    cls = purifier_class(kind) if where == "defense" else attack_class(kind)
+    allowed = {f.name for f in dataclasses.fields(cls.Params)}
+    kept = {k: v for k, v in OmegaConf.to_container(block).items() if k in allowed}
+    if where == "defense":
+        cfg.defense = kept
+    else:
+        cfg.attacks[where.split(".", 1)[1]] = kept
 
 
 def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -368,11 +375,15 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
             for n in names:
                 data = _read_yaml(_group_file("attack", str(n)))
                 attacks[str(n)] = {**data, "name": str(n)}
-            cfg = _merge(cfg, {"attacks": attacks}, "attack group")
+            cfg.attacks = attacks  # replaces the blocks: each attack's keys come from its own file
         else:
             if not isinstance(option, str):
                 raise ConfigError(f"{group}: expected one option name, got {option!r}")
-            cfg = _merge(cfg, {group: _read_yaml(_group_file(group, option))}, f"conf/{group}/{option}.yaml")
+            data = _read_yaml(_group_file(group, option))
+            if group == "defense":
+                cfg.defense = data  # replaces the block (one kind's keys never leak into another's)
+            else:
+                cfg = _merge(cfg, {group: data}, f"conf/{group}/{option}.yaml")
     # an experiment's per-attack deltas apply to the attacks that are selected; a name that is no
     # attack option at all is a typo
     for name in list(body.get("attacks") or {}):
@@ -388,7 +399,9 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
     for key, value in dotted:
         if key.split(".")[0] not in Config.__dataclass_fields__:
             allowed = ", ".join([*Config.__dataclass_fields__, "attack (group)"])
-            raise ConfigError(f"unknown key '{key}'; allowed top-level keys and groups: {allowed}")
+            raise ConfigError(
+                f"unknown key '{key}'; allowed top-level keys and groups: {allowed}{_renamed(key)}"
+            )
         if key.startswith("attacks.") and key.count(".") >= 2:
             name = key.split(".")[1]
             if name not in cfg.attacks:
@@ -396,6 +409,10 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
                     f"unknown key '{key}': attack '{name}' is not selected; selected: {', '.join(cfg.attacks)}"
                 )
         cfg = _merge(cfg, _nest(key, value), "command line")
+        if key == "defense.kind" or (
+            key.startswith("attacks.") and key.endswith(".kind") and key.count(".") == 2
+        ):
+            _switch_kind(cfg, key.rsplit(".", 1)[0])
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -405,52 +422,60 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
 
 
 # --- validation ---------------------------------------------------------------------------------
-def _check_field(path: str, f: dataclasses.Field, value: Any) -> None:
-    meta = f.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(str(c) for c in meta["choices"])
-        raise ConfigError(f"{path}: unknown value {value!r}; allowed: {allowed}")
-    if "min" in meta and value is not None:
-        lo, strict = meta["min"], meta.get("strict", False)
-        if value < lo or (strict and value == lo):
-            raise ConfigError(f"{path}: must be {'>' if strict else '>='} {lo}, got {value}")
-    if "max" in meta and value is not None and value > meta["max"]:
-        raise ConfigError(f"{path}: must be <= {meta['max']}, got {value}")
+def typed_block(node: Any, cls: type, prefix: str, what: str) -> DictConfig:
+    """`node` (a plain block) merged onto `cls.Params` (its kind's schema) and validated.
 
-
-def _validate_node(node: DictConfig, schema: type, prefix: str) -> None:
-    for f in dataclasses.fields(schema):
-        value = node[f.name]
-        sub_schema = _SCHEMAS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
-        if sub_schema is not None and isinstance(value, DictConfig):
-            _validate_node(value, sub_schema, f"{prefix}{f.name}.")
-        else:
-            _check_field(f"{prefix}{f.name}", f, value)
+    Unknown keys name the kind and what it allows; wrong types and out-of-range values name the key.
+    """
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    params = cls.Params
+    allowed = [f.name for f in dataclasses.fields(params)]
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(
+                f"{prefix}{key}: not a parameter of {what} '{data.get('kind')}'; allowed: "
+                f"{', '.join(allowed)}{_renamed(prefix + key)}"
+            )
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(params), data)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        raise ConfigError(f"{prefix}{key}: {str(e).splitlines()[0]}") from None
+    validate_fields(typed, params, prefix)
+    return typed
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range and choice checks from the schema metadata, plus checks across fields."""
-    _validate_node(cfg, Config, "")
-    for name, attack in cfg.attacks.items():
-        _validate_node(attack, AttackConfig, f"attacks.{name}.")
-        for k in ("eps", "step"):
-            v = attack[k]
-            if v is not None and (v < 0 or (k == "step" and v == 0)):
-                raise ConfigError(f"attacks.{name}.{k}: must be {'>' if k == 'step' else '>='} 0, got {v}")
+    """Types the kind blocks by their registries, then range/choice/finiteness checks from the
+    schema metadata, plus checks across fields. Raises ConfigError naming the key."""
+    check_finite_tree(OmegaConf.to_container(cfg, resolve=True), "")
+    validate_fields(cfg, Config, "")
+    kind = cfg.defense.get("kind", "adp") if isinstance(cfg.defense, DictConfig) else "adp"
+    cfg.defense = typed_block(cfg.defense, purifier_class(kind), "defense.", "defense kind")
+    for name in list(cfg.attacks):
+        block = cfg.attacks[name]
+        cls = attack_class(block.get("kind", "pgd"))
+        cfg.attacks[name] = typed_block(block, cls, f"attacks.{name}.", "attack kind")
     s = cfg.score
-    if s.sigma_min > s.sigma_max:
-        raise ConfigError(f"score.sigma_min ({s.sigma_min}) must be <= score.sigma_max ({s.sigma_max})")
-    if s.sigma_fixed is not None and s.sigma_fixed <= 0:
-        raise ConfigError(f"score.sigma_fixed: must be > 0, got {s.sigma_fixed}")
+    if s.dsm_sigma_min > s.dsm_sigma_max:
+        raise ConfigError(
+            f"score.dsm_sigma_min ({s.dsm_sigma_min}) must be <= score.dsm_sigma_max ({s.dsm_sigma_max})"
+        )
     for st in cfg.train.stages:
-        if st not in ("classifier", "score"):
-            raise ConfigError(f"train.stages: unknown stage '{st}'; allowed: classifier, score")
+        if st not in TRAIN_STAGES:
+            raise ConfigError(f"train.stages: unknown stage '{st}'; allowed: {', '.join(TRAIN_STAGES)}")
+    for p in cfg.benchmark.protocols:
+        PROTOCOLS.get(p)  # unknown protocol: ConfigError listing the registered ones
+    if "single" not in cfg.benchmark.protocols:
+        raise ConfigError("benchmark.protocols: must include 'single' (the natural and CI rows use it)")
+    if cfg.benchmark.sigmas and not hasattr(purifier_class(cfg.defense.kind).Params, "sigma"):
+        raise ConfigError(f"benchmark.sigmas: defense kind '{cfg.defense.kind}' has no screening sigma")
     for sigma in cfg.benchmark.sigmas:
         if sigma < 0:
             raise ConfigError(f"benchmark.sigmas: sigma must be >= 0, got {sigma}")
     for e in cfg.benchmark.eps_sweep:
-        if e < 0:
-            raise ConfigError(f"benchmark.eps_sweep: eps must be >= 0, got {e}")
+        if not 0 <= e <= 1:
+            raise ConfigError(f"benchmark.eps_sweep: eps must be in [0, 1], got {e} ({EPS_HINT})")
     devices = cfg.trainer.devices
     if not (
         devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
@@ -458,22 +483,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.devices: expected a positive int or 'auto', got {devices!r}")
 
 
-_SCHEMAS = {
-    c.__name__: c
-    for c in (
-        PathsConfig,
-        DataConfig,
-        OptimConfig,
-        ClassifierConfig,
-        ScoreConfig,
-        DefenseConfig,
-        AttackConfig,
-        TrainerConfig,
-        LoggerConfig,
-        TrainConfig,
-        BenchmarkConfig,
-    )
-}
+TRAIN_STAGES = ("classifier", "score")
 
 
 # --- helpers for consumers ----------------------------------------------------------------------

@@ -7,8 +7,9 @@ class AdvpureError(Exception):
     exit_code = 1
 
 
-class ConfigError(AdvpureError):
-    """Unknown key or group, wrong type, value out of range. Exit code 2 (usage error)."""
+class ConfigError(AdvpureError, ValueError):
+    """Unknown key or group, wrong type, value out of range. Exit code 2 (usage error).
+    Also a ValueError: a bad parameter passed through the Python API is a bad value."""
 
     exit_code = 2
 
@@ -31,3 +32,17 @@ class TrainingError(AdvpureError):
 
 class CompileError(AdvpureError):
     """torch.compile is unavailable on this machine, or its net disagrees with the eager one."""
+
+
+class NonFiniteError(AdvpureError):
+    """A network produced NaN or infinite values (diverged or corrupt weights, a bad input)."""
+
+
+def check_finite(t, what: str) -> None:
+    """Raise NonFiniteError naming `what` and how many rows (images) of `t` are not finite."""
+    import torch
+
+    bad = ~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(1) if t.dim() else ~torch.isfinite(t)
+    if bool(bad.any()):
+        n, total = int(bad.sum()), (t.shape[0] if t.dim() else 1)
+        raise NonFiniteError(f"{what} produced NaN or infinite values for {n} of {total} rows")

@@ -23,9 +23,10 @@ from advpure.checkpoint import save_weights
 from advpure.config import fingerprint, to_dict
 from advpure.data import ImageDataModule
 from advpure.errors import RunDirError
-from advpure.lit.classifier import ClassifierModule, classifier_arch
-from advpure.lit.score import ScoreModule, score_arch
+from advpure.lit.classifier import ClassifierModule
+from advpure.lit.score import ScoreModule
 from advpure.loggers import build_logger
+from advpure.nets.factory import classifier_arch, score_arch
 from advpure.trainer import build_trainer, launch_rank
 
 STAGES = ("classifier", "score")
@@ -211,10 +212,10 @@ def train_score(cfg: DictConfig) -> dict:
     arch = score_arch(cfg, dm.spec)
     module = ScoreModule(
         arch,
-        sigma_max=sc.sigma_max,
-        sigma_min=sc.sigma_min,
-        num_sigmas=sc.num_sigmas,
-        sigma_fixed=sc.sigma_fixed,
+        dsm_sigma_max=sc.dsm_sigma_max,
+        dsm_sigma_min=sc.dsm_sigma_min,
+        dsm_levels=sc.dsm_levels,
+        dsm_sigma_fixed=sc.dsm_sigma_fixed,
         lr=sc.lr,
         beta1=sc.beta1,
         weight_decay=sc.weight_decay,

@@ -23,11 +23,15 @@ one gradient evaluation per iteration plus one loss evaluation of the last itera
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from advpure.attacks.pgd import AttackResult, Observer, Progress, Trace, eot_gradient
+from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
+from advpure.attacks.objectives import AGGREGATES, GRADIENTS, eot_gradient
+from advpure.attacks.pgd import check_vote
 from advpure.attacks.projection import project, start_point
+from advpure.params import at_least, between, choice
 from advpure.rng import RNG
 
 
@@ -71,12 +75,12 @@ def apgd_attack(
     rho: float = 0.75,
     momentum: float = 0.75,
     random_start: bool = False,
-    track_path: bool = False,
-    progress: Progress | None = None,
-    observer: Observer | None = None,
+    trace: Trace | None = None,
+    **hooks,
 ) -> AttackResult:
-    """APGD-EOT; returns the best point found (highest EOT loss), not the last iterate."""
-    trace = Trace(defense, y, rng, track_path=track_path, progress=progress, observer=observer)
+    """APGD-EOT on x (B, C, H, W) in [0, 1]; returns the best point found (highest EOT loss),
+    not the last iterate."""
+    trace = trace or Trace(defense, y, rng, **hooks)  # hooks: track_path, progress, observer
     eot_rng = rng.child("eot")
     kw = dict(gradient=gradient, eot=eot, aggregate=eot_aggregate, loss=loss)
     checkpoints = set(apgd_checkpoints(iters))
@@ -131,4 +135,35 @@ def apgd_attack(
     return trace.finish(x_i, last.loss, x_best)
 
 
-__all__ = ["apgd_attack", "apgd_checkpoints", "should_halve"]
+@register_attack("apgd")
+class APGD(Attack):
+    """APGD-EOT (Croce & Hein 2020) with a full (default), BPDA or classifier gradient.
+    `step` is not used: the step starts at 2 eps and adapts per sample."""
+
+    @dataclass
+    class Params(AttackParams):
+        kind: str = "apgd"
+        gradient: str = choice("full", *GRADIENTS)
+        eot: int = at_least(1, 1)
+        eot_aggregate: str = choice("mean", *AGGREGATES)
+        rho: float = between(0.75, 0.0, 1.0)  # step-halving threshold on the fraction of increases
+        momentum: float = between(0.75, 0.0, 1.0)
+
+    @classmethod
+    def label(cls, p) -> str:
+        src = {"full": "", "bpda": ", BPDA", "classifier": ", classifier"}[p.gradient]
+        return f"APGD-{p.loss.upper()}{p.iters}-EOT{p.eot}{src}"
+
+    @classmethod
+    def check(cls, p, defense) -> None:
+        check_vote(p, p.gradient)
+
+    @classmethod
+    def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
+        kw = kwargs_of(
+            p, "iters", "gradient", "eot", "eot_aggregate", "loss", "rho", "momentum", "random_start"
+        )
+        return apgd_attack(defense, x, y, rng, eps=eps, trace=trace, **kw)
+
+
+__all__ = ["APGD", "apgd_attack", "apgd_checkpoints", "should_halve"]

@@ -13,18 +13,15 @@ classifier term's loss (L(g(x_i), y), or its EOT mean at the purified points for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from advpure.attacks.pgd import (
-    AttackResult,
-    Observer,
-    Progress,
-    Trace,
-    bpda_objective,
-    classifier_objective,
-    effective_draws,
-)
+from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
+from advpure.attacks.objectives import AGGREGATES, bpda_objective, classifier_objective, effective_draws
+from advpure.attacks.pgd import check_vote
 from advpure.attacks.projection import project, start_point
+from advpure.params import at_least, between, choice
 from advpure.rng import RNG
 
 JOINT_KINDS = ("score", "full")
@@ -47,16 +44,16 @@ def joint_attack(
     eot_aggregate: str = "mean",
     loss: str = "ce",
     random_start: bool = False,
-    track_path: bool = False,
-    progress: Progress | None = None,
-    observer: Observer | None = None,
+    trace: Trace | None = None,
+    **hooks,
 ) -> AttackResult:
-    """Joint attack `kind` (score | full); returns the last iterate."""
+    """Joint attack `kind` (score | full) on x (B, C, H, W) in [0, 1]; returns the last iterate.
+    Raises ValueError for an unknown kind or joint_grad."""
     if kind not in JOINT_KINDS:
         raise ValueError(f"unknown joint attack '{kind}'; allowed: {', '.join(JOINT_KINDS)}")
     if joint_grad not in JOINT_GRADS:
         raise ValueError(f"unknown joint_grad '{joint_grad}'; allowed: {', '.join(JOINT_GRADS)}")
-    trace = Trace(defense, y, rng, track_path=track_path, progress=progress, observer=observer)
+    trace = trace or Trace(defense, y, rng, **hooks)  # hooks: track_path, progress, observer
     eot_rng = rng.child("eot")
     k = effective_draws(defense, eot)
     b = x.shape[0]
@@ -92,4 +89,60 @@ def joint_attack(
     return trace.finish(x_i, classifier_term(x_i, grad=False).loss)
 
 
-__all__ = ["JOINT_GRADS", "JOINT_KINDS", "joint_attack"]
+class _Joint(Attack):
+    """Shared by the two joint attacks of the seed's Table 1."""
+
+    variant = "score"
+
+    @dataclass
+    class Params(AttackParams):
+        eot: int = at_least(1, 1)  # purification draws (joint full's purifier term; bpda's term)
+        eot_aggregate: str = choice("mean", *AGGREGATES)
+        eps_mix: float = between(0.5, 0.0, 1.0)  # weight of the purifier term
+        joint_grad: str = choice("input", *JOINT_GRADS)  # bpda = the original code's variant
+
+    @classmethod
+    def label(cls, p) -> str:
+        return f"Joint ({cls.variant}) {p.iters}+EOT{p.eot}"
+
+    @classmethod
+    def needs_purifier(cls, p) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, p, defense) -> None:
+        check_vote(p, "bpda" if p.joint_grad == "bpda" else f"joint_{cls.variant}")
+        if cls.variant == "score" and not defense.has_score:
+            raise ValueError(f"joint_score needs a score network, and defense '{defense.name}' has none")
+        if cls.variant == "full" and not defense.stochastic:
+            raise ValueError(f"joint_full needs a stochastic purifier, and defense '{defense.name}' has none")
+
+    @classmethod
+    def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
+        kw = kwargs_of(p, "iters", "eps_mix", "joint_grad", "eot", "eot_aggregate", "loss", "random_start")
+        return joint_attack(defense, x, y, rng, kind=cls.variant, eps=eps, step=step, trace=trace, **kw)
+
+
+@register_attack("joint_score")
+class JointScore(_Joint):
+    """Joint (score): eps_mix * sign(s(x)) + (1 - eps_mix) * sign(classifier term)."""
+
+    variant = "score"
+
+    @dataclass
+    class Params(_Joint.Params):
+        kind: str = "joint_score"
+
+
+@register_attack("joint_full")
+class JointFull(_Joint):
+    """Joint (full): eps_mix * sign(mean_k f(x; n_k) - x) + (1 - eps_mix) * sign(classifier term)."""
+
+    variant = "full"
+
+    @dataclass
+    class Params(_Joint.Params):
+        kind: str = "joint_full"
+
+
+__all__ = ["JOINT_GRADS", "JOINT_KINDS", "JointFull", "JointScore", "joint_attack"]

@@ -21,13 +21,15 @@ only accepts images.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
 from advpure.attacks.losses import defended_loss
-from advpure.attacks.pgd import AttackResult, Observer, Progress, Trace
 from advpure.attacks.projection import project, start_point
-from advpure.purify.defense import merge_scores
+from advpure.params import at_least
+from advpure.purify.merge import merge_scores
 from advpure.rng import RNG
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -73,18 +75,17 @@ def spsa_attack(
     loss: str = "ce",
     random_start: bool = False,
     max_queries: int | None = None,
-    track_path: bool = False,
-    progress: Progress | None = None,
-    observer: Observer | None = None,
+    trace: Trace | None = None,
+    **hooks,
 ) -> AttackResult:
-    """SPSA with sign steps; returns the last iterate.
+    """SPSA with sign steps on x (B, C, H, W) in [0, 1]; returns the last iterate.
 
     max_queries: images per defense call (each is purified S times); default: enough to keep a
     call within the defense's own budget, `defense.max_batch // defense.replicas` chains.
     The objective recorded at x_i is -log D(x_i)_y from one defended prediction (S replicas,
     a separate stream), which is also the path's correctness check at x_i.
     """
-    trace = Trace(defense, y, rng, track_path=track_path, progress=progress, observer=observer)
+    trace = trace or Trace(defense, y, rng, **hooks)  # hooks: track_path, progress, observer
     dir_rng, query_rng, eval_rng = rng.child("spsa"), rng.child("spsa_queries"), rng.child("eval")
     if max_queries is None:
         max_queries = max(1, defense.max_batch // defense.replicas)
@@ -114,4 +115,24 @@ def spsa_attack(
     return trace.finish(x_i, defended(x_i)[0])
 
 
-__all__ = ["spsa_attack", "spsa_gradient"]
+@register_attack("spsa")
+class SPSA(Attack):
+    """SPSA (Uesato et al. 2018): black-box finite differences of the defended model's loss."""
+
+    @dataclass
+    class Params(AttackParams):
+        kind: str = "spsa"
+        samples: int = at_least(128, 1)  # N Rademacher directions per step
+        delta: float = at_least(0.01, 0.0, strict=True)  # finite-difference step c
+
+    @classmethod
+    def label(cls, p) -> str:
+        return f"SPSA{p.iters} (N={p.samples})"
+
+    @classmethod
+    def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
+        kw = kwargs_of(p, "iters", "samples", "delta", "loss", "random_start")
+        return spsa_attack(defense, x, y, rng, eps=eps, step=step, trace=trace, **kw)
+
+
+__all__ = ["SPSA", "spsa_attack", "spsa_gradient"]

@@ -17,22 +17,33 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from advpure.attacks import run_attack
-from advpure.results import NATURAL, protocol_records
+from advpure.errors import NonFiniteError
+from advpure.lit.defended import stage_error
+from advpure.plan import Unit
+from advpure.results import NATURAL, protocol, protocol_records
 from advpure.rng import SampleRNG
-from advpure.suite import Unit
 
 
 class AttackCallback(Callback):
+    """Attacks `unit.defense` with `unit.spec` on every test batch (see the module docstring)."""
+
     def __init__(
-        self, unit: Unit, *, worst_of_n: int, ever_broken: bool, image_grid: int, progress: bool = True
+        self,
+        unit: Unit,
+        *,
+        worst_of_n: int,
+        protocols: list[str],
+        image_grid: int,
+        progress: bool = True,
     ):
         self.unit = unit
-        self.worst_of_n, self.ever_broken, self.image_grid, self.progress = (
+        self.worst_of_n, self.protocols, self.image_grid, self.progress = (
             worst_of_n,
-            ever_broken,
+            list(protocols),
             image_grid,
             progress,
         )
+        self.track_path = any(protocol(p).needs_path for p in self.protocols)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         u = self.unit
@@ -50,27 +61,32 @@ class AttackCallback(Callback):
         rng = SampleRNG(pl_module.seed, idx, stream=u.key)
         t0, e0 = time.perf_counter(), defense.score_evals
         bar = self._bar(trainer, b)
-        with torch.enable_grad():
-            result = run_attack(
-                u.spec,
-                defense,
-                x,
-                y,
-                rng.child("attack"),
-                eps=u.eps,
-                step=u.step,
-                track_path=self.ever_broken,
-                progress=(lambda i: bar.update(1)) if bar else None,
-            )
-        if bar:
-            bar.close()
-        # Common random numbers: the final input is judged with the same defense noise as the clean
-        # one in test_step (the attack never sees it), so eps = 0 reproduces natural accuracy
-        # sample by sample and natural - robust is not blurred by evaluation noise.
-        judge = SampleRNG(pl_module.seed, idx, stream=f"{u.defense}/{NATURAL}")
-        final = defense.evaluate(result.x_adv, y, judge, n=self.worst_of_n)
+        try:
+            with torch.enable_grad():
+                result = run_attack(
+                    u.spec,
+                    defense,
+                    x,
+                    y,
+                    rng.child("attack"),
+                    eps=u.eps,
+                    step=u.step,
+                    track_path=self.track_path,
+                    progress=(lambda i: bar.update(1)) if bar else None,
+                )
+            # Common random numbers: the final input is judged with the same defense noise as the
+            # clean one in test_step (the attack never sees it), so eps = 0 reproduces natural
+            # accuracy sample by sample and natural - robust is not blurred by evaluation noise.
+            judge = SampleRNG(pl_module.seed, idx, stream=f"{u.defense}/{NATURAL}")
+            final = defense.evaluate(result.x_adv, y, judge, n=self.worst_of_n)
+        except NonFiniteError as e:
+            raise stage_error(e, f"attack {u.attack} on {u.defense}, batch {b}", len(idx)) from None
+        finally:
+            if bar:
+                bar.close()
+        path = result.path_correct
         per_merge = {
-            m: protocol_records(c, result.path_correct[m] if result.path_correct is not None else None)
+            m: protocol_records(c, path[m] if path is not None else None, protocols=self.protocols)
             for m, c in final.items()
         }
         examples = self._examples(defense, x, result.x_adv, idx, rng)

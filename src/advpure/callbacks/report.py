@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from advpure.results import protocols_in
 from advpure.results.report import write_report
 
 
@@ -43,12 +44,9 @@ class ReportCallback(Callback):
             "defense",
             "attack",
             "natural",
-            "single",
             "single_lo",
             "single_hi",
-            "worst_of_n",
-            "mean_of_n",
-            "ever_broken",
+            *protocols_in(rows),
             "n",
             "score_evals_per_img",
             "seconds_per_img",

@@ -8,29 +8,7 @@ import torchmetrics
 from torch import nn
 
 from advpure.errors import TrainingError
-from advpure.nets import build_classifier
-
-
-def classifier_arch(cfg, spec) -> dict:
-    """The fields that define the classifier's weights (stored in the exported file)."""
-    return {
-        "arch": cfg.classifier.arch,
-        "in_channels": spec.channels,
-        "image_size": spec.image_size,
-        "num_classes": spec.num_classes,
-    }
-
-
-def make_classifier(arch: dict, spec, dropout: float = 0.0) -> nn.Module:
-    return build_classifier(
-        arch["arch"],
-        in_channels=arch["in_channels"],
-        image_size=arch["image_size"],
-        num_classes=arch["num_classes"],
-        mean=spec.mean,
-        std=spec.std,
-        dropout=dropout,
-    )
+from advpure.nets.factory import classifier_arch, make_classifier  # noqa: F401 (re-exported)
 
 
 def build_optimizer(params, oc) -> torch.optim.Optimizer:

@@ -18,16 +18,16 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advpure.errors import NonFiniteError
 from advpure.nets.compiled import eager_of, warm_up
 from advpure.purify.defense import Defense
-from advpure.results import NATURAL, RecordStore, protocol_records, records_for
+from advpure.results import NATURAL, RecordStore, metric_name, protocol_records, records_for
 from advpure.rng import SampleRNG
 
 
-def metric_name(defense: str, attack: str, protocol: str) -> str:
-    if attack == NATURAL:
-        return f"natural/{defense}" if protocol == "single" else f"natural/{defense}/{protocol}"
-    return f"robust/{defense}/{attack}/{protocol}"
+def stage_error(e: NonFiniteError, stage: str, n: int) -> NonFiniteError:
+    """The one-line error of a non-finite net output, with the stage and the batch size."""
+    return NonFiniteError(f"{stage} ({n} images): {e}; nothing was recorded for this batch")
 
 
 class DefendedClassifier(L.LightningModule):
@@ -43,6 +43,7 @@ class DefendedClassifier(L.LightningModule):
         batch_size: int,
         worst_of_n: int,
         metric_names: list[str],
+        protocols: list[str] | None = None,
         merge: str = "softmax",
         compiled_score: nn.Module | None = None,
     ):
@@ -56,6 +57,7 @@ class DefendedClassifier(L.LightningModule):
             worst_of_n,
             merge,
         )
+        self.protocols = list(protocols) if protocols is not None else None  # None: all registered
         self.metric_keys = {name: f"m{i}" for i, name in enumerate(metric_names)}
         self.metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in self.metric_keys.values()})
         self.store: RecordStore | None = None
@@ -89,7 +91,7 @@ class DefendedClassifier(L.LightningModule):
         """Feed records of the configured merge rule to the matching metrics."""
         by_name: dict[str, list[float]] = {}
         for r in records:
-            if r.merge == self.merge and r.protocol != "mean_of_n":
+            if r.merge == self.merge:
                 by_name.setdefault(metric_name(r.defense, r.attack, r.protocol), []).append(r.value)
         for name, values in by_name.items():
             key = self.metric_keys.get(name)
@@ -130,8 +132,11 @@ class DefendedClassifier(L.LightningModule):
                 continue
             t0, e0 = time.perf_counter(), defense.score_evals
             rng = SampleRNG(self.seed, idx, stream=f"{name}/{NATURAL}")
-            correct = defense.evaluate(x, y, rng, n=self.worst_of_n)
-            per_merge = {m: protocol_records(c) for m, c in correct.items()}
+            try:
+                correct = defense.evaluate(x, y, rng, n=self.worst_of_n)
+            except NonFiniteError as e:
+                raise stage_error(e, f"natural accuracy of {name}, batch {b}", len(idx)) from None
+            per_merge = {m: protocol_records(c, protocols=self.protocols) for m, c in correct.items()}
             self.write(
                 name,
                 NATURAL,

@@ -1,4 +1,4 @@
-"""ScoreModule: denoising score matching for the purifier's score net f_theta (DESIGN §2).
+"""ScoreModule: denoising score matching (Vincent 2011; Song & Ermon 2020) for the purifier's score net f_theta.
 
 Each step draws sigma per sample from the noise list and eps ~ N(0, I) from a generator keyed by
 (seed, global step, rank): a run killed and resumed from its last step checkpoint draws the same
@@ -14,25 +14,10 @@ import torch
 from advpure.ema import EMA
 from advpure.errors import TrainingError
 from advpure.losses import dsm_loss, geometric_sigmas, one_step_denoise, psnr
-from advpure.nets import build_score_net
+from advpure.nets.factory import make_score_net, score_arch  # noqa: F401 (re-exported)
 from advpure.rng import mix
 
 VAL_SIGMAS = (0.1, 0.25)
-
-
-def score_arch(cfg, spec) -> dict:
-    return {
-        "arch": cfg.score.arch,
-        "ngf": cfg.score.ngf,
-        "in_channels": spec.channels,
-        "image_size": spec.image_size,
-    }
-
-
-def make_score_net(arch: dict):
-    return build_score_net(
-        arch["arch"], in_channels=arch["in_channels"], image_size=arch["image_size"], ngf=arch["ngf"]
-    )
 
 
 class ScoreModule(L.LightningModule):
@@ -43,10 +28,10 @@ class ScoreModule(L.LightningModule):
         self,
         arch: dict,
         *,
-        sigma_max: float,
-        sigma_min: float,
-        num_sigmas: int,
-        sigma_fixed: float | None = None,
+        dsm_sigma_max: float,
+        dsm_sigma_min: float,
+        dsm_levels: int,
+        dsm_sigma_fixed: float | None = None,
         lr: float = 1e-4,
         beta1: float = 0.9,
         weight_decay: float = 0.0,
@@ -61,9 +46,9 @@ class ScoreModule(L.LightningModule):
         self.net = make_score_net(arch)
         self.ema = EMA(self.net, ema_decay)
         sigmas = (
-            torch.tensor([float(sigma_fixed)])
-            if sigma_fixed
-            else geometric_sigmas(sigma_max, sigma_min, num_sigmas)
+            torch.tensor([float(dsm_sigma_fixed)])
+            if dsm_sigma_fixed
+            else geometric_sigmas(dsm_sigma_max, dsm_sigma_min, dsm_levels)
         )
         self.register_buffer("sigmas", sigmas)
         self.seed, self.val_batches, self.log_images = seed, val_batches, log_images

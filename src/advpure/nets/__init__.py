@@ -1,4 +1,5 @@
-"""Neural networks: classifiers (images in [0, 1], normalization inside) and the NCSNv2 score net."""
+"""Neural networks: classifiers (images in [0, 1], normalization inside), the NCSNv2 score net, and
+the factories that build and load them (`load_nets`, `load_net`, `load_defense`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from advpure.nets.classifiers import (
     SmallCNN,
     WideResNet,
     build_classifier,
+)
+from advpure.nets import factory
+from advpure.nets.factory import (
+    classifier_arch,
+    frozen,
+    load_defense,
+    load_net,
+    load_nets,
+    make_classifier,
+    make_score_net,
+    score_arch,
 )
 from advpure.nets.ncsnv2 import (
     SCORE_IMAGE_SIZES,
@@ -37,4 +49,5 @@ __all__ = [
     "build_classifier",
     "build_score_net",
     "count_parameters",
+    *factory.__all__,
 ]

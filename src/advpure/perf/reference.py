@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from advpure.purify.adp import step_size  # the formula is not what the comparison is about
+from advpure.purify.adp import adp_step  # the update rule is shared: the comparison is about structure
+from advpure.purify.base import screen
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,12 +49,9 @@ def reference_adp_chain(
         if classifier is not None:
             _log_accuracy(classifier, x, y, log)
         for _ in range(steps):
-            g = score_fn(x)
-            g_delta = score_fn(x + delta * g.to(x.dtype))
-            alpha = step_size(g, g_delta, lam, delta)
+            x_next, alpha = adp_step(x, score_fn, lam, delta)  # two score evaluations on all rows
             active = active & (alpha > tau)
-            move = (alpha * active).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-            x = (x + move * g.to(x.dtype)).clamp(0.0, 1.0)
+            x = torch.where(active.view(-1, *([1] * (x.dim() - 1))), x_next, x)
             if classifier is not None:
                 _log_accuracy(classifier, x, y, log)
     return x
@@ -68,7 +66,8 @@ def _log_accuracy(classifier, x, y, log) -> None:
 
 
 def reference_screen(x: torch.Tensor, sigma: float, noise: torch.Tensor) -> torch.Tensor:
-    return (x + sigma * noise).clamp(0.0, 1.0)
+    """Gaussian screening of one replica (the purifiers' own `screen`)."""
+    return screen(x, sigma, noise)
 
 
 def reference_adp_purify(

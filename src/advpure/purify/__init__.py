@@ -1,43 +1,64 @@
-"""Purifiers and the Defense interface (plain torch, no Lightning)."""
+"""Purifiers and the Defense interface (plain torch, no Lightning).
 
-from advpure.purify.adp import PurifyResult, adp_chain, adp_purify, check_images, screen, step_size
+Built-in purifiers register themselves on import: `none` (identity), `adp` (Yoon et al. 2021),
+`langevin` (Hill et al. 2021). See `advpure.purify.base` for how to add one.
+"""
+
+from advpure.purify.adp import ADPPurifier, adp_chain, adp_purify, adp_step, step_size
+from advpure.purify.base import (
+    NOISE_TYPES,
+    PURIFIERS,
+    DefenseParams,
+    IdentityPurifier,
+    Purifier,
+    PurifyResult,
+    check_images,
+    purifier_class,
+    register_purifier,
+    rows,
+    screen,
+    screened_rows,
+)
 from advpure.purify.defense import (
-    MERGE_RULES,
-    ADPPurifier,
     Counted,
     Defense,
-    IdentityPurifier,
-    LangevinPurifier,
-    Purifier,
     build_defense,
     chunked,
-    correct_by_merge,
+    defense_label,
     defense_name,
-    merge_predict,
-    merge_scores,
 )
-from advpure.purify.langevin import langevin_chain, langevin_purify
+from advpure.purify.langevin import LangevinPurifier, langevin_chain, langevin_purify
+from advpure.purify.merge import MERGE_RULES, correct_by_merge, merge_predict, merge_scores
 
 __all__ = [
     "MERGE_RULES",
+    "NOISE_TYPES",
+    "PURIFIERS",
     "ADPPurifier",
     "Counted",
     "Defense",
+    "DefenseParams",
     "IdentityPurifier",
     "LangevinPurifier",
     "Purifier",
     "PurifyResult",
     "adp_chain",
     "adp_purify",
+    "adp_step",
     "build_defense",
     "check_images",
     "chunked",
     "correct_by_merge",
+    "defense_label",
     "defense_name",
     "langevin_chain",
     "langevin_purify",
     "merge_predict",
     "merge_scores",
+    "purifier_class",
+    "register_purifier",
+    "rows",
     "screen",
+    "screened_rows",
     "step_size",
 ]

@@ -11,6 +11,9 @@ One chain on a batch `x` in [0, 1] with a score net `f` trained by denoising sco
                    x_{t+1} = clip(x_t + alpha * active * g, 0, 1)
   3. classify x_T.
 
+`adp_step` is step 2's update, `adp_chain` adds the bookkeeping (active rows, stopping, gradient
+mode, counts), `ADPPurifier` is the registered purifier (screening + chain) behind `Defense`.
+
 `alpha` is a secant estimate of the step along g that would reach the mode of a locally
 Gaussian density: for f(x) = -c (x - mu), z = 1 - c*delta and alpha = lambda / c, so each step
 shrinks x - mu by (1 - lambda). `1 - z` is of order delta/sigma (~4e-3), below bf16's resolution:
@@ -23,53 +26,33 @@ Departure from the official code, on purpose: it rescales images to the pixel gr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from advpure.params import at_least, choice
+from advpure.purify.base import (
+    NOISE_TYPES,
+    DefenseParams,
+    Purifier,
+    PurifyResult,
+    register_purifier,
+    screened_rows,
+)
+from advpure.rng import RNG, GeneratorRNG
+
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 ALPHA_MIN, ALPHA_MAX = 1e-5, 1e-1
 
 
-@dataclass
-class PurifyResult:
-    x: torch.Tensor  # purified images, same shape as the input rows
-    steps: torch.Tensor  # (rows,) number of updates each row took
-    score_evals: torch.Tensor  # (rows,) score-network evaluations spent on each row
-
-
-def check_images(x: torch.Tensor, channels: int | None = None, size: int | None = None) -> None:
-    """Inputs must be image batches in [0, 1] of the nets' shape (one-line errors)."""
-    if x.dim() != 4:
-        raise ValueError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"expected {channels} channel(s), got images of shape {tuple(x.shape)}")
-    if size is not None and (x.shape[2] != size or x.shape[3] != size):
-        raise ValueError(f"expected {size}x{size} images, got {tuple(x.shape)}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(
-            f"images must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]"
-        )
-
-
-def screen(x: torch.Tensor, sigma: float, noise: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:
-    """Noise screening: x_0 = clip(x + sigma * n). `noise` is a standard normal sample (gaussian)
-    or a +-1 sample (rademacher, scaled by sqrt(2/pi) to match the Gaussian's mean |n|)."""
-    if kind == "gaussian":
-        n = noise
-    elif kind == "rademacher":
-        n = noise.sign() * math.sqrt(2.0 / math.pi)
-    else:
-        raise ValueError(f"unknown noise type '{kind}'; allowed: gaussian, rademacher")
-    return (x + sigma * n).clamp(0.0, 1.0)
-
-
 def step_size(g: torch.Tensor, g_delta: torch.Tensor, lam: float, delta: float) -> torch.Tensor:
-    """Per-sample alpha = clamp(lam * delta / (1 - <g, g_d>/<g, g>), 1e-5, 1e-1), in >= fp32."""
+    """Per-sample alpha = clamp(lam * delta / (1 - <g, g_d>/<g, g>), 1e-5, 1e-1), in >= fp32.
+
+    g, g_delta: (R, ...) the field at x and at x + delta * g. Returns (R,) step sizes.
+    """
     wide = torch.promote_types(g.dtype, torch.float32)
     g = g.detach().flatten(1).to(wide)
     g_delta = g_delta.detach().flatten(1).to(wide)
@@ -78,6 +61,36 @@ def step_size(g: torch.Tensor, g_delta: torch.Tensor, lam: float, delta: float) 
     # 1 - z <= 0 (curvature pointing the wrong way) gives a negative or infinite ratio; the clamp
     # maps it to the smallest step (then the sample stops) or the largest one, as the formula says.
     return (lam * delta / (1.0 - z)).nan_to_num(nan=ALPHA_MIN).clamp(ALPHA_MIN, ALPHA_MAX)
+
+
+def adp_step(
+    x: torch.Tensor, score_fn: ScoreFn, lam: float, delta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adaptive deterministic update (Yoon et al. 2021, Eq. for step 2):
+
+        g = f(x);  g_d = f(x + delta g);  alpha = clamp(lam delta / (1 - <g, g_d>/<g, g>));
+        x_next = clip(x + alpha g, 0, 1)
+
+    x: (R, C, H, W) in [0, 1]. Returns (x_next, alpha) with alpha (R,) >= fp32. The probe and
+    alpha are taken without gradient; x_next is differentiable through g = f(x) when the caller
+    enables gradients (the full-gradient attack's definition).
+    """
+    g = score_fn(x)
+    with torch.no_grad():
+        alpha = step_size(g, score_fn(x.detach() + delta * g.detach().to(x.dtype)), lam, delta)
+    x_next = (x + alpha.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * g.to(x.dtype)).clamp(0.0, 1.0)
+    return x_next, alpha
+
+
+def _checkpointed(score_fn: ScoreFn) -> ScoreFn:
+    """score_fn whose activations are recomputed in backward (memory flat in T); plain under no_grad."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(score_fn, x, use_reentrant=False)
+        return score_fn(x)
+
+    return fn
 
 
 def adp_chain(
@@ -91,46 +104,103 @@ def adp_chain(
     differentiable: bool = False,
     checkpointing: bool = True,
 ) -> PurifyResult:
-    """The adaptive deterministic updates (step 2) from the screened images `x0`.
+    """The adaptive deterministic updates (step 2) from the screened images `x0` (R, C, H, W).
 
     Only the rows still active are sent through the score net, so stopped samples cost nothing.
     `differentiable=True` keeps the graph through every step for full-gradient attacks: alpha
     and the probe f(x + delta g) are taken without gradient (as in the attack's definition),
     and each step's score evaluation is checkpointed so memory does not grow with T.
+    Raises ValueError if steps < 1.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    grad_mode = differentiable and torch.is_grad_enabled()
+    fn = _checkpointed(score_fn) if grad_mode and checkpointing else score_fn
     rows = x0.shape[0]
     x = x0
     active = torch.ones(rows, dtype=torch.bool, device=x0.device)
     n_steps = torch.zeros(rows, dtype=torch.long, device=x0.device)
     evals = torch.zeros(rows, dtype=torch.long, device=x0.device)
-    for _ in range(steps):
-        idx = active.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        all_rows = idx.numel() == rows
-        xa = x if all_rows else x.index_select(0, idx)
-        if differentiable and torch.is_grad_enabled() and checkpointing:
-            g = checkpoint(score_fn, xa, use_reentrant=False)
-        elif differentiable:
-            g = score_fn(xa)
-        else:
-            with torch.no_grad():
-                g = score_fn(xa)
-        with torch.no_grad():
-            g_delta = score_fn(xa.detach() + delta * g.detach().to(xa.dtype))
-            alpha = step_size(g, g_delta, lam, delta)
+    with torch.set_grad_enabled(grad_mode):
+        for _ in range(steps):
+            idx = active.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            all_rows = idx.numel() == rows
+            xa = x if all_rows else x.index_select(0, idx)
+            xa_next, alpha = adp_step(xa, fn, lam, delta)
             still = alpha > tau
-        evals[idx] += 2
-        move = (alpha * still).to(xa.dtype).view(-1, *([1] * (xa.dim() - 1)))
-        xa_next = (xa + move * g.to(xa.dtype)).clamp(0.0, 1.0)
-        if not differentiable:
-            xa_next = xa_next.detach()
-        x = xa_next if all_rows else x.index_copy(0, idx, xa_next)
-        n_steps[idx] += still.long()
-        active[idx] = still
-    return PurifyResult(x=x, steps=n_steps, score_evals=evals)
+            evals[idx] += 2
+            xa_next = torch.where(still.view(-1, *([1] * (xa.dim() - 1))), xa_next, xa)
+            x = xa_next if all_rows else x.index_copy(0, idx, xa_next)
+            n_steps[idx] += still.long()
+            active[idx] = still
+    return PurifyResult(x=x if grad_mode else x.detach(), steps=n_steps, score_evals=evals)
+
+
+@register_purifier("adp")
+class ADPPurifier(Purifier):
+    """ADP chains (Yoon et al. 2021): screening with `sigma`, then `adp_chain`.
+
+    `checkpointing=False` keeps every step's activations in the differentiable mode (faster
+    backward, memory linear in T; for comparisons). Raises ValueError for invalid parameters.
+    """
+
+    @dataclass
+    class Params(DefenseParams):
+        kind: str = "adp"
+        sigma: float = at_least(0.25, 0.0)  # screening noise std (images in [0, 1])
+        lam: float = at_least(0.05, 0.0, strict=True)  # lambda: step scale of the adaptive update
+        delta: float = at_least(1e-3, 0.0, strict=True)  # probe size of the step-size estimate
+        tau: float = at_least(1e-3, 0.0)  # stop a sample once its step alpha <= tau
+        steps: int = at_least(10, 1)  # T: at most this many updates
+        noise: str = choice("gaussian", *NOISE_TYPES)  # screening noise distribution
+
+    label = "ADP"
+
+    def __init__(
+        self,
+        score_net: torch.nn.Module,
+        *,
+        sigma=0.25,
+        lam=0.05,
+        delta=1e-3,
+        tau=1e-3,
+        steps=10,
+        noise="gaussian",
+        checkpointing: bool = True,
+    ):
+        super().__init__()
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if steps < 1:
+            raise ValueError(f"steps (T) must be >= 1, got {steps}")
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"unknown noise type '{noise}'; allowed: {', '.join(NOISE_TYPES)}")
+        if lam <= 0 or delta <= 0 or tau < 0:
+            raise ValueError(f"need lam > 0, delta > 0, tau >= 0; got {lam}, {delta}, {tau}")
+        self.score_net = score_net
+        self.sigma, self.noise, self.checkpointing = sigma, noise, checkpointing
+        self.chain = dict(lam=lam, delta=delta, tau=tau, steps=steps)
+
+    @classmethod
+    def from_params(cls, p, nets) -> ADPPurifier:
+        return cls(
+            nets["score"], sigma=p.sigma, lam=p.lam, delta=p.delta, tau=p.tau, steps=p.steps, noise=p.noise
+        )
+
+    @classmethod
+    def settings(cls, p) -> str:
+        return (
+            f"{cls.describe(p)}: T={p.steps}, S={p.replicas} replicas merged by {p.merge}, "
+            f"lambda={p.lam}, delta={p.delta}, tau={p.tau}, {p.noise} screening"
+        )
+
+    def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
+        x0 = screened_rows(x, rng, draws, self.sigma, self.noise)
+        return adp_chain(
+            x0, score_fn, **self.chain, differentiable=differentiable, checkpointing=self.checkpointing
+        )
 
 
 def adp_purify(
@@ -144,27 +214,23 @@ def adp_purify(
     steps: int = 10,
     noise: str = "gaussian",
     generator: torch.Generator | None = None,
-    noise_sample: torch.Tensor | None = None,
+    rng: RNG | None = None,
     differentiable: bool = False,
 ) -> PurifyResult:
-    """Screen and purify a batch: the whole ADP chain in one call.
+    """Screen and purify a batch (B, C, H, W) in [0, 1]: the whole ADP chain in one call.
 
     Usage without Lightning:
         >>> out = adp_purify(x, score_net, sigma=0.25, generator=torch.Generator().manual_seed(0))
         >>> logits = classifier(out.x)
-    Pass `noise_sample` (a standard-normal tensor of x's shape) to fix the screening noise.
+    The screening noise comes from `rng` (e.g. `SampleRNG` for per-image keyed noise) or else
+    from `generator`. Raises ValueError for sigma < 0 or an unknown noise type.
     """
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
-    if noise_sample is None:
-        if noise == "rademacher":
-            bits = torch.randint(
-                0, 2, x.shape, generator=generator, device=x.device if generator is None else generator.device
-            )
-            noise_sample = (bits * 2 - 1).to(device=x.device, dtype=x.dtype)
-        else:
-            noise_sample = torch.randn(
-                x.shape, generator=generator, device=x.device if generator is None else generator.device
-            ).to(device=x.device, dtype=x.dtype)
-    x0 = screen(x, sigma, noise_sample, noise)
+    if rng is None:
+        rng = GeneratorRNG(generator if generator is not None else torch.default_generator)
+    x0 = screened_rows(x, rng, 1, sigma, noise)
     return adp_chain(x0, score_fn, lam=lam, delta=delta, tau=tau, steps=steps, differentiable=differentiable)
+
+
+__all__ = ["ALPHA_MAX", "ALPHA_MIN", "ADPPurifier", "adp_chain", "adp_purify", "adp_step", "step_size"]

@@ -7,9 +7,15 @@
     forward(x, rng)                 the defended prediction: S replicas merged (probabilities)
     evaluate(x, y, rng, n)          correctness of n independent defended predictions, per merge rule
 
-Replicas and EOT draws are rows of one batch (draw-major: row d*B + i is draw d of image i);
-nets see them in chunks of at most `max_batch` rows, the memory budget. Every stochastic call
-takes an RNG (`advpure.rng`), so results are reproducible and independent of batch layout.
+Images are (B, C, H, W) in [0, 1]. Replicas and EOT draws are rows of one batch (draw-major: row
+d*B + i is draw d of image i); nets see them in chunks of at most `max_batch` rows, the memory
+budget. Every stochastic call takes an RNG (`advpure.rng`), so results are reproducible and
+independent of batch layout.
+
+A Defense is an evaluation object: its nets are always in eval mode (BatchNorm statistics frozen,
+dropout off), whatever mode they were in when passed in and whatever `.train()` is called with,
+so an attack never changes the model it attacks and a dropout net is never mistaken for a
+deterministic one. Non-finite outputs of the classifier or the purifier raise `NonFiniteError`.
 """
 
 from __future__ import annotations
@@ -19,39 +25,12 @@ import contextlib
 import torch
 from torch import nn
 
-from advpure.purify.adp import PurifyResult, adp_chain, check_images, screen
-from advpure.purify.langevin import langevin_chain
+from advpure.errors import check_finite
+from advpure.purify.base import IdentityPurifier, Purifier, PurifyResult, check_images, purifier_class
+from advpure.purify.merge import MERGE_RULES, correct_by_merge, merge_scores
 from advpure.rng import RNG
 
-MERGE_RULES = ("softmax", "logits", "vote")
-NOISE_TYPES = ("gaussian", "rademacher")
 
-
-# --- merging replicas ---------------------------------------------------------------------------
-def merge_scores(chain_logits: torch.Tensor, rule: str) -> torch.Tensor:
-    """(S, B, K) logits of S replicas -> (B, K) merged scores (probabilities, logits or vote shares)."""
-    if rule == "softmax":
-        return chain_logits.float().softmax(-1).mean(0)
-    if rule == "logits":
-        return chain_logits.float().mean(0)
-    if rule == "vote":
-        k = chain_logits.shape[-1]
-        return nn.functional.one_hot(chain_logits.argmax(-1), k).float().mean(0)
-    raise ValueError(f"unknown merge rule '{rule}'; allowed: {', '.join(MERGE_RULES)}")
-
-
-def merge_predict(chain_logits: torch.Tensor, rule: str) -> torch.Tensor:
-    """(S, B, K) -> (B,) predicted classes. Ties: lowest class index for softmax/logits (argmax);
-    for vote, the tied class with the highest mean softmax, then the lowest index."""
-    scores = merge_scores(chain_logits, rule)
-    if rule != "vote":
-        return scores.argmax(-1)
-    tied = scores == scores.max(-1, keepdim=True).values
-    mean_prob = chain_logits.float().softmax(-1).mean(0)
-    return torch.where(tied, mean_prob, torch.full_like(mean_prob, -1.0)).argmax(-1)
-
-
-# --- counting and chunking ----------------------------------------------------------------------
 class Counted(nn.Module):
     """Wraps a net and counts the rows (images) it has been evaluated on."""
 
@@ -66,98 +45,10 @@ class Counted(nn.Module):
 
 
 def chunked(fn, x: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """fn applied to `x` in chunks of at most `max_rows` rows, concatenated."""
     if x.shape[0] <= max_rows:
         return fn(x)
     return torch.cat([fn(c) for c in x.split(max_rows)])
-
-
-# --- purifiers ----------------------------------------------------------------------------------
-class Purifier(nn.Module):
-    """Maps (B, ...) images to (draws*B, ...) purified rows, draw-major."""
-
-    stochastic = True  # subclasses that use a score net register it as `self.score_net`
-
-    def forward(self, x, rng: RNG, draws: int, score_fn, differentiable: bool = False) -> PurifyResult:
-        raise NotImplementedError
-
-
-def _rows(x: torch.Tensor, draws: int) -> torch.Tensor:
-    return x.unsqueeze(0).expand(draws, *x.shape).reshape(draws * x.shape[0], *x.shape[1:])
-
-
-class IdentityPurifier(Purifier):
-    """No purification: the undefended classifier through the same interface."""
-
-    stochastic = False
-
-    def forward(self, x, rng, draws, score_fn=None, differentiable=False) -> PurifyResult:
-        zeros = torch.zeros(draws * x.shape[0], dtype=torch.long, device=x.device)
-        return PurifyResult(x=_rows(x, draws), steps=zeros, score_evals=zeros.clone())
-
-
-class ADPPurifier(Purifier):
-    """ADP chains (purify/adp.py). `checkpointing=False` keeps every step's activations in the
-    differentiable mode (faster backward, memory linear in T; for comparisons)."""
-
-    def __init__(
-        self,
-        score_net: nn.Module,
-        *,
-        sigma=0.25,
-        lam=0.05,
-        delta=1e-3,
-        tau=1e-3,
-        steps=10,
-        noise="gaussian",
-        checkpointing: bool = True,
-    ):
-        super().__init__()
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
-        if steps < 1:
-            raise ValueError(f"steps (T) must be >= 1, got {steps}")
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"unknown noise type '{noise}'; allowed: {', '.join(NOISE_TYPES)}")
-        if lam <= 0 or delta <= 0 or tau < 0:
-            raise ValueError(f"need lam > 0, delta > 0, tau >= 0; got {lam}, {delta}, {tau}")
-        self.score_net = score_net
-        self.sigma, self.noise, self.checkpointing = sigma, noise, checkpointing
-        self.chain = dict(lam=lam, delta=delta, tau=tau, steps=steps)
-
-    def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
-        n = rng.rademacher(draws, x) if self.noise == "rademacher" else rng.normal(draws, x)
-        x0 = screen(_rows(x, draws), self.sigma, n.reshape(-1, *x.shape[1:]), self.noise)
-        return adp_chain(
-            x0, score_fn, **self.chain, differentiable=differentiable, checkpointing=self.checkpointing
-        )
-
-
-class LangevinPurifier(Purifier):
-    def __init__(
-        self, score_net: nn.Module, *, sigma=0.25, eta=1e-4, score_sigma=0.05, steps=100, noise="gaussian"
-    ):
-        super().__init__()
-        if sigma < 0 or steps < 1:
-            raise ValueError(f"need sigma >= 0 and steps >= 1, got {sigma}, {steps}")
-        self.score_net = score_net
-        self.sigma, self.eta, self.score_sigma, self.steps, self.noise = sigma, eta, score_sigma, steps, noise
-
-    def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
-        def noise_fn():
-            return rng.normal(draws, x).reshape(-1, *x.shape[1:])
-
-        x0 = _rows(x, draws)
-        if self.sigma > 0:
-            x0 = screen(x0, self.sigma, noise_fn(), "gaussian")
-        return langevin_chain(
-            x0,
-            score_fn,
-            noise_fn,
-            eta=self.eta,
-            score_sigma=self.score_sigma,
-            steps=self.steps,
-            differentiable=differentiable,
-        )
 
 
 @contextlib.contextmanager
@@ -174,8 +65,14 @@ def no_tf32(device: torch.device):
         torch.backends.cudnn.allow_tf32 = before
 
 
-# --- the defense --------------------------------------------------------------------------------
 class Defense(nn.Module):
+    """A classifier behind a purifier, S replicas merged by `merge` (see the module docstring).
+
+    classifier: (B, C, H, W) in [0, 1] -> (B, K) logits. purifier: a `Purifier` (None: identity).
+    amp_dtype: autocast dtype for the classifier (purification always runs in fp32).
+    Raises ValueError for replicas < 1, an unknown merge rule or max_batch < 1.
+    """
+
     def __init__(
         self,
         classifier: nn.Module,
@@ -202,6 +99,11 @@ class Defense(nn.Module):
         self.score_net = Counted(net) if net is not None else None
         self.replicas, self.merge, self.max_batch = replicas, merge, max_batch
         self.amp_dtype, self.channels, self.image_size, self.name = amp_dtype, channels, image_size, name
+        self.eval()
+
+    def train(self, mode: bool = True) -> Defense:
+        """Always eval mode (see the module docstring); `mode` is ignored."""
+        return super().train(False)
 
     # -- properties attacks ask about --
     @property
@@ -226,16 +128,20 @@ class Defense(nn.Module):
 
     # -- the interface --
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Bare classifier logits (float32), chunked; differentiable."""
+        """Bare classifier logits (B, K) float32, chunked; differentiable."""
         with self._autocast(x):
-            return chunked(self.classifier, x, self.max_batch).float()
+            logits = chunked(self.classifier, x, self.max_batch).float()
+        check_finite(logits, f"the classifier of defense '{self.name}'")
+        return logits
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw score network f_theta(x) ~ -noise, chunked; differentiable."""
+        """Raw score network f_theta(x) ~ -noise, of x's shape, chunked; differentiable."""
         if self.score_net is None:
             raise ValueError(f"defense '{self.name}' has no score network")
         with self._autocast(x):
-            return chunked(self.score_net, x, self.max_batch).to(x.dtype)
+            out = chunked(self.score_net, x, self.max_batch).to(x.dtype)
+        check_finite(out, f"the score network of defense '{self.name}'")
+        return out
 
     def score_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """f_theta(x) in (at least) fp32 whatever autocast is active, for purification: ADP's step-size
@@ -251,7 +157,9 @@ class Defense(nn.Module):
         """`draws` independent chains per image; result rows are (draws * B), draw-major."""
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
-        return self.purifier(x, rng, draws, self.score_fp32, differentiable=differentiable)
+        out = self.purifier(x, rng, draws, self.score_fp32, differentiable=differentiable)
+        check_finite(out.x, f"the purifier ({self.purifier.name}) of defense '{self.name}'")
+        return out
 
     def chain_logits(
         self, x: torch.Tensor, rng: RNG, draws: int, differentiable: bool = False
@@ -259,8 +167,8 @@ class Defense(nn.Module):
         """Classifier logits of `draws` purified chains per image: (draws, B, K)."""
         if not self.stochastic:
             # deterministic defense: every draw is the same; classify once
-            logits = self.classify(x)
             out = self.purifier(x, rng, 1, None)
+            logits = self.classify(out.x)
             return logits.unsqueeze(0).expand(draws, *logits.shape), out
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             out = self.purify(x, rng, draws, differentiable=differentiable)
@@ -268,7 +176,7 @@ class Defense(nn.Module):
         return logits.view(draws, x.shape[0], -1), out
 
     def forward(self, x: torch.Tensor, rng: RNG, rule: str | None = None) -> torch.Tensor:
-        """Defended prediction: S replicas merged by `rule` (default: the configured merge)."""
+        """Defended prediction (B, K): S replicas merged by `rule` (default: the configured merge)."""
         logits, _ = self.chain_logits(x, rng, self.replicas)
         return merge_scores(logits, rule or self.merge)
 
@@ -280,79 +188,57 @@ class Defense(nn.Module):
         return correct_by_merge(logits.view(n, self.replicas, *logits.shape[1:]), y)
 
 
-def correct_by_merge(grouped_logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(n, S, B, K) logits -> {rule: (n, B) bool} correctness of each of the n merged predictions."""
-    return {rule: torch.stack([merge_predict(g, rule) == y for g in grouped_logits]) for rule in MERGE_RULES}
-
-
 def build_defense(
-    cfg,
+    params,
     classifier: nn.Module,
-    score_net: nn.Module | None,
+    nets: dict[str, nn.Module | None] | nn.Module | None = None,
     *,
     channels=None,
     image_size=None,
     amp_dtype=None,
     name=None,
 ) -> Defense:
-    """A `Defense` from a `DefenseConfig` (kind adp | langevin | none)."""
-    if cfg.kind == "none":
-        purifier, replicas = None, 1
-    else:
-        if score_net is None:
-            raise ValueError(f"defense kind '{cfg.kind}' needs a score network")
-        if cfg.kind == "adp":
-            purifier = ADPPurifier(
-                score_net,
-                sigma=cfg.sigma,
-                lam=cfg.lam,
-                delta=cfg.delta,
-                tau=cfg.tau,
-                steps=cfg.steps,
-                noise=cfg.noise,
-            )
-        elif cfg.kind == "langevin":
-            purifier = LangevinPurifier(
-                score_net,
-                sigma=cfg.sigma,
-                eta=cfg.langevin_eta,
-                score_sigma=cfg.langevin_sigma,
-                steps=cfg.steps,
-                noise=cfg.noise,
-            )
-        else:
-            raise ValueError(f"unknown defense kind '{cfg.kind}'; allowed: adp, langevin, none")
-        replicas = cfg.replicas
+    """A `Defense` from a typed defense block (see `advpure.config`): the purifier registered as
+    `params.kind` built by its `from_params`. `nets`: {"score": score net} (or the score net).
+    Raises ValueError when the purifier needs a score network and none is given."""
+    cls = purifier_class(params.kind)
+    nets = nets if isinstance(nets, dict) else {"score": nets}
+    if cls.needs_score and nets.get("score") is None:
+        raise ValueError(f"defense kind '{params.kind}' needs a score network")
+    purifier = cls.from_params(params, nets)
     return Defense(
         classifier,
         purifier,
-        replicas=replicas,
-        merge=cfg.merge,
-        max_batch=cfg.max_batch,
+        replicas=params.replicas if cls.stochastic else 1,
+        merge=params.merge,
+        max_batch=params.max_batch,
         amp_dtype=amp_dtype,
         channels=channels,
         image_size=image_size,
-        name=name or defense_name(cfg),
+        name=name or defense_name(params),
     )
 
 
-def defense_name(cfg) -> str:
-    """Row name of a defense in result tables: none, adp_s0.25, langevin_s0.25."""
-    return "none" if cfg.kind == "none" else f"{cfg.kind}_s{cfg.sigma:g}"
+def defense_name(params) -> str:
+    """Row name of a defense in result tables and records: none, adp_s0.25, langevin_s0.25."""
+    if params.kind == "none":
+        return "none"
+    kind = str(params.kind).rpartition(":")[2].lower()  # a user's module.path:Class -> class
+    sigma = getattr(params, "sigma", None)
+    return f"{kind}_s{sigma:g}" if sigma is not None else kind
+
+
+def defense_label(params) -> str:
+    """Display label of a defense, e.g. "ADP σ=0.25" (from the purifier's `describe`)."""
+    return purifier_class(params.kind).describe(params)
 
 
 __all__ = [
-    "MERGE_RULES",
-    "ADPPurifier",
     "Counted",
     "Defense",
-    "IdentityPurifier",
-    "LangevinPurifier",
-    "Purifier",
-    "chunked",
-    "correct_by_merge",
-    "merge_predict",
-    "merge_scores",
     "build_defense",
+    "chunked",
+    "defense_label",
     "defense_name",
+    "no_tf32",
 ]

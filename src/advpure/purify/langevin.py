@@ -1,21 +1,25 @@
 """ML/MCMC purification baseline (Hill, Mitchell & Zhu, ICLR 2021): stochastic Langevin updates.
 
     x_0 = clip(x + sigma * n_0, 0, 1)                       (optional screening, sigma may be 0)
-    x_{t+1} = clip(x_t + eta/2 * s(x_t) + sqrt(eta) * n_t, 0, 1),   s = f_theta / sigma_s
+    x_{t+1} = clip(x_t + eta/2 * s(x_t) + sqrt(eta) * n_t, 0, 1),   s = f_theta / dsm_sigma
 
-`f_theta ~ sigma * grad log p_sigma` is the DSM-trained net ADP uses; dividing by the noise level
-the chain runs at (`sigma_s`) gives the score. This is the "ML" arm of the seed's Fig. 2
-(stochastic, many steps) against ADP's "Det" arm (deterministic, adaptive, few steps).
+`f_theta ~ sigma * grad log p_sigma` is the DSM-trained net ADP uses; dividing by the DSM noise
+level the chain runs at (`dsm_sigma`) gives the score of p at that level. This is the "ML" arm of
+the seed's Fig. 2 (stochastic, many steps) against ADP's "Det" arm (deterministic, adaptive, few
+steps).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from advpure.purify.adp import PurifyResult, screen
+from advpure.params import at_least
+from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows, screened_rows
+from advpure.rng import GeneratorRNG
 
 NoiseFn = Callable[[], torch.Tensor]
 
@@ -26,23 +30,65 @@ def langevin_chain(
     noise_fn: NoiseFn,
     *,
     eta: float = 1e-4,
-    score_sigma: float = 0.05,
+    dsm_sigma: float = 0.05,
     steps: int = 100,
     differentiable: bool = False,
 ) -> PurifyResult:
-    """`noise_fn()` returns a fresh standard-normal tensor of x0's shape at every step."""
+    """`steps` Langevin updates from x0 (R, C, H, W) in [0, 1]; `noise_fn()` returns a fresh
+    standard-normal tensor of x0's shape at every step. eta: step size (image units squared).
+    Raises ValueError for steps < 1 or non-positive eta / dsm_sigma."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if eta <= 0 or score_sigma <= 0:
-        raise ValueError(f"eta and score_sigma must be > 0, got {eta}, {score_sigma}")
+    if eta <= 0 or dsm_sigma <= 0:
+        raise ValueError(f"eta and dsm_sigma must be > 0, got {eta}, {dsm_sigma}")
     x = x0
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         for _ in range(steps):
-            s = score_fn(x).to(x.dtype) / score_sigma
+            s = score_fn(x).to(x.dtype) / dsm_sigma
             x = (x + 0.5 * eta * s + math.sqrt(eta) * noise_fn()).clamp(0.0, 1.0)
-    rows = x0.shape[0]
-    n = torch.full((rows,), steps, dtype=torch.long, device=x0.device)
+    n = torch.full((x0.shape[0],), steps, dtype=torch.long, device=x0.device)
     return PurifyResult(x=x if differentiable else x.detach(), steps=n, score_evals=n.clone())
+
+
+@register_purifier("langevin")
+class LangevinPurifier(Purifier):
+    """Screening (sigma, may be 0), then `steps` Langevin updates (Hill et al. 2021)."""
+
+    @dataclass
+    class Params(DefenseParams):
+        kind: str = "langevin"
+        sigma: float = at_least(0.25, 0.0)  # screening noise std before the chain (0: none)
+        steps: int = at_least(100, 1)  # Langevin updates
+        eta: float = at_least(1e-4, 0.0, strict=True)  # step size
+        dsm_sigma: float = at_least(0.05, 0.0, strict=True)  # DSM level of the score s = f / dsm_sigma
+
+    label = "Langevin (ML)"
+
+    def __init__(self, score_net: torch.nn.Module, *, sigma=0.25, eta=1e-4, dsm_sigma=0.05, steps=100):
+        super().__init__()
+        if sigma < 0 or steps < 1:
+            raise ValueError(f"need sigma >= 0 and steps >= 1, got {sigma}, {steps}")
+        self.score_net = score_net
+        self.sigma, self.eta, self.dsm_sigma, self.steps = sigma, eta, dsm_sigma, steps
+
+    @classmethod
+    def from_params(cls, p, nets) -> LangevinPurifier:
+        return cls(nets["score"], sigma=p.sigma, eta=p.eta, dsm_sigma=p.dsm_sigma, steps=p.steps)
+
+    def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
+        def noise_fn():
+            return rng.normal(draws, x).reshape(-1, *x.shape[1:])
+
+        x0 = screened_rows(x, rng, draws, self.sigma) if self.sigma > 0 else rows(x, draws)
+        return langevin_chain(
+            x0,
+            score_fn,
+            noise_fn,
+            eta=self.eta,
+            dsm_sigma=self.dsm_sigma,
+            steps=self.steps,
+            differentiable=differentiable,
+        )
 
 
 def langevin_purify(
@@ -51,14 +97,16 @@ def langevin_purify(
     *,
     sigma: float = 0.0,
     eta: float = 1e-4,
-    score_sigma: float = 0.05,
+    dsm_sigma: float = 0.05,
     steps: int = 100,
     generator: torch.Generator | None = None,
 ) -> PurifyResult:
-    """Screen (when sigma > 0) and run the Langevin chain, with noise from `generator`."""
+    """Screen (when sigma > 0) and run the Langevin chain on (B, C, H, W) images in [0, 1], with
+    noise from `generator`: the same path as `LangevinPurifier` with one draw."""
+    rng = GeneratorRNG(generator if generator is not None else torch.default_generator)
+    return LangevinPurifier(torch.nn.Identity(), sigma=sigma, eta=eta, dsm_sigma=dsm_sigma, steps=steps)(
+        x, rng, 1, score_fn
+    )
 
-    def noise_fn() -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
 
-    x0 = screen(x, sigma, noise_fn()) if sigma > 0 else x
-    return langevin_chain(x0, score_fn, noise_fn, eta=eta, score_sigma=score_sigma, steps=steps)
+__all__ = ["LangevinPurifier", "langevin_chain", "langevin_purify"]

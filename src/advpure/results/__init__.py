@@ -5,17 +5,26 @@ Every reported accuracy is recomputed from per-sample records (`store`), turned 
 """
 
 from advpure.results.plots import plot_image_grid, plot_loss_curves, plot_robust_vs_eps
-from advpure.results.protocols import check_consistency, protocol_records, records_for
+from advpure.results.protocols import (
+    PROTOCOLS,
+    Observations,
+    Protocol,
+    check_consistency,
+    metric_name,
+    protocol,
+    protocol_records,
+    records_for,
+    register_protocol,
+)
 from advpure.results.stats import accuracy, wilson
 from advpure.results.store import (
-    MERGES,
     NATURAL,
-    PROTOCOLS,
     Batch,
     Example,
     Record,
     RecordStore,
     clear,
+    delete_units,
     load_batches,
     load_examples,
     load_records,
@@ -24,8 +33,11 @@ from advpure.results.store import (
 )
 from advpure.results.tables import (
     CITED_HEADING,
+    columns,
+    protocols_in,
     read_csv,
     read_json,
+    stat_protocols,
     summarize,
     to_console,
     to_csv,
@@ -34,9 +46,17 @@ from advpure.results.tables import (
 )
 
 __all__ = [
-    "MERGES",
     "NATURAL",
     "PROTOCOLS",
+    "Observations",
+    "Protocol",
+    "columns",
+    "delete_units",
+    "metric_name",
+    "protocol",
+    "protocols_in",
+    "stat_protocols",
+    "register_protocol",
     "CITED_HEADING",
     "Batch",
     "Example",

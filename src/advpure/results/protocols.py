@@ -1,7 +1,15 @@
-"""How a stochastic defense counts as robust on one sample, and checks that the counts agree.
+"""Evaluation protocols: how a stochastic defense counts as robust on one sample.
 
 A randomised defense answers differently each time it is asked, so "robust accuracy" needs a
-protocol. All four are computed from the same observations of one attack run:
+protocol. A protocol is defined once, here or in a user's module, by one decorated function of
+the observations of one attack run; the store, the tables, the CSV/JSON, the W&B keys and the
+report all derive from its registration:
+
+    @register_protocol("majority_of_n", label="Majority-of-N", legend="robust if most of the N draws are correct")
+    def majority_of_n(obs: Observations) -> torch.Tensor:
+        return obs.final.float().mean(0) > 0.5
+
+Built in (computed from the same observations of one attack run):
 
 * `single`      — the final adversarial input classified once (draw 0 of the N fresh draws);
 * `worst_of_n`  — robust only if all N fresh classifications are correct;
@@ -10,49 +18,174 @@ protocol. All four are computed from the same observations of one attack run:
   (Hill et al. 2021: an attacker who checks along the way keeps any iterate that fooled it).
 
 Because the single draw is draw 0 and the final check of the path, the protocols are ordered per
-sample (worst_of_n <= single, ever_broken <= single, worst_of_n <= mean_of_n); `check_consistency`
-verifies this on stored records, which catches mis-wired callers and mixed-up stores.
+sample (worst_of_n <= single, ever_broken <= single, worst_of_n <= mean_of_n); every protocol
+states such relations (`at_most`) and `check_consistency` verifies them on stored records, which
+catches mis-wired callers and mixed-up stores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from advpure.results.store import MERGES, PROTOCOLS, Record
+from advpure.purify.merge import MERGE_RULES
+from advpure.registry import Registry
+from advpure.results.store import NATURAL, Record
 
 
+@dataclass(frozen=True)
+class Observations:
+    """What one attack run (or the clean evaluation) observed for a batch of B images."""
+
+    final: torch.Tensor  # (N, B) bool: N fresh defended classifications of the final input (row 0 = single)
+    path: torch.Tensor | None = None  # (I, B) bool: correctness at the iterates before the final one
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One evaluation protocol. `compute(obs)` returns (B,) values in [0, 1] (bool or float), or
+    None when `obs` lacks what it needs (e.g. no path for clean inputs)."""
+
+    name: str
+    compute: Callable[[Observations], torch.Tensor | None]
+    label: str  # column header in tables
+    legend: str  # one sentence for the table's legend
+    at_most: tuple[str, ...] = ()  # per sample, value <= these protocols' values
+    invariant: Callable[[Mapping[str, float]], str | None] | None = None  # extra per-sample check
+    needs_path: bool = False  # the attack must record the defense's correctness at every iterate
+
+    def __call__(self, obs: Observations) -> torch.Tensor | None:
+        return self.compute(obs)
+
+
+def _is_protocol(obj) -> None:
+    if not isinstance(obj, Protocol):
+        raise TypeError(f"a protocol must be made by @register_protocol, got {obj!r}")
+
+
+PROTOCOLS = Registry("protocol", check=_is_protocol)
+
+
+def register_protocol(
+    name: str,
+    *,
+    label: str,
+    legend: str,
+    at_most: Sequence[str] = (),
+    invariant: Callable[[Mapping[str, float]], str | None] | None = None,
+    needs_path: bool = False,
+) -> Callable[[Callable[[Observations], torch.Tensor | None]], Protocol]:
+    """Decorator: register `fn(obs) -> (B,) values` as protocol `name`; returns the Protocol.
+    `needs_path`: fn reads `obs.path` (the benchmark then tracks correctness at every iterate)."""
+
+    def deco(fn: Callable[[Observations], torch.Tensor | None]) -> Protocol:
+        proto = Protocol(name, fn, label, legend, tuple(at_most), invariant, needs_path)
+        PROTOCOLS.add(name, proto)
+        return proto
+
+    return deco
+
+
+def protocol(name: str) -> Protocol:
+    """The protocol registered as `name` (or imported from `module.path:name`)."""
+    return PROTOCOLS.get(name)
+
+
+def metric_name(defense: str, attack: str, protocol: str) -> str:
+    """The one place metric names are made: `natural/<defense>[/<protocol>]` for clean accuracy,
+    `robust/<defense>/<attack>/<protocol>` for an attack (W&B keys, Lightning metrics)."""
+    if attack == NATURAL:
+        return f"natural/{defense}" if protocol == "single" else f"natural/{defense}/{protocol}"
+    return f"robust/{defense}/{attack}/{protocol}"
+
+
+# --- the built-in protocols -------------------------------------------------------------------------
+@register_protocol(
+    "single",
+    label="Robust (single)",
+    legend="the final adversarial input classified once by the stochastic defense (the paper's protocol)",
+)
+def single(obs: Observations) -> torch.Tensor:
+    return obs.final[0]
+
+
+def _mean_invariant(v: Mapping[str, float]) -> str | None:
+    mean, worst, single_ = v.get("mean_of_n"), v.get("worst_of_n"), v.get("single")
+    if mean is not None and worst is not None and (mean == 1.0) != (worst == 1.0):
+        return "mean_of_n == 1 must coincide with worst_of_n == 1"
+    if mean == 0.0 and single_ is not None and single_ > 0.0:
+        return "single correct but mean_of_n == 0"
+    return None
+
+
+@register_protocol(
+    "worst_of_n",
+    label="Worst-of-N",
+    legend="classified N times with fresh randomness: robust only if correct every time",
+    at_most=("single", "mean_of_n"),
+)
+def worst_of_n(obs: Observations) -> torch.Tensor:
+    return obs.final.all(dim=0)
+
+
+@register_protocol(
+    "mean_of_n",
+    label="Mean-of-N",
+    legend="the fraction of the N fresh classifications that are correct (expected accuracy of one query)",
+    invariant=_mean_invariant,
+)
+def mean_of_n(obs: Observations) -> torch.Tensor:
+    return obs.final.float().mean(dim=0)
+
+
+@register_protocol(
+    "ever_broken",
+    label="Ever broken",
+    legend="robust only if the defense was correct at every attack iterate (Hill et al. 2021)",
+    at_most=("single",),
+    needs_path=True,
+)
+def ever_broken(obs: Observations) -> torch.Tensor | None:
+    if obs.path is None:
+        return None
+    return obs.path.all(dim=0) & obs.final[0]
+
+
+# --- from observations to records -----------------------------------------------------------------
 def protocol_records(
-    final_correct: torch.Tensor, path_correct: torch.Tensor | None = None
+    final_correct: torch.Tensor,
+    path_correct: torch.Tensor | None = None,
+    protocols: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample outcome of every protocol, each a (B,) tensor.
+    """Per-sample outcome of every protocol in `protocols` (default: all registered), each (B,).
 
     final_correct: bool (N, B), the N fresh classifications of the final adversarial input; row 0
     is the single draw. path_correct: optional bool (I, B), correctness at the iterates before the
-    final one (iterate 0 = the starting point); without it `ever_broken` is omitted.
-    Returns bool tensors, except `mean_of_n` (float in [0, 1]).
+    final one (iterate 0 = the starting point); protocols that need it are omitted without it.
+    Raises ValueError for malformed inputs or an unknown protocol.
     """
     if final_correct.dtype != torch.bool or final_correct.dim() != 2 or final_correct.shape[0] < 1:
         raise ValueError(
             f"final_correct must be a bool tensor (N>=1, B), got {final_correct.dtype} {tuple(final_correct.shape)}"
         )
-    out = {
-        "single": final_correct[0],
-        "worst_of_n": final_correct.all(dim=0),
-        "mean_of_n": final_correct.float().mean(dim=0),
-    }
-    if path_correct is not None:
-        if (
-            path_correct.dtype != torch.bool
-            or path_correct.dim() != 2
-            or path_correct.shape[1] != final_correct.shape[1]
-        ):
-            raise ValueError(
-                f"path_correct must be a bool tensor (I, B={final_correct.shape[1]}), "
-                f"got {path_correct.dtype} {tuple(path_correct.shape)}"
-            )
-        out["ever_broken"] = path_correct.all(dim=0) & final_correct[0]
+    if path_correct is not None and (
+        path_correct.dtype != torch.bool
+        or path_correct.dim() != 2
+        or path_correct.shape[1] != final_correct.shape[1]
+    ):
+        raise ValueError(
+            f"path_correct must be a bool tensor (I, B={final_correct.shape[1]}), "
+            f"got {path_correct.dtype} {tuple(path_correct.shape)}"
+        )
+    obs = Observations(final_correct, path_correct)
+    out = {}
+    for name in protocols if protocols is not None else PROTOCOLS.names():
+        p = protocol(name)
+        value = p(obs)
+        if value is not None:
+            out[p.name] = value
     return out
 
 
@@ -65,30 +198,29 @@ def records_for(
     """Flatten `{merge: protocol_records(...)}` of one batch into `Record`s for `write_batch`."""
     idx_list = [int(i) for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx)]
     out: list[Record] = []
-    for merge, protocols in per_merge.items():
-        if merge not in MERGES:
-            raise ValueError(f"unknown merge {merge!r}; allowed: {', '.join(MERGES)}")
-        for protocol, values in protocols.items():
-            if protocol not in PROTOCOLS:
-                raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    for merge, values_by_protocol in per_merge.items():
+        if merge not in MERGE_RULES:
+            raise ValueError(f"unknown merge {merge!r}; allowed: {', '.join(MERGE_RULES)}")
+        for name, values in values_by_protocol.items():
+            if name not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {name!r}; allowed: {', '.join(PROTOCOLS.names())}")
             vals = values.detach().float().cpu().reshape(-1).tolist()
             if len(vals) != len(idx_list):
-                raise ValueError(f"{merge}/{protocol}: {len(vals)} values for {len(idx_list)} indices")
-            out.extend(Record(defense, attack, protocol, merge, i, v) for i, v in zip(idx_list, vals))
+                raise ValueError(f"{merge}/{name}: {len(vals)} values for {len(idx_list)} indices")
+            out.extend(Record(defense, attack, name, merge, i, v) for i, v in zip(idx_list, vals))
     return out
 
 
 def check_consistency(records: Iterable[Sequence]) -> int:
-    """Verify the per-sample order of the protocols; returns the number of samples checked.
+    """Verify the per-sample relations the protocols declare; returns the number of samples checked.
 
     Raises ValueError naming the first violating (defense, attack, merge, idx) in sorted order.
-    Checked: values in [0, 1]; worst_of_n <= single; ever_broken <= single;
-    worst_of_n <= mean_of_n; and, since all draws are the same N draws, mean_of_n == 1 exactly
-    when worst_of_n == 1, and mean_of_n == 0 implies single == 0.
+    Checked: values in [0, 1]; every `at_most` relation (e.g. worst_of_n <= single); every
+    protocol's `invariant` (e.g. mean_of_n == 1 exactly when worst_of_n == 1).
     """
     samples: dict[tuple, dict[str, float]] = {}
-    for defense, attack, protocol, merge, idx, value in records:
-        samples.setdefault((defense, attack, merge, int(idx)), {})[protocol] = float(value)
+    for defense, attack, name, merge, idx, value in records:
+        samples.setdefault((defense, attack, merge, int(idx)), {})[name] = float(value)
     for key in sorted(samples):
         problem = _violation(samples[key])
         if problem:
@@ -101,19 +233,29 @@ def check_consistency(records: Iterable[Sequence]) -> int:
 
 
 def _violation(v: dict[str, float]) -> str | None:
-    for protocol, value in v.items():
+    for name, value in v.items():
         if not 0.0 <= value <= 1.0:
-            return f"{protocol}={value} outside [0, 1]"
-    single, worst, mean, ever = (v.get(p) for p in ("single", "worst_of_n", "mean_of_n", "ever_broken"))
-    if worst is not None and single is not None and worst > single:
-        return "worst_of_n > single"
-    if ever is not None and single is not None and ever > single:
-        return "ever_broken > single"
-    if worst is not None and mean is not None:
-        if worst > mean:
-            return "worst_of_n > mean_of_n"
-        if (mean == 1.0) != (worst == 1.0):
-            return "mean_of_n == 1 must coincide with worst_of_n == 1"
-    if mean == 0.0 and single is not None and single > 0.0:
-        return "single correct but mean_of_n == 0"
+            return f"{name}={value} outside [0, 1]"
+    for name, value in v.items():
+        if name not in PROTOCOLS:
+            continue  # a user protocol whose module is not imported here: nothing declared
+        p = protocol(name)
+        for other in p.at_most:
+            if other in v and value > v[other]:
+                return f"{name} > {other}"
+        if p.invariant is not None and (problem := p.invariant(v)):
+            return problem
     return None
+
+
+__all__ = [
+    "PROTOCOLS",
+    "Observations",
+    "Protocol",
+    "check_consistency",
+    "metric_name",
+    "protocol",
+    "protocol_records",
+    "records_for",
+    "register_protocol",
+]

@@ -8,23 +8,21 @@ from pathlib import Path
 from typing import Any
 
 from advpure.results.plots import plot_image_grid, plot_loss_curves, plot_robust_vs_eps
-from advpure.results.protocols import check_consistency
-from advpure.results.store import NATURAL, load_batches, load_examples, load_records, load_traces
-from advpure.results.tables import summarize, to_console, to_csv, to_json, to_markdown
+from advpure.results.protocols import check_consistency, metric_name
+from advpure.results.store import load_batches, load_examples, load_records, load_traces
+from advpure.results.tables import stat_protocols, summarize, to_console, to_csv, to_json, to_markdown
 
 
 def metric_values(rows: Sequence[dict], merge: str) -> dict[str, float]:
-    """The scalar keys logged to W&B: natural/<defense>, robust/<defense>/<attack>/<protocol>."""
+    """The scalar keys logged to W&B (`metric_name`): natural/<defense>[/<protocol>] and
+    robust/<defense>/<attack>/<protocol>, for every protocol of each row."""
     out: dict[str, float] = {}
     for r in rows:
         if r["merge"] != merge:
             continue
-        if r["attack"] == NATURAL:
-            out[f"natural/{r['defense']}"] = r["single"]
-            continue
-        for p in ("single", "worst_of_n", "ever_broken"):
+        for p in stat_protocols([r]):
             if r.get(p) is not None:
-                out[f"robust/{r['defense']}/{r['attack']}/{p}"] = r[p]
+                out[metric_name(r["defense"], r["attack"], p)] = r[p]
     return out
 
 

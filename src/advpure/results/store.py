@@ -18,7 +18,7 @@ Layout of a run directory::
 
     <run_dir>/records/rank0.sqlite, rank1.sqlite, ...
 
-Formats (all values are plain Python / numpy; nothing here imports torch):
+Formats (all values are plain Python / numpy):
 
 * a record is `Record(defense, attack, protocol, merge, idx, value)`; `write_batch` takes the
   records of one (defense, attack) batch either as these 6-tuples (defense and attack must match
@@ -41,9 +41,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from advpure.errors import RunDirError
+from advpure.purify.merge import MERGE_RULES
 
-PROTOCOLS = ("single", "worst_of_n", "mean_of_n", "ever_broken")
-MERGES = ("softmax", "logits", "vote")
 NATURAL = "natural"  # the attack name of clean-accuracy records
 
 SCHEMA_VERSION = 1  # stored as PRAGMA user_version; bump when the tables change
@@ -271,10 +270,12 @@ class RecordStore:
         if len(r) != 4:
             raise ValueError(f"a record is (protocol, merge, idx, value), got {tuple(r)!r}")
         protocol, merge, idx, value = r
+        from advpure.results.protocols import PROTOCOLS  # the registry imports this module
+
         if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
-        if merge not in MERGES:
-            raise ValueError(f"unknown merge {merge!r}; allowed: {', '.join(MERGES)}")
+            raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS.names())}")
+        if merge not in MERGE_RULES:
+            raise ValueError(f"unknown merge {merge!r}; allowed: {', '.join(MERGE_RULES)}")
         value = float(value)
         if not (0.0 <= value <= 1.0):  # also rejects NaN
             raise ValueError(f"record value must be in [0, 1], got {value} for sample {idx}")
@@ -291,6 +292,20 @@ class RecordStore:
                 raise RunDirError(
                     f"conflicting record {row[:5]} in {self.path}: stored {stored[0]}, new {row[5]}"
                 )
+
+    def delete_unit(self, defense: str, attack: str) -> None:
+        """Remove every row of one (defense, attack) block (records, markers, traces, examples),
+        in one transaction: the block is then recomputed, the other blocks are kept."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("records", "batches", "traces", "examples"):
+                conn.execute(f"DELETE FROM {table} WHERE defense=? AND attack=?", (defense, attack))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value (committed at once)."""
@@ -433,6 +448,14 @@ def load_examples(run_dir: str | Path) -> list[Example]:
         for e in store.examples():
             out.setdefault((e.defense, e.attack, e.idx), e)
     return [e for _, e in sorted(out.items(), key=lambda kv: kv[0])]
+
+
+def delete_units(run_dir: str | Path, units: Iterable[tuple[str, str]]) -> None:
+    """Delete the (defense, attack) blocks `units` from every rank file of `run_dir`."""
+    units = list(units)
+    for _, store in _each_store(run_dir):
+        for defense, attack in units:
+            store.delete_unit(defense, attack)
 
 
 def clear(run_dir: str | Path) -> None:

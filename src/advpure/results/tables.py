@@ -12,8 +12,9 @@ when there are no records; the renderers turn them into percentages with 2 decim
     natural, natural_lo, natural_hi, natural_n
                                       clean accuracy of the same defense and merge (protocol
                                       single), on exactly this row's images
-    single, single_lo, single_hi, single_n         and likewise worst_of_n_*, mean_of_n_*,
-    ever_broken_*                                  robust accuracy per protocol, 95% Wilson CI
+    <p>, <p>_lo, <p>_hi, <p>_n        for every protocol p in the records (single, worst_of_n,
+                                      mean_of_n, ever_broken, and any registered one): robust
+                                      accuracy, 95% Wilson CI, images
     score_evals_per_img, seconds_per_img           cost of this (defense, attack) from its batch
                                                    markers, divided by n (None without markers)
 """
@@ -27,28 +28,40 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from advpure.purify.merge import MERGE_RULES
+from advpure.results.protocols import PROTOCOLS, protocol
 from advpure.results.stats import accuracy
-from advpure.results.store import MERGES, NATURAL, PROTOCOLS
+from advpure.results.store import NATURAL
 
-STAT_FIELDS = [f"{p}{s}" for p in ("natural", *PROTOCOLS) for s in ("", "_lo", "_hi", "_n")]
-COLUMNS = [
-    "defense",
-    "attack",
-    "merge",
-    "defense_label",
-    "attack_label",
-    "n",
-    *STAT_FIELDS,
-    "score_evals_per_img",
-    "seconds_per_img",
-]
-_INT_COLUMNS = {"n", *(f"{p}_n" for p in ("natural", *PROTOCOLS))}
 _TEXT_COLUMNS = {"defense", "attack", "merge", "defense_label", "attack_label"}
+
+
+def stat_protocols(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every protocol with stat fields in `rows` (registration order first, then others sorted)."""
+    found = {c[:-3] for r in rows for c in r if c.endswith("_lo") and c != "natural_lo"}
+    known = [p for p in PROTOCOLS.names() if p in found]
+    return known + sorted(found - set(known))
+
+
+def protocols_in(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The protocols that have a value in at least one of `rows`, in `stat_protocols` order."""
+    return [p for p in stat_protocols(rows) if any(r.get(p) is not None for r in rows)]
+
+
+def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """CSV columns of `rows`: names, n, natural and every protocol's stats, cost."""
+    stats = [f"{p}{s}" for p in ("natural", *stat_protocols(rows)) for s in ("", "_lo", "_hi", "_n")]
+    head = ["defense", "attack", "merge", "defense_label", "attack_label", "n"]
+    return [*head, *stats, "score_evals_per_img", "seconds_per_img"]
+
+
+def _label(name: str) -> str:
+    return protocol(name).label if name in PROTOCOLS else name
 
 
 def _sort_key(defense: str, attack: str, merge: str) -> tuple:
     """Undefended first, clean accuracy before attacks, merges in their canonical order."""
-    merge_rank = MERGES.index(merge) if merge in MERGES else len(MERGES)
+    merge_rank = MERGE_RULES.index(merge) if merge in MERGE_RULES else len(MERGE_RULES)
     return (defense != "none", defense, attack != NATURAL, attack, merge_rank, merge)
 
 
@@ -69,8 +82,8 @@ def summarize(
     labels = labels or {}
     # values[(defense, attack, merge)][protocol] = {idx: value}
     values: dict[tuple[str, str, str], dict[str, dict[int, float]]] = {}
-    for defense, attack, protocol, merge, idx, value in records:
-        values.setdefault((defense, attack, merge), {}).setdefault(protocol, {})[int(idx)] = float(value)
+    for defense, attack, name, merge, idx, value in records:
+        values.setdefault((defense, attack, merge), {}).setdefault(name, {})[int(idx)] = float(value)
 
     cost: dict[tuple[str, str], list[float]] = {}
     for defense, attack, _batch, _first, _n, score_evals, seconds in batches or ():
@@ -92,8 +105,8 @@ def summarize(
         }
         clean = values.get((defense, NATURAL, merge), {}).get("single", {})
         _put(row, "natural", [clean[i] for i in images if i in clean])
-        for protocol in PROTOCOLS:
-            _put(row, protocol, list(by_protocol.get(protocol, {}).values()))
+        for name in [*PROTOCOLS.names(), *sorted(set(by_protocol) - set(PROTOCOLS))]:
+            _put(row, name, list(by_protocol.get(name, {}).values()))
         spent = cost.get((defense, attack))
         n = len(images)
         row["score_evals_per_img"] = spent[0] / n if spent and n else None
@@ -119,12 +132,6 @@ def _num(x: float | None, digits: int) -> str:
     return "–" if x is None else f"{x:,.{digits}f}"
 
 
-def _worst_mean(row: Mapping[str, Any]) -> str:
-    if row.get("worst_of_n") is None and row.get("mean_of_n") is None:
-        return "–"
-    return f"{_pct(row.get('worst_of_n'))} ({_pct(row.get('mean_of_n'))})"
-
-
 def _ci(row: Mapping[str, Any]) -> str:
     if row.get("single") is None:
         return "–"
@@ -135,28 +142,27 @@ def to_markdown(
     rows: Sequence[Mapping[str, Any]], *, header_lines: Sequence[str], merge: str = "softmax"
 ) -> str:
     """The measured table (rows of one merge rule) under its settings, then the cited tables."""
+    shown = [r for r in rows if r["merge"] == merge]
+    names = protocols_in(shown)
+    legend = "; ".join(f"{_label(p)} = {protocol(p).legend}" for p in names if p in PROTOCOLS)
     out = [f"# Benchmark results (merge rule: {merge})", ""]
     out += [f"- {line}" for line in header_lines]
     out += [
         "",
-        "Accuracies in %. Natural = clean accuracy on the same images. Robust (single) = the final "
-        "adversarial input classified once; worst-of-N = robust only if all N fresh draws are correct "
-        "(mean of the N draws in parentheses); ever broken = robust only if correct at every attack "
-        "iterate (Hill et al. 2021). 95% CI = Wilson interval of the single draw.",
+        f"Accuracies in %. Natural = clean accuracy on the same images. {legend}. "
+        "95% CI = Wilson interval of the single draw; n = images.",
         "",
-        "| Defense | Attack | Natural | Robust (single) | Worst-of-N (mean) | Ever broken "
-        "| 95% CI (single) | n | Score evals/img | s/img |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Defense | Attack | Natural | "
+        + " | ".join(_label(p) for p in names)
+        + " | 95% CI (single) | n | Score evals/img | s/img |",
+        "|---|---|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|",
     ]
-    shown = [r for r in rows if r["merge"] == merge]
     for r in shown:
-        out.append(
-            f"| {r['defense_label']} | {r['attack_label']} | {_pct(r['natural'])} | {_pct(r['single'])} "
-            f"| {_worst_mean(r)} | {_pct(r['ever_broken'])} | {_ci(r)} | {r['n']} "
-            f"| {_num(r['score_evals_per_img'], 0)} | {_num(r['seconds_per_img'], 3)} |"
-        )
+        cells = [r["defense_label"], r["attack_label"], _pct(r["natural"]), *(_pct(r.get(p)) for p in names)]
+        cells += [_ci(r), str(r["n"]), _num(r["score_evals_per_img"], 0), _num(r["seconds_per_img"], 3)]
+        out.append("| " + " | ".join(cells) + " |")
     if not shown:
-        out.append(f"| (no records for merge rule {merge}) | | | | | | | | | |")
+        out.append(f"| (no records for merge rule {merge}) |" + " |" * (len(names) + 7))
     out += ["", *_cited_markdown()]
     return "\n".join(out) + "\n"
 
@@ -225,29 +231,15 @@ def _cited_markdown() -> list[str]:
 
 def to_console(rows: Sequence[Mapping[str, Any]]) -> str:
     """A compact fixed-width table for the terminal (all merge rules)."""
-    head = (
-        "defense",
-        "attack",
-        "merge",
-        "natural",
-        "single",
-        "worst",
-        "mean",
-        "ever",
-        "n",
-        "evals/img",
-        "s/img",
-    )
+    names = protocols_in(rows)
+    head = ("defense", "attack", "merge", "natural", *names, "n", "evals/img", "s/img")
     lines = [
         [
             str(r["defense_label"]),
             str(r["attack_label"]),
             str(r["merge"]),
             _pct(r["natural"]),
-            _pct(r["single"]),
-            _pct(r["worst_of_n"]),
-            _pct(r["mean_of_n"]),
-            _pct(r["ever_broken"]),
+            *(_pct(r.get(p)) for p in names),
             str(r["n"]),
             _num(r["score_evals_per_img"], 0),
             _num(r["seconds_per_img"], 3),
@@ -267,14 +259,15 @@ def to_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """All fields of every row; accuracies as fractions with full precision, missing = empty."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    cols = columns(rows)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow(
                 {
                     k: "" if r.get(k) is None else (repr(r[k]) if isinstance(r[k], float) else r[k])
-                    for k in COLUMNS
+                    for k in cols
                 }
             )
     return path
@@ -283,15 +276,18 @@ def to_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
     """Rows written by `to_csv`, with numbers parsed back (exactly: floats are written by repr)."""
 
-    def parse(key: str, text: str) -> Any:
+    def parse(key: str, text: str, ints: set[str]) -> Any:
         if key in _TEXT_COLUMNS:
             return text
         if text == "":
             return None
-        return int(text) if key in _INT_COLUMNS else float(text)
+        return int(text) if key in ints else float(text)
 
     with Path(path).open(newline="") as f:
-        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        ints = {"n"} | {k for k in fields if k.endswith("_n") and f"{k[:-2]}_lo" in fields}
+        return [{k: parse(k, v, ints) for k, v in row.items()} for row in reader]
 
 
 def to_json(rows: Sequence[Mapping[str, Any]], path: str | Path, meta: Mapping[str, Any]) -> Path:

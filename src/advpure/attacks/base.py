@@ -1,0 +1,222 @@
+"""What every attack shares: the registry, the common parameters, the result, and `Trace`.
+
+An attack is one module with one registered class (torchattacks-style: one attack per file):
+
+    @register_attack("fgsm")
+    class FGSM(Attack):
+        '''FGSM (Goodfellow et al. 2015): one signed gradient step of size eps.'''
+
+        @dataclass
+        class Params(AttackParams):            # the common keys + this kind's own
+            kind: str = "fgsm"
+            iters: int = at_least(1, 1)
+
+        @classmethod
+        def label(cls, p):                     # the table's attack label
+            return "FGSM"
+
+        @classmethod
+        def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
+            ev = classifier_objective(defense, x, y, p.loss)
+            trace.visit(0, x, ev.loss, ev.chains)
+            x_adv = project(x + eps * ev.grad.sign(), x, eps)
+            return trace.finish(x_adv, classifier_objective(defense, x_adv, y, p.loss, grad=False).loss)
+
+plus a YAML file `conf/attack/fgsm.yaml` (`kind: fgsm`). `run_attack` validates the parameters
+(`check`), clones the inputs out of inference mode and calls `run`; the benchmark, the labels,
+the config validation and `--help` find the attack through the registry.
+
+Images are (B, C, H, W) in [0, 1]; eps and step are l_inf distances in the same units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from advpure.attacks.losses import LOSSES
+from advpure.errors import ConfigError
+from advpure.params import at_least, between, choice, validate
+from advpure.purify.merge import MERGE_RULES, correct_by_merge
+from advpure.registry import Registry
+from advpure.rng import RNG
+
+Progress = Callable[[int], None]
+Observer = Callable[[int, torch.Tensor], None]
+
+EPS_HINT = "images are in [0, 1]; did you mean 8/255?"
+
+
+@dataclass
+class AttackParams:
+    """Keys every `attacks.<name>` block has, whatever its kind."""
+
+    name: str = ""  # filled with the option name when composed
+    kind: str = "pgd"  # a registered attack name, or module.path:Class
+    iters: int = at_least(40, 1)
+    eps: float | None = between(None, 0.0, 1.0, hint=EPS_HINT)  # None: the dataset's data.eps
+    step: float | None = between(None, 0.0, 1.0, hint=EPS_HINT, strict=True)  # None: data.step
+    loss: str = choice("ce", *LOSSES)  # the per-sample objective the attacker maximises
+    random_start: bool = False  # start uniformly in the eps-ball instead of at x
+    max_images: int | None = at_least(None, 1)  # attack only the first n benchmark images
+
+
+@dataclass
+class AttackResult:
+    x_adv: torch.Tensor  # (B, C, H, W) final adversarial input (detached)
+    losses: torch.Tensor  # (iters + 1, B): the attack's objective at the iterates x_0 .. x_iters
+    path_correct: dict[str, torch.Tensor] | None  # {merge rule: (iters, B) bool} at x_0 .. x_{iters-1}
+
+
+class Attack:
+    """Base class of registered attacks: `Params`, `label`, `check`, `run` (see the module doc)."""
+
+    name: str = ""  # set by the registry
+    Params: type = AttackParams
+
+    @classmethod
+    def label(cls, p: Any) -> str:
+        """The attack's label in result tables, e.g. "BPDA40+EOT15"."""
+        return f"{cls.name}{p.iters}"
+
+    @classmethod
+    def needs_purifier(cls, p: Any) -> bool:
+        """True if the attack cannot run on the undefended classifier (no score net, no purifier)."""
+        return False
+
+    @classmethod
+    def check(cls, p: Any, defense) -> None:
+        """Raise a one-line ValueError if `p` cannot run on `defense` (beyond the schema checks)."""
+
+    @classmethod
+    def run(
+        cls, p: Any, defense, x: torch.Tensor, y: torch.Tensor, rng: RNG, *, eps, step, trace
+    ) -> AttackResult:
+        raise NotImplementedError
+
+
+ATTACKS = Registry("attack kind", base=Attack)
+register_attack = ATTACKS.register
+
+
+def attack_class(kind: str) -> type[Attack]:
+    """The attack class registered as `kind` (or imported from `module.path:Class`)."""
+    return ATTACKS.get(kind)
+
+
+def attack_params(kind: str, **values: Any) -> Any:
+    """A Params instance of attack `kind` (for the Python API), e.g.
+    `attack_params("pgd", gradient="bpda", iters=40, eot=15)`. Unknown keys are a ConfigError."""
+    cls = attack_class(kind)
+    fields = {f.name for f in dataclasses.fields(cls.Params)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"attack '{kind}': unknown parameter '{unknown[0]}'; allowed: {', '.join(sorted(fields))}"
+        )
+    p = cls.Params(**{**values, "kind": kind})
+    validate(p, cls.Params, f"attack '{values.get('name') or kind}': ")
+    return p
+
+
+def kwargs_of(p: Any, *names: str) -> dict[str, Any]:
+    """{name: p.name} for the attack functions' keyword arguments."""
+    return {n: getattr(p, n) for n in names}
+
+
+def display_label(p: Any, eps: float | None = None) -> str:
+    """The table label of attack parameters `p`, with the option suffixes shared by all kinds."""
+    base = attack_class(p.kind).label(p)
+    if getattr(p, "eot_aggregate", "mean") == "vote":
+        base += " vote"
+    if p.random_start:
+        base += " rs"
+    return base if eps is None else f"{base} @ ε={eps:.4g}"
+
+
+# --- per-iterate bookkeeping -----------------------------------------------------------------------
+def path_correct(defense, x, y, chains: torch.Tensor | None, rng: RNG) -> dict[str, torch.Tensor]:
+    """{merge rule: (B,) bool}: is the defended prediction (S replicas merged) correct at x?
+
+    Reuses the attack's own chains when it has >= S of them at x (the first S, merged), since
+    they are S independent draws of the defense at x; otherwise evaluates the defense with fresh
+    draws from `rng`. A deterministic defense needs one classification."""
+    if not defense.stochastic:
+        if chains is None:
+            with torch.no_grad():
+                chains = defense.chain_logits(x.detach(), rng, 1)[0]
+        out = correct_by_merge(chains[:1].detach().unsqueeze(0), y)
+    elif chains is not None and chains.shape[0] >= defense.replicas:
+        out = correct_by_merge(chains[: defense.replicas].detach().unsqueeze(0), y)
+    else:
+        out = defense.evaluate(x.detach(), y, rng, n=1)
+    return {rule: v[0] for rule, v in out.items()}
+
+
+class Trace:
+    """Per-iterate bookkeeping shared by all attacks: the objective at x_0 .. x_iters, the
+    defense's correctness at x_0 .. x_{iters-1} (when tracked), and the caller's hooks."""
+
+    def __init__(
+        self,
+        defense,
+        y,
+        rng: RNG,
+        *,
+        track_path: bool = False,
+        progress: Progress | None = None,
+        observer: Observer | None = None,
+    ):
+        self.defense, self.y = defense, y
+        self.track_path = track_path
+        self.progress, self.observer = progress, observer
+        self.path_rng = rng.child("path")
+        self.losses: list[torch.Tensor] = []
+        self.path: dict[str, list[torch.Tensor]] = {rule: [] for rule in MERGE_RULES}
+
+    def visit(self, i: int, x: torch.Tensor, loss: torch.Tensor, chains: torch.Tensor | None = None) -> None:
+        """Record iterate x_i (i < iters) before the attack steps away from it."""
+        self.losses.append(loss.detach())
+        if self.observer is not None:
+            self.observer(i, x.detach())
+        if self.track_path:
+            for rule, v in path_correct(self.defense, x, self.y, chains, self.path_rng).items():
+                self.path[rule].append(v)
+
+    def step_done(self, i: int) -> None:
+        if self.progress is not None:
+            self.progress(i)
+
+    def finish(
+        self, x_last: torch.Tensor, loss_last: torch.Tensor, x_adv: torch.Tensor | None = None
+    ) -> AttackResult:
+        """Record the last iterate x_iters and build the result (x_adv defaults to x_last)."""
+        iters = len(self.losses)
+        self.losses.append(loss_last.detach())
+        if self.observer is not None:
+            self.observer(iters, x_last.detach())
+        path = {rule: torch.stack(v) for rule, v in self.path.items()} if self.track_path else None
+        x_adv = x_last if x_adv is None else x_adv
+        return AttackResult(x_adv=x_adv.detach(), losses=torch.stack(self.losses), path_correct=path)
+
+
+__all__ = [
+    "ATTACKS",
+    "EPS_HINT",
+    "Attack",
+    "AttackParams",
+    "AttackResult",
+    "Observer",
+    "Progress",
+    "Trace",
+    "attack_class",
+    "attack_params",
+    "display_label",
+    "kwargs_of",
+    "path_correct",
+    "register_attack",
+]

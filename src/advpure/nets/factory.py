@@ -1,0 +1,137 @@
+"""Building the nets of an experiment, and loading them from exported weights in one call.
+
+    >>> from advpure import config, nets
+    >>> cfg = config.load("fmnist")
+    >>> spec, classifier, score_net = nets.load_nets(cfg)          # eval mode, no grad on weights
+    >>> net = nets.load_net("artifacts/fmnist/classifier.pt")      # any weights file, arch from the file
+
+An exported weights file stores the architecture fields (`arch`) next to the tensors, so a net can
+be rebuilt from the file alone; `load_nets` additionally checks the file against the config.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from advpure.checkpoint import load_weights, read_weights
+from advpure.errors import CheckpointError
+from advpure.nets.classifiers import build_classifier
+from advpure.nets.ncsnv2 import build_score_net
+
+
+def classifier_arch(cfg, spec) -> dict:
+    """The fields that define the classifier's weights (stored in the exported file)."""
+    return {
+        "arch": cfg.classifier.arch,
+        "in_channels": spec.channels,
+        "image_size": spec.image_size,
+        "num_classes": spec.num_classes,
+    }
+
+
+def make_classifier(arch: dict, spec=None, dropout: float = 0.0) -> nn.Module:
+    """A classifier (images in [0, 1] -> logits) of architecture `arch`. `spec` (a DatasetSpec)
+    gives the input normalization; without it a placeholder is used that loading weights replaces
+    (the normalization's mean/std are buffers saved with the weights)."""
+    c = arch["in_channels"]
+    return build_classifier(
+        arch["arch"],
+        in_channels=c,
+        image_size=arch["image_size"],
+        num_classes=arch["num_classes"],
+        mean=spec.mean if spec is not None else (0.0,) * c,
+        std=spec.std if spec is not None else (1.0,) * c,
+        dropout=dropout,
+    )
+
+
+def score_arch(cfg, spec) -> dict:
+    """The fields that define the score net's weights (stored in the exported file)."""
+    return {
+        "arch": cfg.score.arch,
+        "ngf": cfg.score.ngf,
+        "in_channels": spec.channels,
+        "image_size": spec.image_size,
+    }
+
+
+def make_score_net(arch: dict) -> nn.Module:
+    """The score network f_theta of architecture `arch` (images in [0, 1] -> f of the same shape)."""
+    return build_score_net(
+        arch["arch"], in_channels=arch["in_channels"], image_size=arch["image_size"], ngf=arch["ngf"]
+    )
+
+
+BUILDERS = {"classifier": make_classifier, "score": make_score_net}
+
+
+def frozen(net: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for the weights (attacks take gradients w.r.t. inputs only)."""
+    return net.eval().requires_grad_(False)
+
+
+def load_net(path, kind: str | None = None) -> nn.Module:
+    """Rebuild the net stored in an advpure weights file (architecture read from the file) and
+    load its weights; eval mode, weights frozen. Raises CheckpointError for a bad file or when
+    `kind` is given and the file holds another kind."""
+    payload = read_weights(path)
+    stored = payload["kind"]
+    if kind is not None and stored != kind:
+        raise CheckpointError(f"{path} holds a {stored} network, expected a {kind} network")
+    if stored not in BUILDERS:
+        raise CheckpointError(f"{path} holds a '{stored}' network; known: {', '.join(BUILDERS)}")
+    net = BUILDERS[stored](dict(payload["arch"]))
+    load_weights(path, stored, dict(payload["arch"]), net)
+    return frozen(net)
+
+
+def load_nets(cfg, score: bool = True):
+    """(dataset spec, classifier, score net or None) of an experiment's config, from its
+    exported weights (`classifier.weights`, `score.weights`), checked against the config's
+    architecture; eval mode, weights frozen. Raises CheckpointError for missing/mismatched files."""
+    from advpure.data import get_spec
+
+    spec = get_spec(cfg.data.name)
+    arch = classifier_arch(cfg, spec)
+    classifier = make_classifier(arch, spec)
+    load_weights(cfg.classifier.weights, "classifier", arch, classifier)
+    score_net = None
+    if score:
+        sarch = score_arch(cfg, spec)
+        score_net = make_score_net(sarch)
+        load_weights(cfg.score.weights, "score", sarch, score_net)
+    return spec, frozen(classifier), frozen(score_net) if score_net is not None else None
+
+
+def load_defense(experiment: str = "fmnist", overrides=(), *, amp_dtype=None):
+    """The configured `Defense` of an experiment, from its exported weights, in one call:
+
+        >>> defense = load_defense("fmnist", ["defense.sigma=0.1"])
+        >>> probs = defense(x, SampleRNG(seed=0, index=range(len(x))))
+
+    Raises ConfigError / CheckpointError like the CLI does."""
+    from advpure import config
+    from advpure.purify import build_defense, purifier_class
+
+    cfg = config.load(experiment, list(overrides))
+    spec, classifier, score_net = load_nets(cfg, score=purifier_class(cfg.defense.kind).needs_score)
+    return build_defense(
+        cfg.defense,
+        classifier,
+        {"score": score_net},
+        channels=spec.channels,
+        image_size=spec.image_size,
+        amp_dtype=amp_dtype,
+    )
+
+
+__all__ = [
+    "classifier_arch",
+    "frozen",
+    "load_defense",
+    "load_net",
+    "load_nets",
+    "make_classifier",
+    "make_score_net",
+    "score_arch",
+]

@@ -1,0 +1,178 @@
+"""The benchmark plan: which defenses are evaluated (undefended + the configured purifier, one
+row per screening sigma) and, for each, which attacks; their labels and fingerprints.
+
+A `Unit` is one (defense, attack) pair: one block of rows in the results table. Its fingerprint
+(what made that block: the defense's and the attack's own parameters, eps/step, the weights the
+defense uses) is what a run directory remembers, so a re-run can add new units to an existing
+run, and changing one unit never invalidates another unit's records.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from advpure.attacks.base import attack_class, display_label
+from advpure.config import attack_eps_step, fingerprint, to_dict, typed_block
+from advpure.errors import ConfigError
+from advpure.purify.base import IdentityPurifier, purifier_class
+from advpure.purify.defense import defense_label, defense_name
+from advpure.results.protocols import protocol
+
+# defense keys that change how results are computed or shown, not what they are
+_NOT_IN_FINGERPRINT = ("merge", "max_batch")
+
+
+@dataclass
+class Unit:
+    defense: str  # defense name, e.g. "none", "adp_s0.25"
+    attack: str  # attack key, e.g. "bpda40_eot15" or "bpda40_eot15@eps0.05" (eps sweep)
+    spec: DictConfig  # the attack's typed block
+    eps: float
+    step: float
+    label: str
+    sweep: bool = False  # part of the robust-vs-eps sweep
+
+    @property
+    def key(self) -> str:
+        return f"{self.defense}/{self.attack}"
+
+
+@dataclass
+class Plan:
+    defenses: dict[str, DictConfig]  # name -> typed defense block (sigma resolved)
+    units: list[Unit]
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def units_of(self, defense: str) -> list[Unit]:
+        return [u for u in self.units if u.defense == defense]
+
+    def needs(self, defense: str) -> tuple[str, ...]:
+        """The nets whose weights make this defense's records."""
+        return (
+            ("classifier", "score")
+            if purifier_class(self.defenses[defense].kind).needs_score
+            else ("classifier",)
+        )
+
+    @property
+    def needs_score(self) -> bool:
+        return any("score" in self.needs(d) for d in self.defenses)
+
+
+def build_plan(cfg: DictConfig) -> Plan:
+    """Defenses and units from the config; bad names and impossible pairs are config errors."""
+    bc = cfg.benchmark
+    attacks = cfg.attacks
+    defenses: dict[str, DictConfig] = {}
+    plan: dict[str, list[str]] = {}
+    if cfg.defense.kind != "none":
+        for sigma in list(bc.sigmas) or [None]:
+            d = copy.deepcopy(cfg.defense)
+            if sigma is not None:
+                d.sigma = float(sigma)
+            defenses[defense_name(d)] = d
+            plan[defense_name(d)] = list(attacks)
+    if bc.undefended or cfg.defense.kind == "none":
+        d = typed_block(
+            {"kind": "none", "merge": cfg.defense.merge, "max_batch": cfg.defense.max_batch},
+            IdentityPurifier,
+            "defense.",
+            "defense kind",
+        )
+        names = list(bc.undefended_attacks) if cfg.defense.kind != "none" else list(attacks)
+        for n in names:
+            if n not in attacks:
+                raise ConfigError(
+                    f"benchmark.undefended_attacks: '{n}' is not a selected attack; selected: {', '.join(attacks)}"
+                )
+            if attack_class(attacks[n].kind).needs_purifier(attacks[n]):
+                raise ConfigError(
+                    f"benchmark.undefended_attacks: '{n}' needs a purifier; the undefended model has none"
+                )
+        defenses = {"none": d, **defenses}
+        plan = {"none": names, **plan}
+
+    units: list[Unit] = []
+    labels: dict[str, str] = {name: defense_label(d) for name, d in defenses.items()}
+    for dname, names in plan.items():
+        for n in names:
+            spec = attacks[n]
+            eps, step = attack_eps_step(cfg, spec)
+            units.append(Unit(dname, n, spec, eps, step, display_label(spec)))
+            labels[n] = display_label(spec)
+    if bc.eps_sweep:
+        sweep = bc.sweep_attack or next(iter(attacks), None)
+        if sweep not in attacks:
+            raise ConfigError(
+                f"benchmark.sweep_attack: '{sweep}' is not a selected attack; selected: {', '.join(attacks)}"
+            )
+        spec = attacks[sweep]
+        base_eps, base_step = attack_eps_step(cfg, spec)
+        for dname in plan:
+            if dname == "none" and attack_class(spec.kind).needs_purifier(spec):
+                continue
+            for e in bc.eps_sweep:
+                # the step scales with eps (fixed step/eps ratio): with a fixed step, a few
+                # iterations could not even reach the larger balls
+                step = base_step * e / base_eps if base_eps > 0 and e > 0 else base_step
+                key = f"{sweep}@eps{e:.4g}"
+                label = display_label(spec, float(e))
+                units.append(Unit(dname, key, spec, float(e), step, label, sweep=True))
+                labels[key] = label
+    return Plan(defenses, units, labels)
+
+
+def _defense_part(plan: Plan, defense: str) -> dict:
+    return {k: v for k, v in to_dict(plan.defenses[defense]).items() if k not in _NOT_IN_FINGERPRINT}
+
+
+def unit_fingerprint(plan: Plan, unit: Unit, weights: dict[str, str]) -> str:
+    """Everything that makes one (defense, attack) block of records: the defense's own
+    parameters, the attack's, eps/step, and the hashes of the weights the defense uses."""
+    attack = {k: v for k, v in to_dict(unit.spec).items() if k != "name"}
+    return fingerprint(
+        {
+            "defense": _defense_part(plan, unit.defense),
+            "attack": attack,
+            "eps": unit.eps,
+            "step": unit.step,
+            "weights": {k: weights[k] for k in plan.needs(unit.defense)},
+        }
+    )
+
+
+def natural_fingerprint(plan: Plan, defense: str, weights: dict[str, str]) -> str:
+    """What makes a defense's clean-accuracy records."""
+    return fingerprint(
+        {"defense": _defense_part(plan, defense), "weights": {k: weights[k] for k in plan.needs(defense)}}
+    )
+
+
+def header_lines(cfg: DictConfig, plan: Plan) -> list[str]:
+    """The settings stated above every results table: data, threat model, each defense's own
+    parameters (from its purifier's `settings`), protocols, and what is smaller than the paper."""
+    bc = cfg.benchmark
+    eps = sorted({u.eps for u in plan.units if not u.sweep})
+    lines = [
+        f"{cfg.data.name}: first {bc.n_images} test images; l_inf eps {', '.join(f'{e:.4g}' for e in eps)} "
+        f"(step {cfg.data.step:.4g}); experiment `{cfg.experiment}`; classifier {cfg.classifier.arch}",
+    ]
+    seen: set[str] = set()
+    for d in plan.defenses.values():
+        line = purifier_class(d.kind).settings(d)
+        if d.kind != "none" and line not in seen:
+            seen.add(line)
+            lines.append(line)
+    names = ", ".join(protocol(p).label for p in bc.protocols)
+    lines.append(f"protocols: {names} (N={bc.worst_of_n})")
+    if cfg.data.name != "cifar10" or bc.n_images < 10000:
+        lines.append(
+            "smaller than the seed's protocol (CIFAR-10, 10k images, WRN-28-10): see experiments/cifar10_paper.yaml"
+        )
+    capped = [f"{u.attack} on the first {u.spec.max_images}" for u in plan.units if u.spec.max_images]
+    if capped:
+        lines.append("attacks on fewer images: " + ", ".join(dict.fromkeys(capped)))
+    return lines

@@ -1,0 +1,131 @@
+"""Extension points: a purifier, an attack and a protocol written outside `src/` (tests/helpers/
+toy_plugins.py), selected by config files, run through the whole benchmark and found in every
+output; and changing one attack keeps the other blocks of an existing run directory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from advpure import config as C
+from advpure.errors import ConfigError, RunDirError
+from advpure.results import load_records, read_csv
+from conftest import ROOT, needs_fmnist, tiny_bench
+
+pytestmark = needs_fmnist
+
+
+@pytest.fixture()
+def user_root(tmp_path, monkeypatch) -> Path:
+    """A project root as a user has it: the repo's conf/ and experiments/ plus one YAML per new kind."""
+    root = tmp_path / "root"
+    shutil.copytree(ROOT / "conf", root / "conf")
+    shutil.copytree(ROOT / "experiments", root / "experiments")
+    (root / "conf" / "defense" / "quantize.yaml").write_text(
+        "kind: helpers.toy_plugins:Quantize\nlevels: 3\nreplicas: 1\n"
+    )
+    (root / "conf" / "attack" / "fgsm.yaml").write_text("kind: helpers.toy_plugins:FGSM\n")
+    monkeypatch.setenv("ADVPURE_ROOT", str(root))
+    return root
+
+
+def test_user_purifier_attack_and_protocol_run_end_to_end(tmp_path, tiny_artifacts, user_root):
+    from advpure.benchmark import benchmark
+
+    protocols = "[single,worst_of_n,mean_of_n,ever_broken,helpers.toy_plugins:majority_of_n]"
+    over = tiny_bench(
+        tmp_path,
+        tiny_artifacts,
+        **{
+            "defense": "quantize",
+            "attack": "[fgsm,pgd40_blind]",
+            "attacks.pgd40_blind.iters": 2,
+            "benchmark.undefended": "false",
+            "benchmark.n_images": 4,
+            "benchmark.batch_size": 4,
+            "benchmark.protocols": protocols,
+            "logger.kind": "wandb",
+        },
+    )
+    over = [o for o in over if not o.startswith("defense.steps=")]  # an ADP key; Quantize has levels
+    cfg = C.load("fmnist", over)
+    assert cfg.defense.levels == 3 and cfg.defense.kind == "helpers.toy_plugins:Quantize"
+    benchmark(cfg)
+    run = Path(cfg.benchmark.run_dir)
+    md = (run / "results.md").read_text()
+    assert "Quantize L=3" in md and "FGSM (toy)" in md and "Majority-of-N (toy)" in md
+    assert "robust if more than half of the N draws are correct" in md  # the protocol's legend
+    rows = read_csv(run / "results.csv")
+    fgsm = next(r for r in rows if r["attack"] == "fgsm" and r["merge"] == "softmax")
+    assert fgsm["defense"] == "quantize" and fgsm["defense_label"] == "Quantize L=3"
+    # the toy protocol's numbers are recomputed from its own per-sample records
+    recs = [r for r in load_records(run) if r.attack == "fgsm" and r.merge == "softmax"]
+    maj = [r.value for r in recs if r.protocol == "majority_of_n"]
+    assert len(maj) == 4 and fgsm["majority_of_n"] == pytest.approx(sum(maj) / 4)
+    single = {r.idx: r.value for r in recs if r.protocol == "single"}
+    assert fgsm["single"] == pytest.approx(sum(single.values()) / 4)
+    # a deterministic purifier: every draw agrees, so majority = worst = single per sample
+    worst = {r.idx: r.value for r in recs if r.protocol == "worst_of_n"}
+    assert {r.idx: r.value for r in recs if r.protocol == "majority_of_n"} == worst == single
+    # W&B: the same numbers under metric names derived from the registrations
+    from advpure.results.wandb_offline import find_run_files, read_run
+
+    summary = read_run(find_run_files(run)[0])["summary"]
+    key = f"robust/{fgsm['defense']}/fgsm/majority_of_n"
+    assert summary[key] == pytest.approx(fgsm["majority_of_n"], abs=1e-6)
+
+
+def test_unknown_user_kinds_are_one_line_errors(user_root):
+    for over, piece in [
+        ("defense.kind=helpers.toy_plugins:Nope", "has no 'Nope'"),
+        ("defense.kind=no_such_module:X", "cannot import module 'no_such_module'"),
+        ("benchmark.protocols=[single,helpers.toy_plugins:nothing]", "has no 'nothing'"),
+        ("defense.kind=helpers.toy_plugins:majority_of_n", "not a subclass of Purifier"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            C.load("fmnist", [over])
+        assert piece in str(e.value) and "\n" not in str(e.value), (over, str(e.value))
+
+
+def test_changing_one_attack_keeps_the_other_blocks(tmp_path, tiny_artifacts):
+    from advpure.benchmark import benchmark
+
+    base = {"attack": "[pgd40_blind,bpda40_eot15]", "benchmark.undefended": "false", "benchmark.n_images": 4}
+    cfg = C.load("fmnist", tiny_bench(tmp_path, tiny_artifacts, **base))
+    benchmark(cfg)
+    run = Path(cfg.benchmark.run_dir)
+    before = {r.key: r.value for r in load_records(run)}
+    stamp = (run / "records" / "rank0.sqlite").stat().st_mtime_ns
+    # the same settings again: nothing recomputed, nothing changed
+    benchmark(C.load("fmnist", tiny_bench(tmp_path, tiny_artifacts, **base)))
+    assert {r.key: r.value for r in load_records(run)} == before
+    changed = {**base, "attacks.bpda40_eot15.iters": 3}
+    with pytest.raises(RunDirError, match="adp_s0.25/bpda40_eot15"):
+        benchmark(C.load("fmnist", tiny_bench(tmp_path, tiny_artifacts, **changed)))
+    assert (run / "records" / "rank0.sqlite").stat().st_mtime_ns == stamp  # refused: nothing touched
+    cfg = C.load("fmnist", tiny_bench(tmp_path, tiny_artifacts, **changed, **{"benchmark.overwrite": "true"}))
+    kept: dict = {}
+
+    import advpure.lit.defended as defended
+
+    real = defended.DefendedClassifier.replay
+
+    def spy(self, defense, attack, batch):
+        done = real(self, defense, attack, batch)
+        kept.setdefault((defense, attack), []).append(done)
+        return done
+
+    defended.DefendedClassifier.replay = spy
+    try:
+        benchmark(cfg)
+    finally:
+        defended.DefendedClassifier.replay = real
+    after = {r.key: r.value for r in load_records(run)}
+    # the PGD block and natural accuracy were replayed from the store, only BPDA was recomputed
+    assert all(kept[("adp_s0.25", "pgd40_blind")]) and all(kept[("adp_s0.25", "natural")])
+    assert not any(kept[("adp_s0.25", "bpda40_eot15")])
+    assert {k: v for k, v in after.items() if k[1] != "bpda40_eot15"} == {
+        k: v for k, v in before.items() if k[1] != "bpda40_eot15"
+    }
