@@ -33,7 +33,7 @@ from advpure.nets import load_nets
 from advpure.nets.compiled import compile_net
 from advpure.plan import Plan, build_plan, header_lines, natural_fingerprint, unit_fingerprint
 from advpure.purify.defense import build_defense
-from advpure.results import NATURAL, clear, delete_units, metric_name, protocol
+from advpure.results import NATURAL, clear, delete_units, metric_name, protocol, with_floors
 from advpure.train import say, train, weights_path
 from advpure.trainer import build_trainer, launch_rank
 
@@ -132,6 +132,12 @@ def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
 # the command ---------------------------------------------------------------------------------------
 def benchmark(cfg: DictConfig) -> dict | None:
     t0 = time.perf_counter()
+    if cfg.trainer.precision == "16-mixed":
+        raise ConfigError(
+            "trainer.precision=16-mixed: fp16 attack gradients underflow to exactly zero on confident "
+            "classifiers, and those images would count as robust (cleverhans#350, auto-attack#51); "
+            "use 32-true or bf16-mixed"
+        )
     plan = build_plan(cfg)
     ensure_weights(cfg, plan)
     spec, classifier, score = load_nets(cfg, score=plan.needs_score)
@@ -157,8 +163,8 @@ def benchmark(cfg: DictConfig) -> dict | None:
             raise ConfigError(f"{u.defense}: {e}") from None
     run_dir = open_run_dir(cfg, plan)
     bc = cfg.benchmark
-    protocols = list(bc.protocols)
-    clean = [p for p in protocols if not protocol(p).needs_path]  # no attack path on clean inputs
+    protocols = with_floors(bc.protocols)
+    clean = [p for p in protocols if protocol(p).run != "clean" and not protocol(p).needs_path]
     names = [metric_name(d, NATURAL, p) for d in plan.defenses for p in clean]
     names += [metric_name(u.defense, u.attack, p) for u in plan.units for p in protocols]
     module = DefendedClassifier(

@@ -184,7 +184,9 @@ class BenchmarkConfig:
     sigmas: list[float] = field(default_factory=list)  # one ADP row per sigma (empty: defense.sigma)
     worst_of_n: int = at_least(10, 1)  # N fresh classifications of each final input
     # evaluation protocols (registered names); single is always computed
-    protocols: list[str] = field(default_factory=lambda: ["single", "worst_of_n", "mean_of_n", "ever_broken"])
+    protocols: list[str] = field(
+        default_factory=lambda: ["single", "worst_of_n", "mean_of_n", "ever_broken", "dwbox"]
+    )  # worst_of_n and ever_broken bring their noise floors (eps = 0, as many evaluations)
     eps_sweep: list[float] = field(default_factory=list)  # robust accuracy vs eps plot
     sweep_attack: str | None = None  # attack used for the sweep (default: the first one)
     run_dir: str = "${paths.runs}/benchmark/${experiment}"

@@ -92,6 +92,41 @@ class SampleRNG:
         return self._fill(draws, like, lambda s, g: torch.rand(s, generator=g) * 2 - 1)
 
 
+class FrozenRNG(SampleRNG):
+    """The defense's randomness drawn once per image: the deterministic white-box (DW-box)
+    protocol of Liu et al. (ICLR 2025, arXiv 2404.14309).
+
+    Every purification call replays the same noise sequence for image i (its call counter starts
+    at 0 each time a `Defense` purifies), and draw d uses the noise of replica d mod `period`: with
+    period = S, any number of EOT draws averages exactly the S frozen replicas the final
+    evaluation uses, so the attacker knows the defense it faces.
+    """
+
+    def __init__(self, seed: int, index, period: int, stream: int | str = "dwbox"):
+        super().__init__(seed, index, stream)
+        if period < 1:
+            raise ValueError(f"period must be >= 1, got {period}")
+        self.period = int(period)
+
+    def _fill(self, draws: int, like: torch.Tensor, sample) -> torch.Tensor:
+        if like.shape[0] != len(self.index):
+            raise ValueError(f"batch has {like.shape[0]} rows but the RNG has {len(self.index)} indices")
+        key = mix(self.seed, self.stream, self.calls)
+        self.calls += 1
+        shape = tuple(like.shape[1:])
+        bank = {}
+        out = torch.empty((draws, len(self.index), *shape), dtype=torch.float32)
+        gen = torch.Generator()
+        for d in range(draws):
+            for r, i in enumerate(self.index):
+                k = (i, d % self.period)
+                if k not in bank:
+                    gen.manual_seed(mix(key, i, d % self.period))
+                    bank[k] = sample(shape, gen)
+                out[d, r] = bank[k]
+        return out.to(device=like.device, dtype=like.dtype)
+
+
 class GeneratorRNG:
     """One `torch.Generator` stream for the whole batch (draw-major order)."""
 

@@ -103,7 +103,7 @@ def apgd_attack(
 
     for i in range(iters):
         ev = eot_gradient(defense, x_i, y, eot_rng, **kw)
-        trace.visit(i, x_i, ev.loss, ev.chains)
+        trace.visit(i, x_i, ev.loss, ev.chains, grad=ev.grad)
         value, grad = ev.loss.float(), ev.grad
         if i > 0:
             increases += (value > loss_prev).long()

@@ -70,6 +70,7 @@ class AttackResult:
     x_adv: torch.Tensor  # (B, C, H, W) final adversarial input (detached)
     losses: torch.Tensor  # (iters + 1, B): the attack's objective at the iterates x_0 .. x_iters
     path_correct: dict[str, torch.Tensor] | None  # {merge rule: (iters, B) bool} at x_0 .. x_{iters-1}
+    zero_grad: torch.Tensor | None = None  # (B,) bool: the attack's gradient at x_0 was exactly zero
 
 
 class Attack:
@@ -177,10 +178,22 @@ class Trace:
         self.path_rng = rng.child("path")
         self.losses: list[torch.Tensor] = []
         self.path: dict[str, list[torch.Tensor]] = {rule: [] for rule in MERGE_RULES}
+        self.zero_grad: torch.Tensor | None = None
 
-    def visit(self, i: int, x: torch.Tensor, loss: torch.Tensor, chains: torch.Tensor | None = None) -> None:
-        """Record iterate x_i (i < iters) before the attack steps away from it."""
+    def visit(
+        self,
+        i: int,
+        x: torch.Tensor,
+        loss: torch.Tensor,
+        chains: torch.Tensor | None = None,
+        grad: torch.Tensor | None = None,
+    ) -> None:
+        """Record iterate x_i (i < iters) before the attack steps away from it. `grad`: the ascent
+        direction at x_i; at x_0 its exactly-zero rows are recorded (a masked or underflowing
+        gradient leaves those images where they are; Carlini et al. 2019)."""
         self.losses.append(loss.detach())
+        if i == 0 and grad is not None:
+            self.zero_grad = grad.detach().flatten(1).abs().amax(1) == 0
         if self.observer is not None:
             self.observer(i, x.detach())
         if self.track_path:
@@ -201,7 +214,9 @@ class Trace:
             self.observer(iters, x_last.detach())
         path = {rule: torch.stack(v) for rule, v in self.path.items()} if self.track_path else None
         x_adv = x_last if x_adv is None else x_adv
-        return AttackResult(x_adv=x_adv.detach(), losses=torch.stack(self.losses), path_correct=path)
+        return AttackResult(
+            x_adv=x_adv.detach(), losses=torch.stack(self.losses), path_correct=path, zero_grad=self.zero_grad
+        )
 
 
 __all__ = [

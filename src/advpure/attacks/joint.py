@@ -82,7 +82,7 @@ def joint_attack(
                 # the purified draws are S samples of the defense at x_i: classify them for the path
                 with torch.no_grad():
                     chains = defense.classify(purified[: defense.replicas * b]).view(defense.replicas, b, -1)
-        trace.visit(i, x_i, ev.loss, chains)
+        trace.visit(i, x_i, ev.loss, chains, grad=ev.grad)
         direction = eps_mix * purifier_dir + (1.0 - eps_mix) * ev.grad.sign()
         x_i = project(x_i + step * direction, x, eps)
         trace.step_done(i)

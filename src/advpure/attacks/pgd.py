@@ -49,7 +49,7 @@ def pgd_attack(
     x_i = start_point(x, eps, rng, random_start)
     for i in range(iters):
         ev = eot_gradient(defense, x_i, y, eot_rng, **kw)
-        trace.visit(i, x_i, ev.loss, ev.chains)
+        trace.visit(i, x_i, ev.loss, ev.chains, grad=ev.grad)
         x_i = project(x_i + step * ev.grad.sign(), x, eps)
         trace.step_done(i)
     last = eot_gradient(defense, x_i, y, eot_rng, grad=False, **kw)

@@ -2,9 +2,12 @@
 
 For the batch's images (or the first `max_images` of the benchmark), it runs the attack, then
 classifies the final adversarial input `worst_of_n` times with fresh randomness (draw 0 is the
-single draw) and, with the attack's path, derives every protocol's per-sample record. Records,
-the loss along the attack's iterations, a few example images and the cost (score-network
-evaluations, seconds) go to the store in one transaction per batch.
+single draw) and, with the attack's path, derives every protocol's per-sample record. Protocols
+with their own observations get them here too: the DW-box protocol runs the attack a second time
+against the frozen defense (`Defense.frozen`), the noise floors classify the clean batch as often
+as the protocol they belong to did. Records, the loss along the attack's iterations, a few
+example images and the cost (score-network evaluations, seconds) go to the store in one
+transaction per batch.
 
 The Trainer must run with `inference_mode=False`: attacks need gradients in the test loop.
 """
@@ -20,7 +23,7 @@ from advpure.attacks import run_attack
 from advpure.errors import NonFiniteError
 from advpure.lit.defended import stage_error
 from advpure.plan import Unit
-from advpure.results import NATURAL, protocol, protocol_records
+from advpure.results import Observations, protocol, protocol_records
 from advpure.rng import SampleRNG
 
 
@@ -44,6 +47,7 @@ class AttackCallback(Callback):
             progress,
         )
         self.track_path = any(protocol(p).needs_path for p in self.protocols)
+        self.runs = {protocol(p).run for p in self.protocols}
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         u = self.unit
@@ -61,24 +65,27 @@ class AttackCallback(Callback):
         rng = SampleRNG(pl_module.seed, idx, stream=u.key)
         t0, e0 = time.perf_counter(), defense.score_evals
         bar = self._bar(trainer, b)
+        hooks = dict(progress=(lambda i: bar.update(1)) if bar else None)
+        attack = dict(eps=u.eps, step=u.step, **hooks)
+        frozen = clean = None
         try:
             with torch.enable_grad():
                 result = run_attack(
-                    u.spec,
-                    defense,
-                    x,
-                    y,
-                    rng.child("attack"),
-                    eps=u.eps,
-                    step=u.step,
-                    track_path=self.track_path,
-                    progress=(lambda i: bar.update(1)) if bar else None,
+                    u.spec, defense, x, y, rng.child("attack"), track_path=self.track_path, **attack
                 )
             # Common random numbers: the final input is judged with the same defense noise as the
             # clean one in test_step (the attack never sees it), so eps = 0 reproduces natural
             # accuracy sample by sample and natural - robust is not blurred by evaluation noise.
-            judge = SampleRNG(pl_module.seed, idx, stream=f"{u.defense}/{NATURAL}")
+            judge = pl_module.natural_rng(u.defense, idx)
             final = defense.evaluate(result.x_adv, y, judge, n=self.worst_of_n)
+            if "frozen" in self.runs:  # DW-box: attack and judge the defense with its noise frozen
+                with defense.frozen(pl_module.dwbox_seed(u.defense)), torch.enable_grad():
+                    x_dw = run_attack(u.spec, defense, x, y, rng.child("dwbox"), **attack).x_adv
+                    frozen = defense.evaluate(x_dw, y, judge, n=1)
+            if "clean" in self.runs:  # noise floors: as many clean evaluations as the protocols made
+                iterates = result.losses.shape[0] - 1
+                draws = pl_module.clean_draws(u.defense, x, y, idx, max(self.worst_of_n, iterates + 1))
+                clean = {m: Observations(d, n=self.worst_of_n, path_len=iterates) for m, d in draws.items()}
         except NonFiniteError as e:
             raise stage_error(e, f"attack {u.attack} on {u.defense}, batch {b}", len(idx)) from None
         finally:
@@ -86,11 +93,20 @@ class AttackCallback(Callback):
                 bar.close()
         path = result.path_correct
         per_merge = {
-            m: protocol_records(c, path[m] if path is not None else None, protocols=self.protocols)
+            m: protocol_records(
+                c,
+                path[m] if path is not None else None,
+                self.protocols,
+                frozen=frozen[m] if frozen is not None else None,
+                clean=clean[m] if clean is not None else None,
+            )
             for m, c in final.items()
         }
         examples = self._examples(defense, x, result.x_adv, idx, rng)
         traces = {int(i): result.losses[:, k].float().cpu().numpy() for k, i in enumerate(idx.tolist())}
+        stats = None
+        if result.zero_grad is not None:
+            stats = {"zero_grad": dict(zip(idx.tolist(), result.zero_grad.float().tolist()))}
         pl_module.write(
             u.defense,
             u.attack,
@@ -100,6 +116,7 @@ class AttackCallback(Callback):
             seconds=time.perf_counter() - t0,
             traces=traces,
             examples=examples,
+            stats=stats,
         )
 
     def _examples(self, defense, x, x_adv, idx, rng):
@@ -126,7 +143,7 @@ class AttackCallback(Callback):
 
         u = self.unit
         return tqdm(
-            total=int(u.spec.iters),
+            total=int(u.spec.iters) * (2 if "frozen" in self.runs else 1),
             desc=f"{u.defense} {u.attack} batch {b}",
             leave=False,
             position=1,

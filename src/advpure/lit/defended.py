@@ -1,9 +1,10 @@
 """DefendedClassifier: the benchmark's test loop. Lightning only wires the plain-torch pieces.
 
 test_step (per batch, for every defense): natural accuracy of `worst_of_n` independent defended
-predictions, every merge rule, written as per-sample records to this process's store. The
-attack callbacks (`advpure.callbacks.attack`) then attack the same batch. Batches already in the
-store (a resumed run) are not recomputed: their records re-feed the metrics.
+predictions (and, for the DW-box protocol, of the frozen defense), every merge rule, written as
+per-sample records to this process's store. The attack callbacks (`advpure.callbacks.attack`)
+then attack the same batch. Batches already in the store (a resumed run) are not recomputed:
+their records re-feed the metrics.
 
 Metrics are torchmetrics `MeanMetric`s, synchronised across processes at epoch end; every
 process only evaluates its own batches (no padding), so nothing is counted twice.
@@ -21,8 +22,8 @@ from torch import nn
 from advpure.errors import NonFiniteError
 from advpure.nets.compiled import eager_of, warm_up
 from advpure.purify.defense import Defense
-from advpure.results import NATURAL, RecordStore, metric_name, protocol_records, records_for
-from advpure.rng import SampleRNG
+from advpure.results import NATURAL, RecordStore, metric_name, protocol, protocol_records, records_for
+from advpure.rng import SampleRNG, mix, stream_id
 
 
 def stage_error(e: NonFiniteError, stage: str, n: int) -> NonFiniteError:
@@ -58,6 +59,7 @@ class DefendedClassifier(L.LightningModule):
             merge,
         )
         self.protocols = list(protocols) if protocols is not None else None  # None: all registered
+        self._clean: dict[tuple, dict[str, torch.Tensor]] = {}  # this batch's clean draws per defense
         self.metric_keys = {name: f"m{i}" for i, name in enumerate(metric_names)}
         self.metrics = nn.ModuleDict({k: torchmetrics.MeanMetric() for k in self.metric_keys.values()})
         self.store: RecordStore | None = None
@@ -84,6 +86,25 @@ class DefendedClassifier(L.LightningModule):
         if self.store is not None:
             self.store.close()
 
+    def natural_rng(self, name: str, idx: torch.Tensor) -> SampleRNG:
+        """The stream of the clean evaluation; the final adversarial inputs are judged with it too
+        (common random numbers), and the noise floors reuse its first draws."""
+        return SampleRNG(self.seed, idx, stream=f"{name}/{NATURAL}")
+
+    def dwbox_seed(self, name: str) -> int:
+        """The frozen noise of defense `name` under the DW-box protocol (the same for every attack)."""
+        return mix(self.seed, stream_id(f"{name}/dwbox"))
+
+    def clean_draws(self, name: str, x, y, idx, rows: int) -> dict[str, torch.Tensor]:
+        """{merge: (>= rows, B) bool}: fresh defended classifications of the clean batch, the first
+        ones equal to the natural evaluation's draws (same keyed stream). Computed once per batch
+        and defense for the largest `rows` asked (the noise floors of every attack share them)."""
+        key = (name, tuple(idx.tolist()))
+        have = self._clean.get(key)
+        if have is None or next(iter(have.values())).shape[0] < rows:
+            self._clean = {key: self.defense(name).evaluate(x, y, self.natural_rng(name, idx), n=rows)}
+        return self._clean[key]
+
     def batch_id(self, idx: torch.Tensor) -> int:
         return int(idx[0]) // self.batch_size
 
@@ -106,7 +127,7 @@ class DefendedClassifier(L.LightningModule):
         return True
 
     def write(
-        self, defense, attack, idx, per_merge, *, score_evals, seconds, traces=None, examples=None
+        self, defense, attack, idx, per_merge, *, score_evals, seconds, traces=None, examples=None, stats=None
     ) -> None:
         records = records_for(defense, attack, idx.tolist(), per_merge)
         self.store.write_batch(
@@ -120,6 +141,7 @@ class DefendedClassifier(L.LightningModule):
             seconds=seconds,
             traces=traces,
             examples=examples,
+            stats=stats,
         )
         self.update_metrics(records)
 
@@ -131,12 +153,19 @@ class DefendedClassifier(L.LightningModule):
             if self.replay(name, NATURAL, b):
                 continue
             t0, e0 = time.perf_counter(), defense.score_evals
-            rng = SampleRNG(self.seed, idx, stream=f"{name}/{NATURAL}")
+            rng = self.natural_rng(name, idx)
+            frozen = None
             try:
                 correct = defense.evaluate(x, y, rng, n=self.worst_of_n)
+                if any(protocol(p).run == "frozen" for p in self.protocols or ()):
+                    with defense.frozen(self.dwbox_seed(name)):
+                        frozen = defense.evaluate(x, y, rng, n=1)
             except NonFiniteError as e:
                 raise stage_error(e, f"natural accuracy of {name}, batch {b}", len(idx)) from None
-            per_merge = {m: protocol_records(c, protocols=self.protocols) for m, c in correct.items()}
+            per_merge = {
+                m: protocol_records(c, protocols=self.protocols, frozen=frozen[m] if frozen else None)
+                for m, c in correct.items()
+            }
             self.write(
                 name,
                 NATURAL,

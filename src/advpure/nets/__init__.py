@@ -13,7 +13,6 @@ from advpure.nets.classifiers import (
     WideResNet,
     build_classifier,
 )
-from advpure.nets import factory
 from advpure.nets.factory import (
     classifier_arch,
     frozen,
@@ -48,6 +47,13 @@ __all__ = [
     "WideResNet",
     "build_classifier",
     "build_score_net",
+    "classifier_arch",
     "count_parameters",
-    *factory.__all__,
+    "frozen",
+    "load_defense",
+    "load_net",
+    "load_nets",
+    "make_classifier",
+    "make_score_net",
+    "score_arch",
 ]

@@ -28,7 +28,7 @@ from torch import nn
 from advpure.errors import check_finite
 from advpure.purify.base import IdentityPurifier, Purifier, PurifyResult, check_images, purifier_class
 from advpure.purify.merge import MERGE_RULES, correct_by_merge, merge_scores
-from advpure.rng import RNG
+from advpure.rng import RNG, FrozenRNG
 
 
 class Counted(nn.Module):
@@ -99,6 +99,7 @@ class Defense(nn.Module):
         self.score_net = Counted(net) if net is not None else None
         self.replicas, self.merge, self.max_batch = replicas, merge, max_batch
         self.amp_dtype, self.channels, self.image_size, self.name = amp_dtype, channels, image_size, name
+        self.frozen_seed: int | None = None  # set by `frozen()`: the DW-box protocol
         self.eval()
 
     def train(self, mode: bool = True) -> Defense:
@@ -153,10 +154,26 @@ class Defense(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False), no_tf32(x.device):
             return chunked(self.score_net, x, self.max_batch)
 
+    @contextlib.contextmanager
+    def frozen(self, seed: int):
+        """Within the block the defense's randomness is drawn once per image (keyed by `seed` and
+        the image index): every purification, for every gradient and for the final evaluation,
+        replays the same S replicas (the DW-box protocol, Liu et al. 2025; see `FrozenRNG`).
+        The RNGs passed in then only say which images the rows are."""
+        before, self.frozen_seed = self.frozen_seed, int(seed)
+        try:
+            yield self
+        finally:
+            self.frozen_seed = before
+
     def purify(self, x: torch.Tensor, rng: RNG, draws: int = 1, differentiable: bool = False) -> PurifyResult:
         """`draws` independent chains per image; result rows are (draws * B), draw-major."""
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
+        if self.frozen_seed is not None:
+            if not hasattr(rng, "index"):
+                raise ValueError("a frozen defense needs per-image keyed RNGs (SampleRNG)")
+            rng = FrozenRNG(self.frozen_seed, rng.index, self.replicas)
         out = self.purifier(x, rng, draws, self.score_fp32, differentiable=differentiable)
         check_finite(out.x, f"the purifier ({self.purifier.name}) of defense '{self.name}'")
         return out

@@ -15,6 +15,7 @@ from advpure.results.protocols import (
     protocol_records,
     records_for,
     register_protocol,
+    with_floors,
 )
 from advpure.results.stats import accuracy, wilson
 from advpure.results.store import (
@@ -26,8 +27,10 @@ from advpure.results.store import (
     clear,
     delete_units,
     load_batches,
+    load_certificates,
     load_examples,
     load_records,
+    load_stats,
     load_traces,
     rank_files,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "protocols_in",
     "stat_protocols",
     "register_protocol",
+    "with_floors",
     "CITED_HEADING",
     "Batch",
     "Example",
@@ -66,6 +70,8 @@ __all__ = [
     "check_consistency",
     "clear",
     "load_batches",
+    "load_certificates",
+    "load_stats",
     "load_examples",
     "load_records",
     "load_traces",

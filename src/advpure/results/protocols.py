@@ -37,10 +37,20 @@ from advpure.results.store import NATURAL, Record
 
 @dataclass(frozen=True)
 class Observations:
-    """What one attack run (or the clean evaluation) observed for a batch of B images."""
+    """What one attack run (or the clean evaluation) observed for a batch of B images.
 
-    final: torch.Tensor  # (N, B) bool: N fresh defended classifications of the final input (row 0 = single)
-    path: torch.Tensor | None = None  # (I, B) bool: correctness at the iterates before the final one
+    For protocols with `run="shared"` (the attack run every protocol shares): `final` holds the N
+    fresh defended classifications of the final input (row 0 = the single draw) and `path` the
+    correctness at the I iterates before it. `run="frozen"`: `final` (1, B) is the frozen
+    defense's verdict after an attack on that same frozen defense. `run="clean"` (noise floors):
+    `final` (M, B) holds M fresh classifications of the clean input, `n` = N and `path_len` = I
+    of the attack the floor belongs to.
+    """
+
+    final: torch.Tensor  # (rows, B) bool
+    path: torch.Tensor | None = None  # (I, B) bool
+    n: int | None = None  # N of worst-of-N (clean observations)
+    path_len: int | None = None  # I, the attack's iterates (clean observations)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class Protocol:
     at_most: tuple[str, ...] = ()  # per sample, value <= these protocols' values
     invariant: Callable[[Mapping[str, float]], str | None] | None = None  # extra per-sample check
     needs_path: bool = False  # the attack must record the defense's correctness at every iterate
+    run: str = "shared"  # which observations: "shared" attack run, "frozen" (own run), "clean" (floors)
+    floor: str | None = None  # the protocol measuring this one's noise floor at eps = 0 (added with it)
 
     def __call__(self, obs: Observations) -> torch.Tensor | None:
         return self.compute(obs)
@@ -66,6 +78,7 @@ def _is_protocol(obj) -> None:
 
 
 PROTOCOLS = Registry("protocol", check=_is_protocol)
+RUNS = ("shared", "frozen", "clean")
 
 
 def register_protocol(
@@ -76,12 +89,18 @@ def register_protocol(
     at_most: Sequence[str] = (),
     invariant: Callable[[Mapping[str, float]], str | None] | None = None,
     needs_path: bool = False,
+    run: str = "shared",
+    floor: str | None = None,
 ) -> Callable[[Callable[[Observations], torch.Tensor | None]], Protocol]:
     """Decorator: register `fn(obs) -> (B,) values` as protocol `name`; returns the Protocol.
-    `needs_path`: fn reads `obs.path` (the benchmark then tracks correctness at every iterate)."""
+    `needs_path`: fn reads `obs.path` (the benchmark then tracks correctness at every iterate).
+    `run`: which observations fn gets (see `Observations`). `floor`: the name of the protocol
+    that measures this one at eps = 0 with as many evaluations; it runs whenever this one does."""
+    if run not in RUNS:
+        raise ValueError(f"protocol '{name}': unknown run '{run}'; allowed: {', '.join(RUNS)}")
 
     def deco(fn: Callable[[Observations], torch.Tensor | None]) -> Protocol:
-        proto = Protocol(name, fn, label, legend, tuple(at_most), invariant, needs_path)
+        proto = Protocol(name, fn, label, legend, tuple(at_most), invariant, needs_path, run, floor)
         PROTOCOLS.add(name, proto)
         return proto
 
@@ -125,9 +144,20 @@ def _mean_invariant(v: Mapping[str, float]) -> str | None:
     label="Worst-of-N",
     legend="classified N times with fresh randomness: robust only if correct every time",
     at_most=("single", "mean_of_n"),
+    floor="worst_of_n_floor",
 )
 def worst_of_n(obs: Observations) -> torch.Tensor:
     return obs.final.all(dim=0)
+
+
+@register_protocol(
+    "worst_of_n_floor",
+    label="Worst-of-N floor",
+    legend="worst-of-N at eps = 0 on the same images: what the defense's own randomness costs",
+    run="clean",
+)
+def worst_of_n_floor(obs: Observations) -> torch.Tensor:
+    return obs.final[: obs.n].all(dim=0)
 
 
 @register_protocol(
@@ -146,6 +176,7 @@ def mean_of_n(obs: Observations) -> torch.Tensor:
     legend="robust only if the defense was correct at every attack iterate (Hill et al. 2021)",
     at_most=("single",),
     needs_path=True,
+    floor="ever_broken_floor",
 )
 def ever_broken(obs: Observations) -> torch.Tensor | None:
     if obs.path is None:
@@ -153,18 +184,53 @@ def ever_broken(obs: Observations) -> torch.Tensor | None:
     return obs.path.all(dim=0) & obs.final[0]
 
 
+@register_protocol(
+    "ever_broken_floor",
+    label="Ever-broken floor",
+    legend="ever broken at eps = 0: correct in as many fresh evaluations of the clean input as the attack made",
+    run="clean",
+)
+def ever_broken_floor(obs: Observations) -> torch.Tensor:
+    return obs.final[: obs.path_len + 1].all(dim=0)
+
+
+@register_protocol(
+    "dwbox",
+    label="DW-box",
+    legend=(
+        "deterministic white-box (Liu et al. 2025): the defense's noise is drawn once per image and "
+        "shared by every gradient of the attack and the final evaluation"
+    ),
+    run="frozen",
+)
+def dwbox(obs: Observations) -> torch.Tensor:
+    return obs.final[0]
+
+
+def with_floors(names: Sequence[str]) -> list[str]:
+    """`names` plus the floors of the protocols among them, in registration order."""
+    wanted = set(names) | {protocol(n).floor for n in names if protocol(n).floor}
+    return [p for p in PROTOCOLS.names() if p in wanted] + [n for n in names if n not in PROTOCOLS]
+
+
 # --- from observations to records -----------------------------------------------------------------
 def protocol_records(
     final_correct: torch.Tensor,
     path_correct: torch.Tensor | None = None,
     protocols: Sequence[str] | None = None,
+    *,
+    frozen: torch.Tensor | None = None,
+    clean: Observations | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sample outcome of every protocol in `protocols` (default: all registered), each (B,).
 
     final_correct: bool (N, B), the N fresh classifications of the final adversarial input; row 0
     is the single draw. path_correct: optional bool (I, B), correctness at the iterates before the
     final one (iterate 0 = the starting point); protocols that need it are omitted without it.
-    Raises ValueError for malformed inputs or an unknown protocol.
+    frozen: bool (1, B), the frozen defense's verdict of its own attack run (`run="frozen"`);
+    clean: the clean observations of the noise floors (`run="clean"`). Protocols whose
+    observations are not given are omitted. Raises ValueError for malformed inputs or an unknown
+    protocol.
     """
     if final_correct.dtype != torch.bool or final_correct.dim() != 2 or final_correct.shape[0] < 1:
         raise ValueError(
@@ -179,11 +245,16 @@ def protocol_records(
             f"path_correct must be a bool tensor (I, B={final_correct.shape[1]}), "
             f"got {path_correct.dtype} {tuple(path_correct.shape)}"
         )
-    obs = Observations(final_correct, path_correct)
+    by_run = {
+        "shared": Observations(final_correct, path_correct),
+        "frozen": Observations(frozen) if frozen is not None else None,
+        "clean": clean,
+    }
     out = {}
     for name in protocols if protocols is not None else PROTOCOLS.names():
         p = protocol(name)
-        value = p(obs)
+        obs = by_run[p.run]
+        value = p(obs) if obs is not None else None
         if value is not None:
             out[p.name] = value
     return out
@@ -258,4 +329,5 @@ __all__ = [
     "protocol_records",
     "records_for",
     "register_protocol",
+    "with_floors",
 ]

@@ -45,7 +45,8 @@ from advpure.purify.merge import MERGE_RULES
 
 NATURAL = "natural"  # the attack name of clean-accuracy records
 
-SCHEMA_VERSION = 1  # stored as PRAGMA user_version; bump when the tables change
+SCHEMA_VERSION = 2  # stored as PRAGMA user_version; bump when the tables change
+# v2 added `stats` (per-sample diagnostics) and `certificates`; a v1 file gains them on open
 
 _TABLES = {
     "records": (
@@ -75,7 +76,38 @@ _TABLES = {
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
         ("key", "value"),
     ),
+    "stats": (
+        "CREATE TABLE stats (defense TEXT NOT NULL, attack TEXT NOT NULL, idx INTEGER NOT NULL, "
+        "name TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (defense, attack, idx, name))",
+        ("defense", "attack", "idx", "name", "value"),
+    ),
+    "certificates": (
+        "CREATE TABLE certificates (base TEXT NOT NULL, sigma REAL NOT NULL, idx INTEGER NOT NULL, "
+        "label INTEGER NOT NULL, prediction INTEGER NOT NULL, p_a REAL NOT NULL, radius REAL NOT NULL, "
+        "abstained INTEGER NOT NULL, n0 INTEGER NOT NULL, n INTEGER NOT NULL, alpha REAL NOT NULL, "
+        "counts0 BLOB NOT NULL, counts BLOB NOT NULL, predict INTEGER NOT NULL, "
+        "predict_pvalue REAL NOT NULL, seconds REAL NOT NULL, PRIMARY KEY (base, sigma, idx))",
+        (
+            "base",
+            "sigma",
+            "idx",
+            "label",
+            "prediction",
+            "p_a",
+            "radius",
+            "abstained",
+            "n0",
+            "n",
+            "alpha",
+            "counts0",
+            "counts",
+            "predict",
+            "predict_pvalue",
+            "seconds",
+        ),
+    ),
 }
+_ADDED_IN_V2 = ("stats", "certificates")
 
 
 class Record(NamedTuple):
@@ -183,6 +215,19 @@ class RecordStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        if version == 1:  # add the tables of v2; the v1 tables are unchanged
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for name in _ADDED_IN_V2:
+                    if name not in self._schema_state()[1]:
+                        conn.execute(_TABLES[name][0])
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+                version = SCHEMA_VERSION
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         if version != SCHEMA_VERSION:
             raise _corrupt(self.path, f"schema version {version}, expected {SCHEMA_VERSION}")
         for name, (_, columns) in _TABLES.items():
@@ -209,6 +254,7 @@ class RecordStore:
         seconds: float = 0.0,
         traces: Mapping[int, Any] | None = None,
         examples: Iterable[Sequence[Any]] | None = None,
+        stats: Mapping[str, Mapping[int, float]] | None = None,
     ) -> None:
         """Store everything about one batch and mark it done, in ONE transaction.
 
@@ -241,6 +287,11 @@ class RecordStore:
                 conn.executemany(
                     "INSERT OR REPLACE INTO traces VALUES (?, ?, ?, ?)",
                     [(defense, attack, int(i), _blob(_as_numpy(t).reshape(-1))) for i, t in traces.items()],
+                )
+            for name, values in (stats or {}).items():
+                conn.executemany(
+                    "INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?)",
+                    [(defense, attack, int(i), name, float(v)) for i, v in values.items()],
                 )
             for idx, clean, adv, pur in examples or ():
                 arrays = [_as_numpy(a) for a in (clean, adv, pur)]
@@ -299,7 +350,7 @@ class RecordStore:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for table in ("records", "batches", "traces", "examples"):
+            for table in ("records", "batches", "traces", "examples", "stats"):
                 conn.execute(f"DELETE FROM {table} WHERE defense=? AND attack=?", (defense, attack))
             conn.execute("COMMIT")
         except BaseException:
@@ -355,6 +406,41 @@ class RecordStore:
             (d, a, i, np.frombuffer(blob, dtype=np.float32).copy())
             for d, a, i, blob in self._query("SELECT * FROM traces")
         ]
+
+    def stats(self) -> list[tuple[str, str, int, str, float]]:
+        return [tuple(r) for r in self._query("SELECT * FROM stats")]
+
+    def write_certificates(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Store per-image certificates (`certificates` columns; counts as int64 arrays) in one
+        transaction; an image already stored with the same (base, sigma, idx) is replaced."""
+        cols = _TABLES["certificates"][1]
+        data = []
+        for r in rows:
+            row = dict(r)
+            for k in ("counts0", "counts"):
+                row[k] = np.ascontiguousarray(_as_numpy(row[k]), dtype=np.int64).tobytes()
+            data.append(tuple(row[c] for c in cols))
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                f"INSERT OR REPLACE INTO certificates VALUES ({', '.join('?' * len(cols))})", data
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def certificates(self) -> list[dict[str, Any]]:
+        cols = _TABLES["certificates"][1]
+        out = []
+        for row in self._query("SELECT * FROM certificates"):
+            r = dict(zip(cols, row))
+            for k in ("counts0", "counts"):
+                r[k] = np.frombuffer(r[k], dtype=np.int64).copy()
+            out.append(r)
+        return out
 
     def examples(self) -> list[Example]:
         out = []
@@ -448,6 +534,24 @@ def load_examples(run_dir: str | Path) -> list[Example]:
         for e in store.examples():
             out.setdefault((e.defense, e.attack, e.idx), e)
     return [e for _, e in sorted(out.items(), key=lambda kv: kv[0])]
+
+
+def load_stats(run_dir: str | Path) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
+    """`{(defense, attack): {name: {idx: value}}}`: per-sample diagnostics, merged over ranks."""
+    out: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    for _, store in _each_store(run_dir):
+        for d, a, i, name, v in store.stats():
+            out.setdefault((d, a), {}).setdefault(name, {}).setdefault(i, v)
+    return out
+
+
+def load_certificates(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every stored certificate, one per (base, sigma, idx) (the lowest rank's copy), sorted."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for _, store in _each_store(run_dir):
+        for r in store.certificates():
+            out.setdefault((r["base"], r["sigma"], r["idx"]), r)
+    return [r for _, r in sorted(out.items())]
 
 
 def delete_units(run_dir: str | Path, units: Iterable[tuple[str, str]]) -> None:
