@@ -302,6 +302,19 @@ def _certified_then_attacked(tiny_artifacts, name: str, attack: dict):
     assert flipped[4.0], "the attack is too weak to test anything: nothing flips at 4x the radius"
 
 
+@pytest.mark.parametrize("name", list(BASES))
+def test_pgd_l2_differentiates_through_every_base_and_stays_in_the_ball(name):
+    clf, score = small_nets()
+    base = build_base(name, clf, 0.25, score_net=score, **({"steps": 2} if name == "adp" else {}))
+    x = torch.rand((2, 1, 28, 28), generator=torch.Generator().manual_seed(2))
+    eps = torch.tensor([0.3, 0.1])
+    with torch.inference_mode():  # callable from inference code (a certify loop) too
+        x_adv = smoothed_pgd_l2(base, x, torch.tensor([0, 1]), sigma=0.25, eps=eps, steps=1, samples=2)
+    dist = (x_adv - x).flatten(1).norm(dim=1)
+    assert (dist > 0.5 * eps).all() and (dist <= eps + 1e-5).all()  # moved: the gradient reached x
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
 @needs_fmnist
 def test_pgd_l2_inside_the_certified_radius_does_not_flip_the_smoothed_prediction(tiny_artifacts):
     _certified_then_attacked(tiny_artifacts, "noisy", {"steps": 6, "samples": 12})

@@ -137,12 +137,15 @@ class SmoothedClassifier:
     ) -> list[torch.Tensor]:
         """Class counts of the base classifier on keyed noisy copies of every image.
 
-        x: (B, C, H, W) clean images in [0, 1]; idx: their B dataset indices (the noise keys);
+        x: (B, C, H, W) clean images in [0, 1] (used in fp32); idx: their B dataset indices (the noise keys);
         draws: [(stream, num), ...] e.g. [("select", n0), ("estimate", n)].
         Returns one (B, num_classes) int64 tensor per entry of `draws`, on x's device.
         Raises ValueError for bad images, a wrong number of indices or logits of the wrong width.
         """
         check_images(x)
+        # the noisy rows x + sigma n are formed in fp32 whatever x's dtype: a lower precision (autocast)
+        # inside the base is then part of h, and the smoothing noise stays the exact Gaussian
+        x = x.float()
         idx = [int(i) for i in (idx.tolist() if torch.is_tensor(idx) else idx)]
         if len(idx) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} images but {len(idx)} indices")
@@ -154,7 +157,7 @@ class SmoothedClassifier:
         counts = torch.zeros(b * r * k, dtype=torch.long, device=x.device)
         total = b * sum(int(num) for _, num in draws)
         cap = max(1, min(self.max_batch, total))
-        buf = torch.empty((cap, *shape), dtype=x.dtype, device=x.device)
+        buf = torch.empty((cap, *shape), dtype=torch.float32, device=x.device)
         slots = torch.empty(cap, dtype=torch.long, device=x.device)
         ones = torch.ones(cap, dtype=torch.long, device=x.device)
         noise = KeyedNormal(self.seed, x.device, self.block)
@@ -171,7 +174,7 @@ class SmoothedClassifier:
             for j, (stream, num) in enumerate(draws):
                 slot = i * r + j
                 for blk in range(num_blocks(num, self.block)):
-                    eps = noise.draw(idx[i], stream, blk, num, shape).to(x.dtype)
+                    eps = noise.draw(idx[i], stream, blk, num, shape)
                     rows, off = block_rows(num, blk, self.block), 0
                     while off < rows:
                         take = min(rows - off, cap - fill)
