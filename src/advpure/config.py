@@ -112,6 +112,9 @@ class ClassifierConfig:
     dropout: float = between(0.0, 0.0, 1.0)
     optim: OptimConfig = field(default_factory=OptimConfig)
     label_smoothing: float = between(0.0, 0.0, 1.0)
+    # Gaussian-noise augmentation of training batches, std in [0, 1] image units (0 = off): train at
+    # the smoothing sigma to make randomized smoothing's bare-classifier baseline fair (Cohen et al. 2019)
+    noise_sd: float = at_least(0.0, 0.0)
     weights: str = "${paths.artifacts}/${data.name}/classifier.pt"
 
 

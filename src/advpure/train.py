@@ -45,6 +45,14 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return Path(cfg.paths.runs) / "train" / cfg.experiment / stage
 
 
+def _classifier_fields(cfg: DictConfig) -> dict:
+    """The classifier block; `noise_sd` only when set, so runs made before the field existed resume."""
+    net = to_dict(cfg.classifier)
+    if not net.get("noise_sd"):
+        net.pop("noise_sd", None)
+    return net
+
+
 def stage_fingerprint(cfg: DictConfig, stage: str) -> str:
     """What a stage's checkpoints depend on; schedule lengths of the score net may grow on resume."""
     data = {
@@ -55,7 +63,7 @@ def stage_fingerprint(cfg: DictConfig, stage: str) -> str:
             {
                 "data": data,
                 "batch": cfg.data.batch_size,
-                "net": to_dict(cfg.classifier),
+                "net": _classifier_fields(cfg),
                 "epochs": cfg.trainer.max_epochs,
                 "seed": cfg.seed,
             }
@@ -157,7 +165,12 @@ def train_classifier(cfg: DictConfig) -> dict:
     dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
     arch = classifier_arch(cfg, dm.spec)
     module = ClassifierModule(
-        arch, dm.spec, to_dict(cfg.classifier.optim), cfg.classifier.dropout, cfg.classifier.label_smoothing
+        arch,
+        dm.spec,
+        to_dict(cfg.classifier.optim),
+        cfg.classifier.dropout,
+        cfg.classifier.label_smoothing,
+        noise_sd=cfg.classifier.noise_sd,
     )
     resume = prepare_stage_dir(cfg, "classifier")
     run_dir = stage_dir(cfg, "classifier")
@@ -192,6 +205,7 @@ def train_classifier(cfg: DictConfig) -> dict:
         "seconds": seconds,
         "dataset": cfg.data.name,
         "images_per_s": float(getattr(module, "images_per_s", float("nan"))),
+        "noise_sd": float(cfg.classifier.noise_sd),  # Gaussian training noise (randomized smoothing)
     }
     _export(cfg, "classifier", arch, module.net, meta)
     say(
@@ -255,7 +269,15 @@ def train_score(cfg: DictConfig) -> dict:
     drop_hpc_checkpoints(run_dir)
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    meta = {"steps": int(trainer.global_step), "seconds": seconds, "dataset": cfg.data.name, **metrics}
+    meta = {
+        "steps": int(trainer.global_step),
+        "seconds": seconds,
+        "dataset": cfg.data.name,
+        # the DSM noise range: certification checks that its smoothing sigma lies inside it
+        "sigma_min": float(module.sigmas.min()),
+        "sigma_max": float(module.sigmas.max()),
+        **metrics,
+    }
     _export(cfg, "score", arch, module.ema.shadow, meta)
     gain = metrics.get("val/psnr_gain_s0.25")
     say(

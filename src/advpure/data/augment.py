@@ -64,3 +64,18 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: f
     """Mirror each sample independently with probability `p` (a per-sample coin flip)."""
     mask = torch.rand(x.shape[0], generator=generator, device=_draw_device(x, generator)) < p
     return hflip_where(x, mask)
+
+
+def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x + std * n with n ~ N(0, I) drawn per pixel on the batch's device (`generator`'s, when given).
+
+    Not clipped to [0, 1]: randomized smoothing classifies x + sigma * n unclipped, so a classifier
+    trained for it sees the same inputs (Gaussian data augmentation, Cohen et al. 2019, Section 4).
+    `std == 0` returns `x` unchanged (and draws nothing). Raises ValueError for std < 0.
+    """
+    if std < 0:
+        raise ValueError(f"noise std must be >= 0, got {std}")
+    if std == 0:
+        return x
+    n = torch.randn(x.shape, generator=generator, device=_draw_device(x, generator), dtype=x.dtype)
+    return x + std * n.to(x.device)

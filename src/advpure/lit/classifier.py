@@ -7,6 +7,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advpure.data.augment import gaussian_noise
 from advpure.errors import TrainingError
 from advpure.nets.factory import classifier_arch, make_classifier  # noqa: F401 (re-exported)
 
@@ -38,12 +39,29 @@ class ClassifierModule(L.LightningModule):
     # evaluation batches are never padded, so with few batches a rank may get none
     allow_zero_length_dataloader_with_multiple_devices = True
 
-    def __init__(self, arch: dict, spec, optim: dict, dropout: float = 0.0, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        arch: dict,
+        spec,
+        optim: dict,
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        noise_sd: float = 0.0,
+    ):
         super().__init__()
         self.save_hyperparameters(
-            {"arch": arch, "optim": optim, "dropout": dropout, "label_smoothing": label_smoothing}
+            {
+                "arch": arch,
+                "optim": optim,
+                "dropout": dropout,
+                "label_smoothing": label_smoothing,
+                "noise_sd": noise_sd,
+            }
         )
         self.arch, self.optim_cfg = arch, optim
+        # Gaussian-noise augmentation of training batches only (Cohen et al. 2019): the classifier of
+        # randomized smoothing's baseline must have seen x + sigma * n
+        self.noise_sd = float(noise_sd)
         self.net = make_classifier(arch, spec, dropout)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = arch["num_classes"]
@@ -56,6 +74,7 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
+        x = gaussian_noise(x, self.noise_sd)
         logits = self.net(x)
         loss = self.loss_fn(logits, y)
         if not torch.isfinite(loss):

@@ -1,0 +1,181 @@
+"""Base classifiers h of the smoothed classifier G(x) = argmax_c P(h(x + sigma n) = c), n ~ N(0, I).
+
+Each base is an `nn.Module` mapping noisy rows x~ = x + sigma * n, shape (rows, C, H, W) with
+values outside [0, 1], to logits (rows, classes); the smoothing code counts their argmax.
+
+* `noisy`     h(x~) = g(x~): the bare classifier on the noisy input (Cohen et al. 2019's baseline;
+              fair only for a classifier trained with Gaussian noise of that sigma,
+              `classifier.noise_sd`).
+* `denoised`  h(x~) = g(clip(x~ + sigma f(x~), 0, 1)): Tweedie's one-step denoiser from the DSM
+              score net, then the classifier (denoised smoothing: Salman et al., NeurIPS 2020;
+              Carlini et al., ICLR 2023). advpure's f is trained so that f(x + s eps) ~ -eps,
+              i.e. f ~ s * grad log p_s (not divided by s), so E[x | x~] ~ x~ + sigma f(x~).
+* `adp`       h(x~) = g(x_T) with x_T from ADP's deterministic adaptive updates (Yoon, Hwang & Lee,
+              ICML 2021) started at x~: the smoothing noise plays the part of ADP's screening noise.
+
+The noise is never clipped before the denoiser / chain: the DSM net (and Tweedie's formula) is
+fitted to x + sigma n, and a clip would move the input off that distribution. The certificate
+itself holds for any deterministic h of x + sigma n, so the clip of `denoised` and the per-step
+clips of `adp` are simply part of h.
+
+A score net only denoises noise levels it was trained on: `check_sigma_covered` refuses a sigma
+outside its DSM range (use `score_sigma_range` to read that range from the weights' meta or config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from advpure.errors import ConfigError
+from advpure.purify.adp import adp_chain
+
+SIGMA_RTOL = 1e-6  # sigma == sigma_max written as 0.5 vs 0.50000001 is covered
+
+
+class NoisyBase(nn.Module):
+    """h(x~) = classifier(x~) (Cohen et al. 2019). Input (rows, C, H, W), output logits (rows, K)."""
+
+    name = "noisy"
+    needs_score = False
+
+    def __init__(self, classifier: nn.Module, sigma: float):
+        super().__init__()
+        self.classifier, self.sigma = classifier, float(sigma)
+
+    def forward(self, x_noisy: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x_noisy)
+
+
+class DenoisedBase(nn.Module):
+    """h(x~) = classifier(clip(x~ + sigma * f(x~), 0, 1)): one-step Tweedie denoising with the DSM net f
+    (Salman et al. 2020; Carlini et al. 2023). Input (rows, C, H, W), output logits (rows, K)."""
+
+    name = "denoised"
+    needs_score = True
+
+    def __init__(self, classifier: nn.Module, score_net: nn.Module, sigma: float):
+        super().__init__()
+        self.classifier, self.score_net, self.sigma = classifier, score_net, float(sigma)
+
+    def denoise(self, x_noisy: torch.Tensor) -> torch.Tensor:
+        """x^ = clip(x~ + sigma f(x~), 0, 1), images in [0, 1] of the input's shape."""
+        return (x_noisy + self.sigma * self.score_net(x_noisy).to(x_noisy.dtype)).clamp(0.0, 1.0)
+
+    def forward(self, x_noisy: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.denoise(x_noisy))
+
+
+class ADPBase(nn.Module):
+    """h(x~) = classifier(x_T), x_T = ADP's adaptive deterministic updates (`adp_chain`) from x~ with
+    step scale `lam`, probe `delta`, stop threshold `tau`, at most `steps` updates (Yoon et al. 2021).
+    Input (rows, C, H, W), output logits (rows, K). Differentiable when gradients are enabled."""
+
+    name = "adp"
+    needs_score = True
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        score_net: nn.Module,
+        sigma: float,
+        *,
+        lam: float = 0.05,
+        delta: float = 1e-3,
+        tau: float = 1e-3,
+        steps: int = 10,
+    ):
+        super().__init__()
+        self.classifier, self.score_net, self.sigma = classifier, score_net, float(sigma)
+        self.lam, self.delta, self.tau, self.steps = float(lam), float(delta), float(tau), int(steps)
+
+    def purify(self, x_noisy: torch.Tensor) -> torch.Tensor:
+        out = adp_chain(
+            x_noisy,
+            self.score_net,
+            lam=self.lam,
+            delta=self.delta,
+            tau=self.tau,
+            steps=self.steps,
+            differentiable=torch.is_grad_enabled(),
+        )
+        return out.x
+
+    def forward(self, x_noisy: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purify(x_noisy))
+
+
+BASES: dict[str, type[nn.Module]] = {"noisy": NoisyBase, "denoised": DenoisedBase, "adp": ADPBase}
+
+
+def build_base(
+    name: str,
+    classifier: nn.Module,
+    sigma: float,
+    *,
+    score_net: nn.Module | None = None,
+    score_range: tuple[float, float] | None = None,
+    **params: Any,
+) -> nn.Module:
+    """The base classifier `name` (one of `BASES`) at smoothing noise `sigma` (> 0, [0, 1] image units).
+
+    `params` go to the base (ADP: lam, delta, tau, steps). With `score_range = (sigma_min, sigma_max)`
+    a base that uses the score net checks that the range covers sigma.
+    Raises ConfigError: unknown name, sigma <= 0, missing score net, sigma outside `score_range`,
+    parameters the base does not take.
+    """
+    if name not in BASES:
+        raise ConfigError(f"certify: unknown base classifier '{name}'; allowed: {', '.join(BASES)}")
+    if not sigma > 0:
+        raise ConfigError(f"certify: sigma must be > 0, got {sigma}")
+    cls = BASES[name]
+    if cls is ADPBase:
+        unknown = set(params) - {"lam", "delta", "tau", "steps"}
+    else:
+        unknown = set(params)
+    if unknown:
+        raise ConfigError(f"certify: base '{name}' takes no parameter(s) {', '.join(sorted(unknown))}")
+    if not cls.needs_score:
+        return cls(classifier, sigma)
+    if score_net is None:
+        raise ConfigError(f"certify: base '{name}' needs a score network (score.weights)")
+    if score_range is not None:
+        check_sigma_covered(sigma, *score_range)
+    return cls(classifier, score_net, sigma, **params)
+
+
+def check_sigma_covered(sigma: float, sigma_min: float, sigma_max: float) -> None:
+    """Raise ConfigError unless sigma_min <= sigma <= sigma_max (relative tolerance 1e-6): a DSM score
+    net does not denoise noise levels it was not trained on."""
+    lo, hi = float(sigma_min) * (1 - SIGMA_RTOL), float(sigma_max) * (1 + SIGMA_RTOL)
+    if not lo <= float(sigma) <= hi:
+        raise ConfigError(
+            f"certify: sigma={sigma:g} is outside the score net's DSM noise levels "
+            f"[{sigma_min:g}, {sigma_max:g}]; retrain it with score.sigma_min/score.sigma_max covering "
+            f"{sigma:g} or drop this sigma"
+        )
+
+
+def score_sigma_range(meta: Mapping[str, Any] | None = None, score_cfg: Any = None) -> tuple[float, float]:
+    """(sigma_min, sigma_max) the score net was trained on by DSM.
+
+    Read from the weights file's meta (keys `sigma_min`, `sigma_max`, `sigma_fixed`, written by
+    `advpure train`) when present, else from the score config block (same field names). A net
+    trained at one fixed sigma covers only that sigma. Raises ConfigError when neither has them.
+    """
+    for src in (meta, score_cfg):
+        if src is None:
+            continue
+        get = src.get if isinstance(src, Mapping) else (lambda k, s=src: getattr(s, k, None))
+        fixed = get("sigma_fixed")
+        if fixed:
+            return float(fixed), float(fixed)
+        lo, hi = get("sigma_min"), get("sigma_max")
+        if lo is not None and hi is not None:
+            return float(lo), float(hi)
+    raise ConfigError(
+        "certify: the score net's DSM noise range is unknown (no sigma_min/sigma_max in its meta or config)"
+    )
