@@ -654,3 +654,29 @@ def test_joint_attacks_run_on_their_defenses():
     d = adp_defense()
     for kind in ("joint_score", "joint_full"):
         check_attack(spec(kind), d, EPS, STEP)  # no error
+
+
+def test_dwbox_on_the_identity_defense_is_exactly_classifier_pgd(trained):
+    """With no randomness to freeze, the DW-box attack is the classifier PGD itself."""
+    clf, x, y = trained
+    x, y = x[:8], y[:8]
+    d = Defense(clf)
+    p = spec(gradient="bpda", iters=5, eot=3)
+    plain = run_attack(p, d, x, y, rng_for(8), eps=0.1, step=0.03).x_adv
+    with d.frozen(7):
+        frozen = run_attack(p, d, x, y, rng_for(8), eps=0.1, step=0.03).x_adv
+    blind = run_attack(spec(gradient="classifier", iters=5), d, x, y, rng_for(8), eps=0.1, step=0.03).x_adv
+    assert torch.equal(frozen, plain) and torch.equal(frozen, blind)
+
+
+def test_dwbox_eot_averages_exactly_the_frozen_replicas(trained):
+    """Under a frozen defense, EOT over K = 2S draws gives the gradient of the S frozen replicas."""
+    clf, x, y = trained
+    x, y = x[:4], y[:4]
+    d = adp_defense(clf, replicas=2, sigma=0.3)
+    with d.frozen(5):
+        k_s = eot_gradient(d, x, y, rng_for(4), gradient="full", eot=2)
+        k_2s = eot_gradient(d, x, y, rng_for(4), gradient="full", eot=4)
+    assert torch.allclose(k_s.grad, k_2s.grad, atol=1e-6) and torch.allclose(k_s.loss, k_2s.loss, atol=1e-6)
+    free = eot_gradient(d, x, y, rng_for(4), gradient="full", eot=2)
+    assert not torch.allclose(free.grad, k_s.grad)

@@ -20,8 +20,6 @@ from advpure.certify import (
     certified_accuracy,
     certify_from_counts,
     check_sigma_covered,
-    load_classifier,
-    load_score_net,
     lower_confidence_bound,
     predict_from_counts,
     score_sigma_range,
@@ -29,7 +27,7 @@ from advpure.certify import (
 )
 from advpure.certify.noise import block_rows, num_blocks
 from advpure.errors import ConfigError
-from advpure.nets import build_classifier, build_score_net
+from advpure.nets import build_classifier, build_score_net, load_net_with_meta
 from conftest import FMNIST_DIR, needs_fmnist, tiny_overrides
 
 
@@ -261,10 +259,10 @@ def test_sigma_coverage_and_base_errors_are_one_line_config_errors():
 
 
 def test_score_sigma_range_from_meta_then_config(tmp_path):
-    assert score_sigma_range({"sigma_min": 0.01, "sigma_max": 0.5}) == (0.01, 0.5)
+    assert score_sigma_range({"dsm_sigma_min": 0.01, "dsm_sigma_max": 0.5}) == (0.01, 0.5)
     cfg = C.load("fmnist", tiny_overrides(tmp_path))
     assert score_sigma_range({}, cfg.score) == (0.01, 0.5)  # conf/score/ncsnv2_small.yaml
-    fixed = C.load("fmnist", tiny_overrides(tmp_path, **{"score.sigma_fixed": 0.25}))
+    fixed = C.load("fmnist", tiny_overrides(tmp_path, **{"score.dsm_sigma_fixed": 0.25}))
     assert score_sigma_range(None, fixed.score) == (0.25, 0.25)
     with pytest.raises(ConfigError, match="noise range is unknown"):
         score_sigma_range({"steps": 3})
@@ -274,8 +272,8 @@ def test_score_sigma_range_from_meta_then_config(tmp_path):
 def _certified_then_attacked(tiny_artifacts, name: str, attack: dict):
     from advpure.data.readers import read_idx
 
-    clf, _, _ = load_classifier(tiny_artifacts / "fmnist" / "classifier.pt")
-    score, _, meta = load_score_net(tiny_artifacts / "fmnist" / "score.pt")
+    clf, _, _ = load_net_with_meta(tiny_artifacts / "fmnist" / "classifier.pt", "classifier")
+    score, _, meta = load_net_with_meta(tiny_artifacts / "fmnist" / "score.pt", "score")
     assert score_sigma_range(meta) == pytest.approx((0.01, 0.5))  # written by `advpure train`
     sigma = 0.25
     base = build_base(name, clf, sigma, score_net=score, score_range=score_sigma_range(meta))

@@ -191,3 +191,40 @@ def test_bad_defense_arguments_and_inputs():
         d.check(torch.rand(1, 1, 9, 9))
     with pytest.raises(ValueError, match="shape"):
         d.check(torch.rand(8, 8))
+
+
+def test_frozen_defense_replays_its_noise_and_eot_draws_cycle_through_its_replicas():
+    """DW-box (Liu et al. 2025): under `frozen(seed)` the noise is drawn once per image."""
+    d = adp_defense(replicas=2)
+    x, y, idx = torch.rand(3, 1, 8, 8), torch.tensor([1, 2, 3]), [5, 6, 7]
+    with d.frozen(11):
+        a = d.purify(x, SampleRNG(0, idx), draws=2).x
+        b = d.purify(x, SampleRNG(99, idx, stream="other"), draws=2).x  # the rng only names the images
+        four = d.purify(x, SampleRNG(1, idx), draws=4).x.view(4, 3, 1, 8, 8)
+        sub = d.purify(x[1:], SampleRNG(0, idx[1:]), draws=2).x.view(2, 2, 1, 8, 8)
+        verdicts = d.evaluate(x, y, SampleRNG(0, idx), n=3)
+    assert torch.equal(a, b)
+    assert torch.equal(four[:2].reshape(6, 1, 8, 8), a) and torch.equal(four[2:], four[:2])  # draw d -> d mod S
+    assert torch.equal(sub, a.view(2, 3, 1, 8, 8)[:, 1:])  # keyed per image, not per batch position
+    assert all(torch.equal(v, v[:1].expand_as(v)) for v in verdicts.values())  # N frozen verdicts agree
+    assert not torch.equal(d.purify(x, SampleRNG(0, idx), draws=2).x, a)  # outside the block: fresh noise
+    with d.frozen(12):
+        assert not torch.equal(d.purify(x, SampleRNG(0, idx), draws=2).x, a)  # another frozen draw
+    assert d.frozen_seed is None
+
+
+def test_frozen_langevin_steps_see_different_noise_but_every_call_the_same():
+    clf, score = tiny_nets()
+    d = Defense(clf, LangevinPurifier(score, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=3), replicas=1)
+    x, idx = torch.full((2, 1, 8, 8), 0.5), [0, 1]
+    zero = nn.Conv2d(1, 1, 1, bias=False)
+    nn.init.zeros_(zero.weight)
+    walk = Defense(clf, LangevinPurifier(zero, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=2), replicas=1)
+    with d.frozen(3), walk.frozen(3):
+        assert torch.equal(d.purify(x, SampleRNG(0, idx)).x, d.purify(x, SampleRNG(1, idx)).x)
+        two = walk.purify(x, SampleRNG(0, idx)).x  # zero score: x + sqrt(eta) (n_1 + n_2)
+        one = Defense(clf, LangevinPurifier(zero, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=1), replicas=1)
+        with one.frozen(3):
+            first = one.purify(x, SampleRNG(0, idx)).x
+    step2 = (two - x) - (first - x)  # the second step's noise; equal to the first's only if reused
+    assert not torch.allclose(step2, first - x)

@@ -274,8 +274,8 @@ def train_score(cfg: DictConfig) -> dict:
         "seconds": seconds,
         "dataset": cfg.data.name,
         # the DSM noise range: certification checks that its smoothing sigma lies inside it
-        "sigma_min": float(module.sigmas.min()),
-        "sigma_max": float(module.sigmas.max()),
+        "dsm_sigma_min": float(module.sigmas.min()),
+        "dsm_sigma_max": float(module.sigmas.max()),
         **metrics,
     }
     _export(cfg, "score", arch, module.ema.shadow, meta)

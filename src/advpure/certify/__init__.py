@@ -17,7 +17,6 @@ from advpure.certify.bases import (
     check_sigma_covered,
     score_sigma_range,
 )
-from advpure.certify.nets import load_classifier, load_score_net
 from advpure.certify.noise import BLOCK, KeyedNormal, block_key
 from advpure.certify.smoothing import CertifyResult, PredictResult, SmoothedClassifier
 from advpure.certify.stats import (
@@ -46,8 +45,6 @@ __all__ = [
     "certified_radius",
     "certify_from_counts",
     "check_sigma_covered",
-    "load_classifier",
-    "load_score_net",
     "lower_confidence_bound",
     "predict_from_counts",
     "project_l2",

@@ -154,7 +154,7 @@ def check_sigma_covered(sigma: float, sigma_min: float, sigma_max: float) -> Non
     if not lo <= float(sigma) <= hi:
         raise ConfigError(
             f"certify: sigma={sigma:g} is outside the score net's DSM noise levels "
-            f"[{sigma_min:g}, {sigma_max:g}]; retrain it with score.sigma_min/score.sigma_max covering "
+            f"[{sigma_min:g}, {sigma_max:g}]; retrain it with score.dsm_sigma_min/score.dsm_sigma_max covering "
             f"{sigma:g} or drop this sigma"
         )
 
@@ -162,20 +162,20 @@ def check_sigma_covered(sigma: float, sigma_min: float, sigma_max: float) -> Non
 def score_sigma_range(meta: Mapping[str, Any] | None = None, score_cfg: Any = None) -> tuple[float, float]:
     """(sigma_min, sigma_max) the score net was trained on by DSM.
 
-    Read from the weights file's meta (keys `sigma_min`, `sigma_max`, `sigma_fixed`, written by
-    `advpure train`) when present, else from the score config block (same field names). A net
+    Read from the weights file's meta (keys `dsm_sigma_min`, `dsm_sigma_max`, `dsm_sigma_fixed`,
+    written by `advpure train`) when present, else from the score config block (same names). A net
     trained at one fixed sigma covers only that sigma. Raises ConfigError when neither has them.
     """
     for src in (meta, score_cfg):
         if src is None:
             continue
         get = src.get if isinstance(src, Mapping) else (lambda k, s=src: getattr(s, k, None))
-        fixed = get("sigma_fixed")
+        fixed = get("dsm_sigma_fixed")
         if fixed:
             return float(fixed), float(fixed)
-        lo, hi = get("sigma_min"), get("sigma_max")
+        lo, hi = get("dsm_sigma_min"), get("dsm_sigma_max")
         if lo is not None and hi is not None:
             return float(lo), float(hi)
     raise ConfigError(
-        "certify: the score net's DSM noise range is unknown (no sigma_min/sigma_max in its meta or config)"
+        "certify: the score net's DSM noise range is unknown (no dsm_sigma_min/dsm_sigma_max in its meta or config)"
     )

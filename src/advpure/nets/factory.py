@@ -70,19 +70,26 @@ def frozen(net: nn.Module) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def load_net(path, kind: str | None = None) -> nn.Module:
-    """Rebuild the net stored in an advpure weights file (architecture read from the file) and
-    load its weights; eval mode, weights frozen. Raises CheckpointError for a bad file or when
-    `kind` is given and the file holds another kind."""
+def load_net_with_meta(path, kind: str | None = None) -> tuple[nn.Module, dict, dict]:
+    """(net, arch, meta) from an advpure weights file: the net rebuilt from the architecture the
+    file stores, its weights loaded, eval mode, weights frozen (a classifier's normalization
+    constants are buffers of its weights). Raises CheckpointError for a bad file or when `kind`
+    is given and the file holds another kind."""
     payload = read_weights(path)
     stored = payload["kind"]
     if kind is not None and stored != kind:
         raise CheckpointError(f"{path} holds a {stored} network, expected a {kind} network")
     if stored not in BUILDERS:
         raise CheckpointError(f"{path} holds a '{stored}' network; known: {', '.join(BUILDERS)}")
-    net = BUILDERS[stored](dict(payload["arch"]))
-    load_weights(path, stored, dict(payload["arch"]), net)
-    return frozen(net)
+    arch = dict(payload["arch"])
+    net = BUILDERS[stored](arch)
+    meta = load_weights(path, stored, arch, net)
+    return frozen(net), arch, meta
+
+
+def load_net(path, kind: str | None = None) -> nn.Module:
+    """The net stored in an advpure weights file (see `load_net_with_meta`)."""
+    return load_net_with_meta(path, kind)[0]
 
 
 def load_nets(cfg, score: bool = True):
@@ -130,6 +137,7 @@ __all__ = [
     "frozen",
     "load_defense",
     "load_net",
+    "load_net_with_meta",
     "load_nets",
     "make_classifier",
     "make_score_net",

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from advpure.certify import SmoothedClassifier, build_base, load_classifier, load_score_net
+from advpure.certify import SmoothedClassifier, build_base
 from advpure.certify.noise import KeyedNormal
-from advpure.nets import build_classifier, build_score_net
+from advpure.nets import build_classifier, build_score_net, load_net_with_meta
 
 GOAL = 1.10
 
@@ -57,7 +57,7 @@ def make_nets(args, device: torch.device):
     """(classifier, score net): from weights files when given, else random 28x28 nets of the embedded default."""
     torch.manual_seed(0)
     if args.classifier:
-        clf, arch, _ = load_classifier(args.classifier)
+        clf, arch, _ = load_net_with_meta(args.classifier, "classifier")
         shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
         classes = arch["num_classes"]
     else:
@@ -66,7 +66,7 @@ def make_nets(args, device: torch.device):
         )
         shape, classes = (1, 28, 28), 10
     if args.score:
-        score, _, _ = load_score_net(args.score)
+        score, _, _ = load_net_with_meta(args.score, "score")
     else:
         score = build_score_net("ncsnv2", in_channels=shape[0], image_size=shape[1], ngf=args.ngf)
     return (
