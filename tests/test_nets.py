@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -144,6 +145,7 @@ def test_instance_norm_plus_plus_statistics():
     torch.manual_seed(0)
     c, eps = 6, 1e-5
     norm = InstanceNormPlusPlus2d(c)
+    assert list(dict(norm.named_parameters())) == ["alpha", "gamma", "beta"]  # the reference's order
     _set_norm(norm)
     # channels with different means and scales
     x = (
@@ -154,9 +156,10 @@ def test_instance_norm_plus_plus_statistics():
     y = norm(x)
     mu = x.mean((2, 3))
     m = mu.mean(1, keepdim=True)
-    v = mu.var(1, keepdim=True, correction=0)
+    v = mu.var(1, keepdim=True)  # unbiased (C - 1), as the reference's torch.var
     shift = (mu - m) / torch.sqrt(v + eps)
-    expected_mean = norm.beta + norm.alpha * shift
+    # the reference code: gamma * (IN(x) + alpha * shift) + beta (gamma scales the alpha term too)
+    expected_mean = norm.beta + norm.gamma * norm.alpha * shift
     torch.testing.assert_close(y.mean((2, 3)), expected_mean)
     # per-channel std is |gamma| (up to the eps in the denominator)
     var = x.var((2, 3), correction=0)
@@ -165,7 +168,12 @@ def test_instance_norm_plus_plus_statistics():
     torch.testing.assert_close(std, norm.gamma.abs().expand(3, c), rtol=5e-3, atol=0)
     # it differs from plain (affine) instance norm exactly by the re-injected means
     plain = F.instance_norm(x, weight=norm.gamma, bias=norm.beta, eps=eps)
-    torch.testing.assert_close(y - plain, (norm.alpha * shift)[:, :, None, None].expand_as(y))
+    torch.testing.assert_close(y - plain, (norm.gamma * norm.alpha * shift)[:, :, None, None].expand_as(y))
+    # the population variance (the NCSN paper's v) would give another result: the test can tell them apart
+    v0 = mu.var(1, keepdim=True, correction=0)
+    assert not torch.allclose(
+        y - plain, (norm.gamma * norm.alpha * (mu - m) / torch.sqrt(v0 + eps))[:, :, None, None]
+    )
     # channels-last input, same result
     torch.testing.assert_close(norm(_cl(x)), y)
 
@@ -213,16 +221,115 @@ def test_score_net_maps_input_to_minus_one_one():
 def test_score_net_parameter_counts():
     with META:
         big = build_score_net("ncsnv2", in_channels=3, image_size=32, ngf=128)
+    # the reference NCSNv2 with the CIFAR-10 config (ngf 128, 3 channels), without its sigmas buffer
     n = count_parameters(big)
-    assert 25e6 <= n <= 35e6, n
+    assert n == 29_694_083
+    assert len(list(big.parameters())) == len(big.state_dict()) == 153  # no buffers
     small = NCSNv2(1, 16, 28)
-    assert count_parameters(small) < 300_000
+    assert count_parameters(small) == 240_177  # the 28x28 layout (a departure), unchanged
     # channel width scales the net: ngf=16 on 32x32 is far smaller than ngf=128
     with META:
         assert count_parameters(NCSNv2(3, 16, 32)) < n / 50
 
 
-@pytest.mark.parametrize("size,stage_sizes", [(28, [28, 14, 7, 7]), (32, [32, 16, 8, 8])])
+# key -> shape facts of the published NCSNv2 CIFAR-10 state dict (ermongroup/ncsnv2, ngf 128, after
+# DataParallel's "module." is removed); the characteristic ones: the normalizer's name, ConvMeanPool's
+# ".conv", the dilated 3x3 shortcuts (with bias) of the first blocks of stages 3 and 4, RCU names
+OFFICIAL_KEYS = {
+    "begin_conv.weight": (128, 3, 3, 3),
+    "normalizer.alpha": (128,),
+    "normalizer.gamma": (128,),
+    "normalizer.beta": (128,),
+    "end_conv.weight": (3, 128, 3, 3),
+    "res1.1.normalize1.alpha": (128,),
+    "res2.0.conv1.weight": (128, 128, 3, 3),
+    "res2.0.normalize2.gamma": (128,),
+    "res2.0.conv2.conv.weight": (256, 128, 3, 3),
+    "res2.0.shortcut.conv.weight": (256, 128, 1, 1),
+    "res2.0.shortcut.conv.bias": (256,),
+    "res3.0.shortcut.weight": (256, 256, 3, 3),
+    "res3.0.shortcut.bias": (256,),
+    "res4.0.shortcut.weight": (256, 256, 3, 3),
+    "res4.0.shortcut.bias": (256,),
+    "res4.1.conv2.weight": (256, 256, 3, 3),
+    "refine1.adapt_convs.0.2_2_conv.weight": (256, 256, 3, 3),
+    "refine1.output_convs.1_2_conv.weight": (256, 256, 3, 3),
+    "refine1.crp.convs.1.weight": (256, 256, 3, 3),
+    "refine2.msf.convs.1.bias": (256,),
+    "refine3.msf.convs.0.weight": (128, 256, 3, 3),
+    "refine4.adapt_convs.1.2_2_conv.weight": (128, 128, 3, 3),
+    "refine4.output_convs.3_2_conv.weight": (128, 128, 3, 3),
+}
+ABSENT_KEYS = ("refine1.msf.convs.0.weight", "res1.0.shortcut.weight", "res3.1.shortcut.weight", "norm.alpha")
+
+
+def test_score_net_32_has_the_official_state_dict_layout():
+    from helpers.reference_nets import ncsnv2_shapes
+
+    for ngf, channels in ((128, 3), (8, 3), (4, 1)):
+        with META:
+            sd = NCSNv2(channels, ngf, 32).state_dict()
+        got = [(k, tuple(v.shape)) for k, v in sd.items()]
+        assert got == list(ncsnv2_shapes(ngf, channels).items())  # names, shapes and order
+        if ngf == 128:
+            assert {k: v for k, v in got if k in OFFICIAL_KEYS} == OFFICIAL_KEYS
+            assert not set(ABSENT_KEYS) & set(sd)
+            rcu_crp = [k for k in sd if re.search(r"\.\d+_\d+_conv\.|\.crp\.", k)]
+            assert rcu_crp and not any(k.endswith("bias") for k in rcu_crp)  # RCU and CRP convs: no bias
+
+
+def test_score_net_32_block_outputs_follow_the_official_stages():
+    c = 4
+    net = NCSNv2(3, c, 32)
+    shapes = {}
+
+    def record(name):
+        def hook(mod, args, out):
+            shapes[name] = tuple(out.shape[1:])
+
+        return hook
+
+    for name, mod in net.named_modules():
+        if (name.startswith("res") and name.count(".") == 1) or (
+            name.startswith("refine") and "." not in name
+        ):
+            mod.register_forward_hook(record(name))
+    net(torch.rand(2, 3, 32, 32))
+    full, half = (32, 32), (16, 16)  # only res2 downsamples; the dilated stages 3 and 4 keep 16x16
+    assert shapes == {
+        "res1.0": (c, *full),
+        "res1.1": (c, *full),
+        "res2.0": (2 * c, *half),
+        "res2.1": (2 * c, *half),
+        "res3.0": (2 * c, *half),
+        "res3.1": (2 * c, *half),
+        "res4.0": (2 * c, *half),
+        "res4.1": (2 * c, *half),
+        "refine1": (2 * c, *half),
+        "refine2": (2 * c, *half),
+        "refine3": (c, *half),
+        "refine4": (c, *full),
+    }
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_score_net_32_forward_and_gradient_equal_the_reference(channels):
+    from helpers.reference_nets import ncsnv2_forward, ncsnv2_shapes, random_state
+
+    sd = random_state(ncsnv2_shapes(8, channels), seed=7, dtype=torch.float64)
+    net = NCSNv2(channels, 8, 32).double()
+    net.load_state_dict(sd)
+    x = torch.rand(2, channels, 32, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, channels, 32, 32, dtype=torch.float64)
+    ref = ncsnv2_forward(sd, x)
+    out = net(x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    (g,) = torch.autograd.grad((out * w).sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("size,stage_sizes", [(28, [28, 14, 7, 7]), (32, [32, 16, 16, 16])])
 def test_score_net_stages_dilation_and_resolution(size, stage_sizes):
     net = NCSNv2(1, 4, size)
 

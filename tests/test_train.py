@@ -61,7 +61,7 @@ def test_weights_errors_name_the_problem(tmp_path):
         read_weights(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage" * 10)
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="truncated or not a PyTorch file"):
         read_weights(bad)
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not an advpure weights file"):

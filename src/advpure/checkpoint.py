@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from advpure.errors import CheckpointError
+from advpure.safe_load import load_torch_file
 
 FORMAT = "advpure-weights/1"
 
@@ -51,15 +52,19 @@ def save_weights(
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:
+    """The payload of an advpure weights file (see the module docstring), read with weights_only=True.
+
+    Raises CheckpointError (one line): missing file, HTML page, truncated / corrupt / non-PyTorch file,
+    pickled code (see `advpure.safe_load`), or a file that is not in the advpure weights format."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"weights file not found: {path} (train it with `make train` or set its path in the config)"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for bad files
-        raise CheckpointError(f"cannot read weights file {path}: {str(e).splitlines()[0][:200]}") from None
+    payload = load_torch_file(
+        path,
+        what="weights file",
+        missing_message=(
+            f"weights file not found: {path} (train it with `make train`, import published weights with "
+            f"`advpure import-weights`, or set its path in the config)"
+        ),
+    )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an advpure weights file (expected format {FORMAT})")
     return payload

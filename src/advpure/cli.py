@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "train the classifier, then the score model (each skipped when its weights exist)",
     "benchmark": "train what is missing, attack the undefended and defended classifier, write results",
     "config": "print the resolved config and exit",
+    "import-weights": "convert published weights (NCSNv2 CIFAR-10 checkpoint): import-weights ncsnv2 IN OUT",
 }
 
 USAGE = """usage: advpure <command> [experiment=NAME] [group=option ...] [key=value ...]
@@ -63,6 +64,10 @@ def run(argv: list[str]) -> int:
     if command not in COMMANDS:
         print(f"advpure: error: unknown command '{command}'; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command == "import-weights":  # argparse-style arguments, not config overrides
+        from advpure.importers import main as import_weights
+
+        return import_weights(overrides)
     from advpure import config as C
 
     _quiet_lightning()

@@ -10,6 +10,7 @@ there, and ends by exporting weights that later stages load with `weights_only=T
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ from omegaconf import DictConfig
 from advpure.checkpoint import save_weights
 from advpure.config import fingerprint, to_dict
 from advpure.data import ImageDataModule
-from advpure.errors import RunDirError
+from advpure.errors import CheckpointError, RunDirError
 from advpure.lit.classifier import ClassifierModule
 from advpure.lit.score import ScoreModule
 from advpure.loggers import build_logger
 from advpure.nets.factory import classifier_arch, score_arch
+from advpure.safe_load import check_torch_file, describe_load_error
 from advpure.trainer import build_trainer, launch_rank
 
 STAGES = ("classifier", "score")
@@ -112,6 +114,25 @@ def drop_hpc_checkpoints(run_dir: Path) -> None:
         dist.barrier()
 
 
+RESUME_ADVICE = "delete it to train this stage from the start (or pass train.force=true)"
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, dm, resume: Path | None) -> None:
+    """``trainer.fit`` resuming from `resume` (weights_only=True) once it is known to be a complete
+    PyTorch file: a truncated, HTML or code-carrying checkpoint is a one-line CheckpointError, not
+    Lightning's traceback."""
+    if resume is not None:
+        check_torch_file(resume, what="resume checkpoint", advice=RESUME_ADVICE)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    except pickle.UnpicklingError as e:  # only a checkpoint load unpickles inside fit
+        if resume is None:
+            raise
+        raise CheckpointError(
+            f"{describe_load_error(resume, e, 'resume checkpoint')}; {RESUME_ADVICE}"
+        ) from None
+
+
 class MidEpochResume(Callback):
     """Lightning restarts a resumed epoch's loader from its first batch; skip those already trained."""
 
@@ -194,7 +215,7 @@ def train_classifier(cfg: DictConfig) -> dict:
         f"classifier: training {arch['arch']} on {cfg.data.name} for {cfg.trainer.max_epochs} epochs"
         + (f" (resuming from {resume})" if resume else "")
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    fit(trainer, module, dm, resume)
     drop_hpc_checkpoints(run_dir)
     test = trainer.test(module, datamodule=dm, verbose=False)
     acc = float(test[0]["test/acc"]) if test else float("nan")
@@ -265,7 +286,7 @@ def train_score(cfg: DictConfig) -> dict:
         f"score: training NCSNv2 (ngf {sc.ngf}) by DSM for {sc.max_steps} steps"
         + (f" (resuming from {resume})" if resume else "")
     )
-    trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    fit(trainer, module, dm, resume)
     drop_hpc_checkpoints(run_dir)
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

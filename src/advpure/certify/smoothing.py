@@ -30,7 +30,7 @@ from torch import nn
 from advpure.certify.noise import BLOCK, KeyedNormal, block_rows, num_blocks
 from advpure.certify.stats import ABSTAIN, certify_from_counts, check_alpha, predict_from_counts
 from advpure.errors import ConfigError
-from advpure.purify.adp import check_images
+from advpure.purify.base import check_images
 
 
 @dataclass(frozen=True)

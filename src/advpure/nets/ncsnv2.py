@@ -1,24 +1,38 @@
-"""NCSNv2-style unconditional RefineNet score network (Song & Ermon 2020), written from the paper.
+"""NCSNv2 unconditional RefineNet score network (Song & Ermon, "Improved Techniques for Training
+Score-Based Generative Models", NeurIPS 2020).
 
-The network f_theta takes images x in [0, 1], maps them to [-1, 1] (2x - 1) at the start, and returns a
-tensor of the input's shape. The output is NOT divided by sigma: ADP uses the raw output
-f_theta(x_tilde) ~ -eps, trained by denoising score matching 1/2 ||f_theta(x + sigma eps) + eps||^2.
+The 32x32 net (``NCSNv2(in_channels, ngf, 32)``) is the published architecture, at every ``ngf``: module
+tree, state-dict key names, tensor shapes and forward computation are those of the reference
+implementation (ermongroup/ncsnv2: ``models/ncsnv2.py`` class ``NCSNv2``, ``models/layers.py``,
+``models/normalization.py`` class ``InstanceNorm2dPlus``), so the published CIFAR-10 checkpoint loads into
+it once DataParallel's ``module.`` prefix and the ``sigmas`` buffer are taken off
+(`advpure.importers.ncsnv2`). With ngf=128 and 3 channels it has 29,694,083 parameters in 153 tensors.
 
-Layout (C = ngf; see LAYOUTS for the per-size block counts):
-  begin conv3x3 -> C
-  res1: residual blocks, C,    full resolution
-  res2: residual blocks, 2C,   downsample x2
-  res3: residual blocks, 2C,   downsample x2, dilation 2
-  res4: residual blocks, 2C,   no downsampling, dilation 4
-  refine1(res4) -> refine2(res3, .) -> refine3(res2, .) -> refine4(res1, .)   (RefineNet cascade)
-  InstanceNorm++ -> ELU -> conv3x3 -> in_channels
-Spatial sizes: 28 -> 28, 14, 7, 7 and 32 -> 32, 16, 8, 8.
+The network f_theta takes images x in [0, 1], maps them to [-1, 1] (2x - 1) at the start and returns a
+tensor of the input's shape. The output is NOT divided by sigma: the reference NCSNv2 returns
+f_theta(x) / sigma_y for a noise label y (its ``sigmas`` buffer); ADP (Yoon, Hwang & Lee 2021) uses the
+raw output f_theta(x_tilde) ~ -eps, trained by denoising score matching 1/2 ||f_theta(x + sigma eps) + eps||^2,
+and so does this net (it has no labels and no ``sigmas`` buffer).
 
-Each RefineBlock: residual conv units (RCUs, 2 convs each) per input, multi-resolution fusion (a 3x3 conv
-per input, bilinear upsampling to the finest input's size, sum), chained residual pooling (5x5 max-pool
-+ 3x3 conv stages), then output RCUs. Activations are ELU throughout.
-32x32 (NCSNv2 CIFAR-10): 2 residual blocks per stage, 2 RCUs per input, 2 CRP stages, 1 output RCU
-(3 in refine4). 28x28: the lighter layout described at LAYOUTS.
+Layout of the 32x32 net (C = ngf; spatial sizes for 32x32 inputs):
+  begin_conv  conv3x3 in_channels -> C                                              32x32
+  res1        2 residual blocks C -> C                                             32x32
+  res2        block C -> 2C with conv-then-mean-pool (ConvMeanPool), block 2C      16x16
+  res3        2 residual blocks 2C, dilation 2; the first has a dilated 3x3 conv
+              shortcut (the reference's resample='down' with dilation: no pooling) 16x16
+  res4        the same with dilation 4                                             16x16
+  refine1(res4) -> refine2(res3, .) -> refine3(res2, .) -> refine4(res1, .)         16, 16, 16, 32
+  normalizer (InstanceNorm++) -> ELU -> end_conv conv3x3 C -> in_channels          32x32
+Residual block: InstanceNorm++ -> ELU -> conv3x3 -> InstanceNorm++ -> ELU -> conv3x3, plus the shortcut.
+RefineBlock: 2 residual conv units (RCUs, 2 bias-free convs each) per input, multi-resolution fusion
+(a 3x3 conv per input, bilinear upsampling with align_corners=True to the first input's size, sum),
+chained residual pooling (2 stages of 5x5 max-pool -> bias-free conv3x3), output RCUs (1; 3 in refine4).
+Activations are ELU throughout.
+
+28x28 (MNIST / Fashion-MNIST, the embedded default) is a lighter layout of the same modules and key
+names, a departure from the reference (see LAYOUTS[28]): one residual block per stage, res3 halves the
+resolution (28, 14, 7, 7), pooling happens before the first conv of a downsampling block (4x cheaper),
+and the refine blocks have fewer RCU / CRP stages.
 """
 
 from __future__ import annotations
@@ -34,6 +48,8 @@ from advpure.errors import ConfigError
 __all__ = [
     "SCORE_IMAGE_SIZES",
     "InstanceNormPlusPlus2d",
+    "ConvMeanPool",
+    "MeanPoolConv",
     "ResidualBlock",
     "RCUBlock",
     "CRPBlock",
@@ -50,28 +66,31 @@ SCORE_ARCHS = ("ncsnv2",)
 
 
 class InstanceNormPlusPlus2d(nn.Module):
-    """InstanceNorm++ without noise conditioning.
+    """InstanceNorm++ without noise conditioning (NCSN, Song & Ermon 2019; reference ``InstanceNorm2dPlus``).
 
-    With mu_c, s_c^2 the spatial mean and (biased) variance of channel c, m = mean_c(mu_c) and
-    v = var_c(mu_c) (population variance over channels):
+    Input and output (N, C, H, W). With mu_c, s_c^2 the spatial mean and biased variance of channel c,
+    m the mean of the C channel means and v their unbiased variance (denominator C - 1; 0 when C = 1):
 
-        y_c = gamma_c * (x_c - mu_c) / sqrt(s_c^2 + eps) + beta_c + alpha_c * (mu_c - m) / sqrt(v + eps)
+        y_c = gamma_c * ( (x_c - mu_c) / sqrt(s_c^2 + eps) + alpha_c * (mu_c - m) / sqrt(v + eps) ) + beta_c
 
-    The last term re-injects the channel means that instance normalization removes.
+    as the reference code computes it (gamma also scales the alpha term, which the NCSN paper's formula
+    writes outside). The alpha term re-injects the channel means that instance normalization removes.
+    Parameters ``alpha``, ``gamma`` (init N(1, 0.02)) and ``beta`` (init 0; absent if bias=False), in
+    the reference's order.
     """
 
     def __init__(self, channels: int, bias: bool = True, eps: float = 1e-5):
         super().__init__()
         self.channels = channels
         self.eps = eps
-        self.gamma = nn.Parameter(torch.empty(channels))
         self.alpha = nn.Parameter(torch.empty(channels))
+        self.gamma = nn.Parameter(torch.empty(channels))
         self.beta = nn.Parameter(torch.empty(channels)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gamma, 1.0, 0.02)
         nn.init.normal_(self.alpha, 1.0, 0.02)
+        nn.init.normal_(self.gamma, 1.0, 0.02)
         if self.beta is not None:
             nn.init.zeros_(self.beta)
 
@@ -81,10 +100,12 @@ class InstanceNormPlusPlus2d(nn.Module):
         mu = x.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         var = (x - mu).square().mean(dim=(2, 3), keepdim=True)
         m = mu.mean(dim=1, keepdim=True)
-        v = (mu - m).square().mean(dim=1, keepdim=True)
+        d = mu - m
+        v = d.square().sum(dim=1, keepdim=True) / max(self.channels - 1, 1)
         gamma = self.gamma.reshape(1, -1, 1, 1)
-        a = gamma * torch.rsqrt(var + self.eps)
-        b = self.alpha.reshape(1, -1, 1, 1) * (mu - m) * torch.rsqrt(v + self.eps) - a * mu
+        inv = torch.rsqrt(var + self.eps)
+        a = gamma * inv
+        b = gamma * (self.alpha.reshape(1, -1, 1, 1) * d * torch.rsqrt(v + self.eps) - mu * inv)
         if self.beta is not None:
             b = b + self.beta.reshape(1, -1, 1, 1)
         return torch.addcmul(b, x, a)
@@ -94,64 +115,118 @@ class InstanceNormPlusPlus2d(nn.Module):
 
 
 def _conv3x3(cin: int, cout: int, dilation: int = 1, bias: bool = True) -> nn.Conv2d:
+    """3x3 conv, stride 1, padding = dilation (keeps the size)."""
     return nn.Conv2d(cin, cout, 3, stride=1, padding=dilation, dilation=dilation, bias=bias)
 
 
-class ResidualBlock(nn.Module):
-    """norm -> ELU -> conv3x3 -> norm -> ELU -> conv3x3, plus a shortcut; optionally downsampling by 2.
+class ConvMeanPool(nn.Module):
+    """conv (kernel k, padding k // 2, bias) then 2x2 mean pooling: (N, cin, H, W) -> (N, cout, H/2, W/2).
 
-    Downsampling: a 2x2 mean pool after the first norm -> ELU (both convs then run at the lower
-    resolution), and a shortcut mean pool -> 1x1 conv (equal to NCSNv2's 1x1 conv -> mean pool, as both
-    are linear). NCSNv2 pools after the second conv instead; pooling first is 4x cheaper.
-    `dilation` > 1 makes both 3x3 convs dilated (padding = dilation keeps the size).
-    """
+    The reference's ``ConvMeanPool`` (its weights are ``conv.weight``, ``conv.bias``)."""
 
-    def __init__(self, cin: int, cout: int, downsample: bool = False, dilation: int = 1):
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3):
         super().__init__()
-        self.downsample = downsample
-        self.dilation = dilation
-        self.norm1 = InstanceNormPlusPlus2d(cin)
-        mid = cin if downsample else cout
-        self.conv1 = _conv3x3(cin, mid, dilation)
-        self.norm2 = InstanceNormPlusPlus2d(mid)
-        self.conv2 = _conv3x3(mid, cout, dilation)
-        self.act = nn.ELU()
-        self.shortcut = nn.Conv2d(cin, cout, 1) if (cin != cout or downsample) else None
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=1, padding=kernel_size // 2, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.elu(self.norm1(x), inplace=True)
-        sc = x
-        if self.downsample:
+        return F.avg_pool2d(self.conv(x), 2)
+
+
+class MeanPoolConv(nn.Module):
+    """2x2 mean pooling then conv (kernel k, padding k // 2, bias). Used by the 28x28 layout only."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=1, padding=kernel_size // 2, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.avg_pool2d(x, 2))
+
+
+class ResidualBlock(nn.Module):
+    """The reference's ``ResidualBlock`` with InstanceNorm++ and ELU. Input (N, cin, H, W).
+
+    normalize1 -> ELU -> conv1 -> normalize2 -> ELU -> conv2, plus a shortcut (the reference's semantics):
+      * resample=None: conv1 cin -> cout, conv2 cout -> cout (dilated if dilation > 1); shortcut identity
+        when cin == cout, else a 1x1 conv (dilation 1) or a dilated 3x3 conv. Output (N, cout, H, W).
+      * resample="down", dilation 1: conv1 cin -> cin, conv2 = ConvMeanPool cin -> cout (conv, then 2x2
+        mean pool), shortcut = ConvMeanPool with a 1x1 conv. Output (N, cout, H/2, W/2).
+      * resample="down", dilation > 1: conv1 cin -> cin, conv2 cin -> cout, both dilated, and a dilated 3x3
+        conv (with bias) as shortcut; no pooling, as in the reference. Output (N, cout, H, W).
+    ``pool_first`` (the 28x28 layout, a departure): a "down" block always halves the resolution, by mean
+    pooling right after the first normalize -> ELU (both convs then run at the lower resolution) and a
+    MeanPoolConv 1x1 shortcut; 4x cheaper than pooling after conv2.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        resample: str | None = None,
+        dilation: int = 1,
+        pool_first: bool = False,
+    ):
+        super().__init__()
+        if resample not in (None, "down"):
+            raise ValueError(f"ResidualBlock: resample must be None or 'down', got {resample!r}")
+        self.cin, self.cout, self.resample, self.dilation = cin, cout, resample, dilation
+        down = resample == "down"
+        self.pools = down and (dilation == 1 or pool_first)
+        self.pool_first = self.pools and pool_first
+        mid = cin if down else cout
+        # registration order = the reference's state-dict order
+        self.conv1 = _conv3x3(cin, mid, dilation)
+        self.normalize2 = InstanceNormPlusPlus2d(mid)
+        if self.pools and not self.pool_first:
+            self.conv2: nn.Module = ConvMeanPool(mid, cout, 3)
+        else:
+            self.conv2 = _conv3x3(mid, cout, dilation)
+        self.shortcut: nn.Module | None
+        if self.pools:
+            self.shortcut = MeanPoolConv(cin, cout, 1) if self.pool_first else ConvMeanPool(cin, cout, 1)
+        elif down or cin != cout:
+            self.shortcut = _conv3x3(cin, cout, dilation) if dilation > 1 else nn.Conv2d(cin, cout, 1)
+        else:
+            self.shortcut = None
+        self.normalize1 = InstanceNormPlusPlus2d(cin)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.elu(self.normalize1(x), inplace=True)
+        if self.pool_first:
             h = F.avg_pool2d(h, 2)
-            sc = F.avg_pool2d(sc, 2)
-        h = self.conv2(F.elu(self.norm2(self.conv1(h)), inplace=True))
-        if self.shortcut is not None:
-            sc = self.shortcut(sc)
+        h = self.conv2(F.elu(self.normalize2(self.conv1(h)), inplace=True))
+        sc = x if self.shortcut is None else self.shortcut(x)
         return h.add_(sc)  # in place on the fresh conv output (saves an allocation; autograd-safe)
+
+    def extra_repr(self) -> str:
+        return f"resample={self.resample}, dilation={self.dilation}, pools={self.pools}, pool_first={self.pool_first}"
 
 
 class RCUBlock(nn.Module):
-    """Residual conv units: `n_blocks` times x <- x + (ELU -> conv3x3)^n_stages (x)."""
+    """Residual conv units: `n_blocks` times x <- x + (ELU -> conv3x3, no bias)^n_stages (x). Shape-preserving.
+
+    Convs are named ``{i}_{j}_conv`` (block i, stage j, from 1) as in the reference."""
 
     def __init__(self, channels: int, n_blocks: int, n_stages: int):
         super().__init__()
         self.n_blocks, self.n_stages = n_blocks, n_stages
-        self.convs = nn.ModuleList(
-            _conv3x3(channels, channels, bias=False) for _ in range(n_blocks * n_stages)
-        )
+        for i in range(n_blocks):
+            for j in range(n_stages):
+                self.add_module(f"{i + 1}_{j + 1}_conv", _conv3x3(channels, channels, bias=False))
         self.act = nn.ELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(self.n_blocks):
             res = x
             for j in range(self.n_stages):
-                x = self.convs[i * self.n_stages + j](self.act(x))
+                x = getattr(self, f"{i + 1}_{j + 1}_conv")(self.act(x))
             x = x.add_(res)  # x is a fresh conv output here
         return x
 
 
 class MSFBlock(nn.Module):
-    """Multi-resolution fusion: conv3x3 each input to `features`, upsample bilinearly, sum."""
+    """Multi-resolution fusion: conv3x3 (with bias) each input to `features`, bilinear upsampling
+    (align_corners=True) to `size`, sum. Inputs (N, in_planes[i], H_i, W_i) -> (N, features, *size)."""
 
     def __init__(self, in_planes: list[int], features: int):
         super().__init__()
@@ -161,7 +236,7 @@ class MSFBlock(nn.Module):
         out = None
         for conv, x in zip(self.convs, xs):
             h = conv(x)
-            if tuple(h.shape[-2:]) != tuple(size):
+            if tuple(h.shape[-2:]) != tuple(size):  # same size: bilinear with align_corners is the identity
                 h = F.interpolate(h, size=size, mode="bilinear", align_corners=True)
             out = h if out is None else out.add_(h)
         assert out is not None
@@ -169,7 +244,8 @@ class MSFBlock(nn.Module):
 
 
 class CRPBlock(nn.Module):
-    """Chained residual pooling: x <- ELU(x); path <- conv3x3(maxpool5x5(path)); x <- x + path, n times."""
+    """Chained residual pooling: x <- ELU(x); path <- conv3x3(maxpool5x5(path)) (no bias); x <- x + path,
+    `n_stages` times. Shape-preserving."""
 
     def __init__(self, channels: int, n_stages: int):
         super().__init__()
@@ -202,7 +278,10 @@ def max_pool_5x5(x: torch.Tensor) -> torch.Tensor:
 
 
 class RefineBlock(nn.Module):
-    """RefineNet block: RCUs per input -> fusion at the finest input resolution -> CRP -> output RCUs."""
+    """RefineNet block (Lin et al. 2017, as in NCSNv2): RCUs per input (``adapt_convs``) -> fusion at the
+    first input's resolution (``msf``, absent with one input) -> chained residual pooling (``crp``) ->
+    output RCUs (``output_convs``). Inputs: a list of (N, in_planes[i], H_i, W_i), the first the largest;
+    output (N, features, H_0, W_0)."""
 
     def __init__(
         self,
@@ -213,7 +292,9 @@ class RefineBlock(nn.Module):
         out_blocks: int = 1,
     ):
         super().__init__()
-        self.adapt = nn.ModuleList(RCUBlock(c, adapt_blocks, 2) for c in in_planes)
+        # registration order = the reference's state-dict order
+        self.adapt_convs = nn.ModuleList(RCUBlock(c, adapt_blocks, 2) for c in in_planes)
+        self.output_convs = RCUBlock(features, out_blocks, 2)
         if len(in_planes) > 1:
             self.msf: MSFBlock | None = MSFBlock(in_planes, features)
         else:
@@ -221,19 +302,11 @@ class RefineBlock(nn.Module):
                 raise ValueError("a single-input RefineBlock keeps its channel count")
             self.msf = None
         self.crp = CRPBlock(features, crp_stages)
-        self.out = RCUBlock(features, out_blocks, 2)
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        hs = [rcu(x) for rcu, x in zip(self.adapt, xs)]
-        if self.msf is not None:
-            size = tuple(hs[0].shape[-2:])  # the largest input's size (a loop: torch.compile traces it)
-            for h in hs[1:]:
-                if h.shape[-2] * h.shape[-1] > size[0] * size[1]:
-                    size = tuple(h.shape[-2:])
-            h = self.msf(hs, size)
-        else:
-            h = hs[0]
-        return self.out(self.crp(h))
+        hs = [rcu(x) for rcu, x in zip(self.adapt_convs, xs)]
+        h = self.msf(hs, tuple(xs[0].shape[-2:])) if self.msf is not None else hs[0]
+        return self.output_convs(self.crp(h))
 
 
 @dataclass(frozen=True)
@@ -245,12 +318,15 @@ class _Layout:
     last_adapt_blocks: int  # the same three for refine4 (full resolution: the costly one)
     last_out_blocks: int
     last_crp_stages: int
+    pool_first: bool  # "down" blocks pool before conv1 (res3 then halves the resolution too)
+    res4_resample: str | None  # the first block of res4: "down" (reference: dilated 3x3 shortcut) or None
 
 
-# 32x32: the NCSNv2 CIFAR-10 layout (ngf=128: 28.6M parameters).
+# 32x32: the reference NCSNv2 (CIFAR-10 config: ngf=128, 29,694,083 parameters).
 # 28x28 (MNIST / Fashion-MNIST): a lighter layout, as the small grayscale nets must be cheap enough to
-# purify with on a CPU (ngf=16: 0.24M parameters): one residual block per stage, one RCU per input and
-# one CRP stage in refine1-3, and refine4 (28x28, the costly resolution) reduced to fusion + one CRP stage.
+# purify with on a CPU (ngf=16: 0.24M parameters): one residual block per stage, pooling first, res3 at
+# half resolution (7x7) and res4 without a shortcut conv, one RCU per input and one CRP stage in
+# refine1-3, and refine4 (28x28, the costly resolution) reduced to fusion + one CRP stage.
 LAYOUTS: dict[int, _Layout] = {
     32: _Layout(
         res_blocks=2,
@@ -260,6 +336,8 @@ LAYOUTS: dict[int, _Layout] = {
         last_adapt_blocks=2,
         last_out_blocks=3,
         last_crp_stages=2,
+        pool_first=False,
+        res4_resample="down",
     ),
     28: _Layout(
         res_blocks=1,
@@ -269,23 +347,33 @@ LAYOUTS: dict[int, _Layout] = {
         last_adapt_blocks=0,
         last_out_blocks=0,
         last_crp_stages=1,
+        pool_first=True,
+        res4_resample=None,
     ),
 }
 
 
-def _stage(n: int, cin: int, cout: int, downsample: bool = False, dilation: int = 1) -> nn.Sequential:
-    blocks = [ResidualBlock(cin, cout, downsample=downsample, dilation=dilation)]
+def _stage(
+    n: int, cin: int, cout: int, resample: str | None = None, dilation: int = 1, pool_first: bool = False
+) -> nn.Sequential:
+    blocks = [ResidualBlock(cin, cout, resample=resample, dilation=dilation, pool_first=pool_first)]
     blocks += [ResidualBlock(cout, cout, dilation=dilation) for _ in range(n - 1)]
     return nn.Sequential(*blocks)
 
 
 class NCSNv2(nn.Module):
-    """Unconditional NCSNv2 RefineNet score net.
+    """Unconditional NCSNv2 RefineNet score net (Song & Ermon 2020).
 
     Input: images in [0, 1] of shape (N, in_channels, S, S), S in {28, 32}; they are mapped to [-1, 1]
-    (2x - 1) first. Output: same shape, the raw f_theta(x) ~ -eps (not divided by sigma).
+    (2x - 1) first. Output: same shape, the raw f_theta(x) ~ -eps (not divided by sigma, unlike the
+    reference, whose output is f_theta(x) / sigma_label).
+    S = 32: the reference architecture (state-dict keys ``begin_conv.*``, ``normalizer.{alpha,gamma,beta}``,
+    ``end_conv.*``, ``res{1-4}.{0,1}.*``, ``refine{1-4}.*``; no ``sigmas`` buffer). S = 28: LAYOUTS[28].
     Computation runs in channels-last memory format (much faster convolutions on CPU; the conv weights
     are stored channels-last as well); the output is returned contiguous (NCHW).
+
+    Raises ConfigError for an unsupported image size or non-positive sizes; ValueError for an input of
+    the wrong shape.
     """
 
     def __init__(self, in_channels: int, ngf: int, image_size: int):
@@ -300,13 +388,16 @@ class NCSNv2(nn.Module):
             )
         self.in_channels, self.ngf, self.image_size = in_channels, ngf, image_size
         lay = LAYOUTS[image_size]
-        n = lay.res_blocks
+        n, pf = lay.res_blocks, lay.pool_first
         c, c2 = ngf, 2 * ngf
+        # registration order = the reference's state-dict order
         self.begin_conv = _conv3x3(in_channels, c)
+        self.normalizer = InstanceNormPlusPlus2d(c)
+        self.end_conv = _conv3x3(c, in_channels)
         self.res1 = _stage(n, c, c)
-        self.res2 = _stage(n, c, c2, downsample=True)
-        self.res3 = _stage(n, c2, c2, downsample=True, dilation=2)
-        self.res4 = _stage(n, c2, c2, dilation=4)
+        self.res2 = _stage(n, c, c2, resample="down", pool_first=pf)
+        self.res3 = _stage(n, c2, c2, resample="down", dilation=2, pool_first=pf)
+        self.res4 = _stage(n, c2, c2, resample=lay.res4_resample, dilation=4)
         kw = {"adapt_blocks": lay.adapt_blocks, "crp_stages": lay.crp_stages, "out_blocks": lay.out_blocks}
         self.refine1 = RefineBlock([c2], c2, **kw)
         self.refine2 = RefineBlock([c2, c2], c2, **kw)
@@ -318,9 +409,6 @@ class NCSNv2(nn.Module):
             crp_stages=lay.last_crp_stages,
             out_blocks=lay.last_out_blocks,
         )
-        self.norm = InstanceNormPlusPlus2d(c)
-        self.act = nn.ELU()
-        self.end_conv = _conv3x3(c, in_channels)
         # conv weights in channels-last too: otherwise every call re-lays them out for the CL activations
         self.to(memory_format=torch.channels_last)
 
@@ -339,11 +427,11 @@ class NCSNv2(nn.Module):
         r = self.refine2([h3, r])
         r = self.refine3([h2, r])
         r = self.refine4([h1, r])
-        return self.end_conv(F.elu(self.norm(r), inplace=True)).contiguous()
+        return self.end_conv(F.elu(self.normalizer(r), inplace=True)).contiguous()
 
 
 def build_score_net(arch: str, *, in_channels: int, image_size: int, ngf: int) -> nn.Module:
-    """The score network f_theta named by `arch` (only "ncsnv2")."""
+    """The score network f_theta named by `arch` (only "ncsnv2"; see NCSNv2). Raises ConfigError."""
     if arch not in SCORE_ARCHS:
         raise ConfigError(f"score.arch={arch!r} is unknown; allowed: {', '.join(SCORE_ARCHS)}")
     return NCSNv2(in_channels=in_channels, ngf=ngf, image_size=image_size)

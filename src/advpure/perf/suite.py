@@ -1094,7 +1094,7 @@ def nchw_forward(net, x: torch.Tensor) -> torch.Tensor:
     r = net.refine2([h3, r])
     r = net.refine3([h2, r])
     r = net.refine4([h1, r])
-    return net.end_conv(nn.functional.elu(net.norm(r))).contiguous()
+    return net.end_conv(nn.functional.elu(net.normalizer(r))).contiguous()
 
 
 def formats(ctx: Ctx) -> None:
