@@ -204,7 +204,9 @@ def test_frozen_defense_replays_its_noise_and_eot_draws_cycle_through_its_replic
         sub = d.purify(x[1:], SampleRNG(0, idx[1:]), draws=2).x.view(2, 2, 1, 8, 8)
         verdicts = d.evaluate(x, y, SampleRNG(0, idx), n=3)
     assert torch.equal(a, b)
-    assert torch.equal(four[:2].reshape(6, 1, 8, 8), a) and torch.equal(four[2:], four[:2])  # draw d -> d mod S
+    assert torch.equal(four[:2].reshape(6, 1, 8, 8), a) and torch.equal(
+        four[2:], four[:2]
+    )  # draw d -> d mod S
     assert torch.equal(sub, a.view(2, 3, 1, 8, 8)[:, 1:])  # keyed per image, not per batch position
     assert all(torch.equal(v, v[:1].expand_as(v)) for v in verdicts.values())  # N frozen verdicts agree
     assert not torch.equal(d.purify(x, SampleRNG(0, idx), draws=2).x, a)  # outside the block: fresh noise

@@ -117,12 +117,15 @@ def test_imported_checkpoint_gives_the_reference_forward(tmp_path, capsys):
 def test_ema_flag_takes_the_shadow(tmp_path):
     src = _write_official(tmp_path / "ckpt.pth")
     assert cli.main(["import-weights", "ncsnv2", str(src), str(tmp_path / "ema.pt"), "--ema"]) == 0
-    net = _cifar_net(tmp_path / "ema.pt")
-    x = torch.rand(2, 3, 32, 32)
+    net = _cifar_net(tmp_path / "ema.pt").double()  # float64: the comparison is about the weights
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         y = net(x)
-    torch.testing.assert_close(y, ncsnv2_forward(_official(2), x), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(y, ncsnv2_forward(_official(1), x), atol=1e-2)
+    shadow = {k: v.double() for k, v in _official(2).items()}
+    torch.testing.assert_close(y, ncsnv2_forward(shadow, x), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(
+        y, ncsnv2_forward({k: v.double() for k, v in _official(1).items()}, x), atol=1e-2
+    )
     assert read_weights(tmp_path / "ema.pt")["meta"]["element"].startswith("ema_shadow")
 
 

@@ -346,7 +346,7 @@ def test_markdown_console_csv_json(tmp_path):
         "| ADP (σ=0.25), BPDA40+EOT | 86.14 | 70.01 | WRN-28-10 |",
         "| Gowal et al. 2020 | 89.48 | 64.08 | WRN-28-10 |",
         "| ADP (σ=0.1) | 93.09 | 85.45 |",
-        "33.5–33.7%",
+        "33.7 ± 0.54% robust",
     ):
         assert cited_row in cited and cited_row not in measured
     assert "| adp | pgd | – | 0.00 |" in to_markdown(rows, header_lines=[], merge="vote")

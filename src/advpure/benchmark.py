@@ -41,15 +41,38 @@ AMP = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 # 1 ------------------------------------------------------------------------------------------------
+NCSNV2_CIFAR10_URL = "https://drive.google.com/drive/folders/1217uhIvLg9ZrYNKOR3XTRFSurt4miQrd"
+
+
+def how_to_get(cfg: DictConfig, stage: str) -> str:
+    """Where a missing weights file comes from, in one clause."""
+    path = weights_path(cfg, stage)
+    if stage == "classifier" and cfg.classifier.source == "robustbench":
+        from advpure.importers.robustbench import MODELS
+
+        c = cfg.classifier
+        entry = MODELS.get((cfg.data.name, c.threat_model, c.robustbench_name))
+        where = entry.url if entry is not None else "the RobustBench model zoo"
+        return f"{path}: the RobustBench '{c.robustbench_name}' model, download {where} to this path"
+    if stage == "score" and cfg.data.name == "cifar10" and cfg.score.ngf == 128:
+        return (
+            f"{path}: import the public NCSNv2 CIFAR-10 checkpoint (Song & Ermon 2020, {NCSNV2_CIFAR10_URL}) "
+            f"with `advpure import-weights ncsnv2 <checkpoint.pth> {path}`, or train it (`make train`)"
+        )
+    return f"{path}: train it with `make train EXP={cfg.experiment}`"
+
+
 def ensure_weights(cfg: DictConfig, plan: Plan) -> None:
+    """Every weights file the plan needs exists, or is trained now (benchmark.train_missing);
+    otherwise a one-line CheckpointError lists each missing file and how to get it."""
     stages = ["classifier"] + (["score"] if plan.needs_score else [])
     missing = [s for s in stages if not weights_path(cfg, s).exists()]
     if not missing:
         return
-    if not cfg.benchmark.train_missing:
-        paths = ", ".join(str(weights_path(cfg, s)) for s in missing)
+    external = cfg.classifier.source == "robustbench" and "classifier" in missing
+    if not cfg.benchmark.train_missing or external:
         raise CheckpointError(
-            f"missing trained weights ({paths}) and benchmark.train_missing=false; run `make train`"
+            f"missing weights ({len(missing)}): " + "; ".join(how_to_get(cfg, s) for s in missing)
         )
     say(f"training what is missing: {', '.join(missing)}")
     train(cfg, stages=tuple(missing))
@@ -85,7 +108,7 @@ def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
     them when the base settings changed)."""
     run_dir = Path(cfg.benchmark.run_dir)
     manifest_path = run_dir / "manifest.json"
-    weights = {"classifier": _file_hash(cfg.classifier.weights)}
+    weights = {"classifier": _file_hash(weights_path(cfg, "classifier"))}
     if plan.needs_score:
         weights["score"] = _file_hash(cfg.score.weights)
     units = {f"{d}/{NATURAL}": natural_fingerprint(plan, d, weights) for d in plan.defenses}

@@ -70,6 +70,7 @@ class PathsConfig:
     artifacts: str = "artifacts"  # exported weights that later stages load
     runs: str = "runs"  # checkpoints, logs, benchmark run directories
     data: str = "data"  # download cache (first place searched after data.root)
+    models: str = "models"  # RobustBench's model directory: <models>/<dataset>/<threat_model>/<name>.pt
 
 
 @schema
@@ -116,6 +117,11 @@ class ClassifierConfig:
     # the smoothing sigma to make randomized smoothing's bare-classifier baseline fair (Cohen et al. 2019)
     noise_sd: float = at_least(0.0, 0.0)
     weights: str = "${paths.artifacts}/${data.name}/classifier.pt"
+    # where the classifier comes from: trained by advpure (`weights`), or a RobustBench model-zoo
+    # file (Croce et al. 2021) read offline from paths.models (arch is then the zoo entry's)
+    source: str = choice("advpure", "advpure", "robustbench")
+    robustbench_name: str = "Standard"
+    threat_model: str = choice("Linf", "Linf", "L2", "corruptions")
 
 
 @schema

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from advpure.checkpoint import save_weights
 from advpure.config import fingerprint, to_dict
 from advpure.data import ImageDataModule
-from advpure.errors import CheckpointError, RunDirError
+from advpure.errors import CheckpointError, ConfigError, RunDirError
 from advpure.lit.classifier import ClassifierModule
 from advpure.lit.score import ScoreModule
 from advpure.loggers import build_logger
@@ -40,6 +40,12 @@ def say(msg: str) -> None:
 
 
 def weights_path(cfg: DictConfig, stage: str) -> Path:
+    """The weights file a stage writes and later stages read (a RobustBench classifier's zoo file)."""
+    if stage == "classifier" and cfg.classifier.source == "robustbench":
+        from advpure.importers.robustbench import robustbench_path
+
+        c = cfg.classifier
+        return Path(robustbench_path(c.robustbench_name, cfg.data.name, c.threat_model, cfg.paths.models))
     return Path(cfg.classifier.weights if stage == "classifier" else cfg.score.weights)
 
 
@@ -320,7 +326,13 @@ def _finish(trainer) -> None:
 def train(cfg: DictConfig, stages: tuple[str, ...] | None = None) -> dict:
     """Run the configured stages; each is skipped when its weights exist (unless train.force)."""
     out = {}
-    for stage in stages or tuple(cfg.train.stages):
+    stages = stages or tuple(cfg.train.stages)
+    if "classifier" in stages and cfg.classifier.source == "robustbench":
+        raise ConfigError(
+            "classifier.source=robustbench: the classifier comes from the RobustBench model zoo and is not "
+            f"trained here; put its file at {weights_path(cfg, 'classifier')} (or train.stages=[score])"
+        )
+    for stage in stages:
         path = weights_path(cfg, stage)
         if path.exists() and not cfg.train.force:
             say(f"{stage}: {path} exists, skipping (train.force=true retrains)")

@@ -12,7 +12,7 @@ takes the shadow instead.
 
 `import_ncsnv2` reads the file with ``torch.load(weights_only=True)`` (never unpickling code), checks
 every key, shape and value against `advpure.nets.NCSNv2` (32x32, the reference architecture), and
-writes an advpure weights file (kind "score", the arch dict ``advpure.lit.score.score_arch`` makes for
+writes an advpure weights file (kind "score", the arch dict ``advpure.nets.score_arch`` makes for
 ``score=ncsnv2_cifar10``) that the normal path (`advpure.checkpoint.load_weights` into
 ``make_score_net(arch)``) loads. The ``sigmas`` buffer is not a part of the advpure net (its output is
 the raw f_theta, which ADP uses, not f_theta / sigma_label): it is checked against the CIFAR-10

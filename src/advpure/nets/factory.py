@@ -94,14 +94,23 @@ def load_net(path, kind: str | None = None) -> nn.Module:
 
 def load_nets(cfg, score: bool = True):
     """(dataset spec, classifier, score net or None) of an experiment's config, from its
-    exported weights (`classifier.weights`, `score.weights`), checked against the config's
-    architecture; eval mode, weights frozen. Raises CheckpointError for missing/mismatched files."""
+    exported weights (`classifier.weights`, or the RobustBench file when `classifier.source` is
+    robustbench; `score.weights`), checked against the config's architecture; eval mode, weights
+    frozen. Raises CheckpointError for missing/mismatched files."""
     from advpure.data import get_spec
 
     spec = get_spec(cfg.data.name)
-    arch = classifier_arch(cfg, spec)
-    classifier = make_classifier(arch, spec)
-    load_weights(cfg.classifier.weights, "classifier", arch, classifier)
+    if cfg.classifier.source == "robustbench":
+        from advpure.importers.robustbench import load_robustbench_classifier
+
+        c = cfg.classifier
+        classifier = load_robustbench_classifier(
+            c.robustbench_name, cfg.data.name, c.threat_model, cfg.paths.models
+        )
+    else:
+        arch = classifier_arch(cfg, spec)
+        classifier = make_classifier(arch, spec)
+        load_weights(cfg.classifier.weights, "classifier", arch, classifier)
     score_net = None
     if score:
         sarch = score_arch(cfg, spec)
