@@ -152,6 +152,11 @@ def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
     return run_dir
 
 
+def unit_protocols(unit, protocols: list[str]) -> list[str]:
+    """The check runs need the single draw only (their verdicts feed the Checks section)."""
+    return ["single"] if unit.check is not None else protocols
+
+
 # the command ---------------------------------------------------------------------------------------
 def benchmark(cfg: DictConfig) -> dict | None:
     t0 = time.perf_counter()
@@ -189,7 +194,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
     protocols = with_floors(bc.protocols)
     clean = [p for p in protocols if protocol(p).run != "clean" and not protocol(p).needs_path]
     names = [metric_name(d, NATURAL, p) for d in plan.defenses for p in clean]
-    names += [metric_name(u.defense, u.attack, p) for u in plan.units for p in protocols]
+    names += [metric_name(u.defense, u.attack, p) for u in plan.units for p in unit_protocols(u, protocols)]
     module = DefendedClassifier(
         defenses,
         run_dir=str(run_dir),
@@ -217,7 +222,9 @@ def benchmark(cfg: DictConfig) -> dict | None:
         meta={"config": to_dict(cfg)},
     )
     callbacks = [
-        AttackCallback(u, worst_of_n=bc.worst_of_n, protocols=protocols, image_grid=bc.image_grid)
+        AttackCallback(
+            u, worst_of_n=bc.worst_of_n, protocols=unit_protocols(u, protocols), image_grid=bc.image_grid
+        )
         for u in plan.units
     ]
     trainer = build_trainer(

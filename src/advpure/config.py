@@ -204,6 +204,11 @@ class BenchmarkConfig:
     train_missing: bool = True  # train classifier / score net when their weights are missing
     image_grid: int = at_least(8, 0)  # clean / attacked / purified examples in the grid plot
     compile: bool = False  # torch.compile the score net (compile time reported; checked against eager)
+    # gradient-masking checks (Carlini et al. 2019): extra runs of one white-box attack on the first
+    # `check_images` images, at eps = 1 (must reach ~0%) and with twice the iterations and EOT draws
+    checks: bool = True
+    check_images: int = at_least(8, 1)
+    check_attack: str | None = None  # default: the first selected attack with full, else bpda gradients
 
 
 @dataclass

@@ -34,6 +34,7 @@ class Unit:
     step: float
     label: str
     sweep: bool = False  # part of the robust-vs-eps sweep
+    check: str | None = None  # a gradient-masking check run ("unbounded", "budget"), not a table row
 
     @property
     def key(self) -> str:
@@ -48,6 +49,11 @@ class Plan:
 
     def units_of(self, defense: str) -> list[Unit]:
         return [u for u in self.units if u.defense == defense]
+
+    @property
+    def table_units(self) -> list[Unit]:
+        """The units of the results table: the threat model's attacks (no sweep, no check runs)."""
+        return [u for u in self.units if not u.sweep and u.check is None]
 
     def needs(self, defense: str) -> tuple[str, ...]:
         """The nets whose weights make this defense's records."""
@@ -122,7 +128,63 @@ def build_plan(cfg: DictConfig) -> Plan:
                 label = display_label(spec, float(e))
                 units.append(Unit(dname, key, spec, float(e), step, label, sweep=True))
                 labels[key] = label
+    if bc.checks:
+        for u in check_units(cfg, attacks, plan):
+            units.append(u)
+            labels[u.attack] = u.label
     return Plan(defenses, units, labels)
+
+
+def check_attack_name(cfg: DictConfig, attacks) -> str | None:
+    """The attack the gradient-masking checks re-run: `benchmark.check_attack`, else the first
+    selected attack with exact (full) gradients, else one with BPDA gradients, else None."""
+    if cfg.benchmark.check_attack is not None:
+        if cfg.benchmark.check_attack not in attacks:
+            raise ConfigError(
+                f"benchmark.check_attack: '{cfg.benchmark.check_attack}' is not a selected attack; "
+                f"selected: {', '.join(attacks)}"
+            )
+        return cfg.benchmark.check_attack
+    for gradient in ("full", "bpda"):
+        for name, spec in attacks.items():
+            if spec.get("gradient") == gradient:
+                return name
+    return None
+
+
+def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]]) -> list[Unit]:
+    """The extra runs of the gradient-masking checks, on the first `check_images` images:
+    `<a>@unbounded` (eps = 1 with the attack's step/eps ratio: every defense must fall to ~0%) for
+    every defense, and `<a>@2x` (twice the iterations and EOT draws: must not lower robust accuracy
+    beyond the CI) for the stochastic ones."""
+    name = check_attack_name(cfg, attacks)
+    if name is None:
+        return []
+    spec = attacks[name]
+    n = int(cfg.benchmark.check_images)
+    eps, step = attack_eps_step(cfg, spec)
+    out = []
+    for dname in plan:
+        if dname == "none" and attack_class(spec.kind).needs_purifier(spec):
+            continue
+        wide = copy.deepcopy(spec)
+        wide.max_images = n
+        ratio_step = min(1.0, step / eps) if eps > 0 else step
+        label = f"{display_label(spec)} @ ε=1 (check)"
+        out.append(Unit(dname, f"{name}@unbounded", wide, 1.0, ratio_step, label, check="unbounded"))
+        if purifier_class(plan_kind(cfg, dname)).stochastic:
+            more = copy.deepcopy(spec)
+            more.max_images = n
+            more.iters = int(spec.iters) * 2
+            if "eot" in more:
+                more.eot = int(spec.eot) * 2
+            label = f"{display_label(more)} (check: 2x budget)"
+            out.append(Unit(dname, f"{name}@2x", more, eps, step, label, check="budget"))
+    return out
+
+
+def plan_kind(cfg: DictConfig, defense: str) -> str:
+    return "none" if defense == "none" else cfg.defense.kind
 
 
 def _defense_part(plan: Plan, defense: str) -> dict:
@@ -172,7 +234,7 @@ def header_lines(cfg: DictConfig, plan: Plan) -> list[str]:
         lines.append(
             "smaller than the seed's protocol (CIFAR-10, 10k images, WRN-28-10): see experiments/cifar10_paper.yaml"
         )
-    capped = [f"{u.attack} on the first {u.spec.max_images}" for u in plan.units if u.spec.max_images]
+    capped = [f"{u.attack} on the first {u.spec.max_images}" for u in plan.table_units if u.spec.max_images]
     if capped:
         lines.append("attacks on fewer images: " + ", ".join(dict.fromkeys(capped)))
     return lines

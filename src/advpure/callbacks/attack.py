@@ -122,7 +122,7 @@ class AttackCallback(Callback):
     def _examples(self, defense, x, x_adv, idx, rng):
         """Clean / adversarial / purified (one purification draw) for the first images of the run."""
         sel = (idx < self.image_grid).nonzero().squeeze(1)
-        if sel.numel() == 0 or self.unit.sweep:
+        if sel.numel() == 0 or self.unit.sweep or self.unit.check is not None:
             return None
         with torch.no_grad():
             purified = defense.purify(x_adv[sel], rng.child("grid").subset(sel), draws=1).x
