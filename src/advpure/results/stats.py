@@ -7,32 +7,30 @@ Why Wilson and not the normal approximation p ± z·sqrt(p(1-p)/n): robust accur
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
+from scipy.stats import norm
+from statsmodels.stats.proportion import proportion_confint
 
 Z95 = 1.959964  # two-sided 95% standard normal quantile
 
 
 def wilson(k: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion with k successes out of n trials.
+    """Wilson score interval (statsmodels' `proportion_confint(method="wilson")`) of a binomial
+    proportion with k successes out of n trials, at the two-sided level of the normal quantile z.
 
-    n = 0 carries no information: the interval is the whole (0, 1).
+    n = 0 carries no information: the interval is the whole (0, 1). Raises ValueError unless
+    0 <= k <= n.
     """
     if n < 0 or k < 0 or k > n:
         raise ValueError(f"wilson needs 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return 0.0, 1.0
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    alpha = 2.0 * (1.0 - float(norm.cdf(z)))
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
     # At k = 0 or k = n the bound is exactly 0 or 1 in exact arithmetic; pin it against rounding.
-    lo = 0.0 if k == 0 else max(0.0, center - half)
-    hi = 1.0 if k == n else min(1.0, center + half)
-    return lo, hi
+    return (0.0 if k == 0 else max(0.0, float(lo))), (1.0 if k == n else min(1.0, float(hi)))
 
 
 def accuracy(values: Iterable[float] | np.ndarray, z: float = Z95) -> tuple[float, float, float, int]:
