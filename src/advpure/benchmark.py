@@ -34,6 +34,7 @@ from advpure.nets.compiled import compile_net
 from advpure.plan import Plan, build_plan, header_lines, natural_fingerprint, unit_fingerprint
 from advpure.purify.defense import build_defense
 from advpure.results import NATURAL, clear, delete_units, metric_name, protocol, with_floors
+from advpure.results.report import ReportPlan
 from advpure.train import say, train, weights_path
 from advpure.trainer import build_trainer, launch_rank
 
@@ -152,6 +153,25 @@ def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
     return run_dir
 
 
+def report_plan(plan: Plan) -> ReportPlan:
+    """What the report needs to know about the plan's units (table order, worst case, checks)."""
+    main = list(dict.fromkeys(u.attack for u in plan.table_units))
+    kinds = {u.attack: u.spec for u in plan.table_units}
+    return ReportPlan(
+        order=[(d, NATURAL) for d in plan.defenses]
+        + [(u.defense, u.attack) for d in plan.defenses for u in plan.units_of(d) if u.check is None],
+        main=main,
+        sweep={u.attack: u.eps for u in plan.units if u.sweep},
+        hidden={u.attack for u in plan.units if u.check is not None},
+        unbounded=next((u.attack for u in plan.units if u.check == "unbounded"), None),
+        budget_pairs=list(
+            dict.fromkeys((u.attack.split("@")[0], u.attack) for u in plan.units if u.check == "budget")
+        ),
+        black_box=[a for a in main if kinds[a].kind == "spsa"],
+        white_box=[a for a in main if kinds[a].get("gradient") in ("full", "bpda")],
+    )
+
+
 def unit_protocols(unit, protocols: list[str]) -> list[str]:
     """The check runs need the single draw only (their verdicts feed the Checks section)."""
     return ["single"] if unit.check is not None else protocols
@@ -213,12 +233,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
         header_lines=header_lines(cfg, plan),
         labels=plan.labels,
         merge=cfg.defense.merge,
-        sweep={u.attack: u.eps for u in plan.units if u.sweep},
-        order=[
-            p
-            for d in plan.defenses
-            for p in [(d, NATURAL)] + [(u.defense, u.attack) for u in plan.units_of(d)]
-        ],
+        plan=report_plan(plan),
         meta={"config": to_dict(cfg)},
     )
     callbacks = [

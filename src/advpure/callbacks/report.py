@@ -11,9 +11,11 @@ from advpure.results.report import write_report
 
 
 class ReportCallback(Callback):
-    def __init__(self, run_dir, *, header_lines, labels, merge, sweep, order, meta):
+    """Writes the report of `run_dir` on rank 0 after the test loop (see the module docstring)."""
+
+    def __init__(self, run_dir, *, header_lines, labels, merge, plan, meta):
         self.run_dir, self.header_lines, self.labels = run_dir, header_lines, labels
-        self.merge, self.sweep, self.order, self.meta = merge, sweep, order, meta
+        self.merge, self.plan, self.meta = merge, plan, meta
         self.report: dict | None = None
 
     def on_test_end(self, trainer, pl_module):
@@ -27,8 +29,7 @@ class ReportCallback(Callback):
             header_lines=self.header_lines,
             labels=self.labels,
             merge=self.merge,
-            sweep=self.sweep,
-            order=self.order,
+            plan=self.plan,
             meta={**self.meta, "compile_seconds": getattr(pl_module, "compile_seconds", None)},
         )
         print("\n" + self.report["console"] + f"\n\nresults: {self.run_dir}/results.md", flush=True)

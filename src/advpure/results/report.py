@@ -4,13 +4,32 @@ the console table and the plots. Everything is recomputed from the records of al
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advpure.results.checks import checks_markdown, checks_metrics, run_checks
 from advpure.results.plots import plot_image_grid, plot_loss_curves, plot_robust_vs_eps
 from advpure.results.protocols import check_consistency, metric_name
-from advpure.results.store import load_batches, load_examples, load_records, load_traces
+from advpure.results.store import load_batches, load_examples, load_records, load_stats, load_traces
 from advpure.results.tables import stat_protocols, summarize, to_console, to_csv, to_json, to_markdown
+from advpure.results.worst_case import WORST_CASE, WORST_CASE_ALL, worst_case_records
+
+
+@dataclass
+class ReportPlan:
+    """What the report needs to know about the units of a run (attack keys, as in the records)."""
+
+    order: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (defense, attack) rows of the table, in order
+    main: list[str] = field(default_factory=list)  # the threat model's attacks: the worst case combines them
+    sweep: dict[str, float] = field(default_factory=dict)  # eps-sweep attack key -> eps
+    hidden: set[str] = field(default_factory=set)  # check runs: in the Checks section, not the table
+    unbounded: str | None = None  # the eps = 1 check run
+    budget_pairs: list[tuple[str, str]] = field(default_factory=list)  # (base, 2x-budget check run)
+    black_box: list[str] = field(default_factory=list)
+    white_box: list[str] = field(default_factory=list)
 
 
 def metric_values(rows: Sequence[dict], merge: str) -> dict[str, float]:
@@ -32,31 +51,63 @@ def write_report(
     header_lines: Sequence[str],
     labels: dict[str, str],
     merge: str,
-    sweep: dict[str, float] | None = None,
-    order: Sequence[tuple[str, str]] | None = None,
+    plan: ReportPlan | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write results files and plots; return {'rows', 'metrics', 'plots', 'console'}.
+    """Write results files and plots; return {'rows', 'metrics', 'plots', 'console', 'checks'}.
 
-    sweep: {attack key: eps} of the robust-vs-eps units. order: (defense, attack) pairs in the
-    order the table lists them (the suite's order); others follow.
+    Rows: every (defense, attack, merge) of the records, plus the worst case over `plan.main`
+    (AutoAttack's per-sample rule; Croce et al. 2022) after each defense's attacks; the check runs
+    (`plan.hidden`) feed the Checks section of results.md instead of the table.
     """
     run_dir = Path(run_dir)
+    plan = plan or ReportPlan()
     records = load_records(run_dir)
     check_consistency(records)
-    rows = summarize(records, load_batches(run_dir), labels=labels)
+    sections: list[str] = []
+    wc_labels: dict[str, str] = {}
+    extra: list = []
+    if plan.main:
+        wc = worst_case_records(records, plan.main, labels=labels)
+        extra, wc_labels = wc.records, wc.labels
+        sections.append(f"**Worst case over attacks.** {wc.note}")
+    labels = {**labels, **wc_labels}
+    rows = summarize([*records, *extra], load_batches(run_dir), labels=labels)
+    order = list(plan.order)
+    for d in dict.fromkeys(d for d, _ in plan.order):  # worst-case rows after each defense's attacks
+        last = max(i for i, (dd, _) in enumerate(order) if dd == d)
+        order[last + 1 : last + 1] = [(d, WORST_CASE), (d, WORST_CASE_ALL)]
     if order:
         rank = {pair: i for i, pair in enumerate(order)}
         rows.sort(key=lambda r: rank.get((r["defense"], r["attack"]), len(rank)))  # stable: merges keep order
+    traces = {
+        k: v for k, v in load_traces(run_dir).items() if k[1] not in plan.sweep and k[1] not in plan.hidden
+    }
+    zero_grad = {k: v["zero_grad"] for k, v in load_stats(run_dir).items() if "zero_grad" in v}
+    checks = run_checks(
+        records=records,
+        rows=rows,
+        traces={k: v for k, v in traces.items() if k[1] in plan.main},
+        zero_grad={k: v for k, v in zero_grad.items() if k[1] in plan.main},
+        unbounded=plan.unbounded,
+        sweep=plan.sweep,
+        black_box=plan.black_box,
+        white_box=plan.white_box,
+        budget_pairs=plan.budget_pairs,
+        merge=merge,
+        labels=labels,
+    )
+    sections.append(checks_markdown(checks))
+    table = [r for r in rows if r["attack"] not in plan.hidden]
     to_json(rows, run_dir / "results.json", {**(meta or {}), "header": list(header_lines), "merge": merge})
     to_csv(rows, run_dir / "results.csv")
-    (run_dir / "results.md").write_text(to_markdown(rows, header_lines=header_lines, merge=merge))
+    md = to_markdown(table, header_lines=header_lines, merge=merge, sections=sections)
+    (run_dir / "results.md").write_text(md)
 
     plots: dict[str, Path] = {}
     pdir = run_dir / "plots"
     pdir.mkdir(exist_ok=True)
-    sweep = sweep or {}
-    traces = {k: v for k, v in load_traces(run_dir).items() if k[1] not in sweep}
+    sweep = plan.sweep
     if traces:
         plots["loss_curves"] = plot_loss_curves(
             {(labels.get(d, d), labels.get(a, a)): t for (d, a), t in traces.items()},
@@ -87,6 +138,17 @@ def write_report(
         ][-1]
         chosen = [e for e in mine if e.attack == attack]
         plots[f"grid_{defense}"] = plot_image_grid(chosen, pdir / f"grid_{defense}_{attack}.png")
-    shown = [r for r in rows if r["merge"] == merge]
-    console = "\n".join([*header_lines, "", to_console(shown)])
-    return {"rows": rows, "metrics": metric_values(rows, merge), "plots": plots, "console": console}
+    shown = [r for r in table if r["merge"] == merge]
+    warnings = [c for c in checks if c.status == "warn"]
+    console = "\n".join(
+        [
+            *header_lines,
+            "",
+            to_console(shown),
+            "",
+            f"checks: {len(checks) - len(warnings)} of {len(checks)} pass",
+        ]
+        + [f"  warn: {c.name}: {c.message}" for c in warnings]
+    )
+    metrics = {**metric_values(rows, merge), **checks_metrics(checks)}
+    return {"rows": rows, "metrics": metrics, "plots": plots, "console": console, "checks": checks}

@@ -139,9 +139,14 @@ def _ci(row: Mapping[str, Any]) -> str:
 
 
 def to_markdown(
-    rows: Sequence[Mapping[str, Any]], *, header_lines: Sequence[str], merge: str = "softmax"
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    header_lines: Sequence[str],
+    merge: str = "softmax",
+    sections: Sequence[str] = (),
 ) -> str:
-    """The measured table (rows of one merge rule) under its settings, then the cited tables."""
+    """The measured table (rows of one merge rule) under its settings, then `sections` (markdown
+    blocks: notes, checks), then the cited tables."""
     shown = [r for r in rows if r["merge"] == merge]
     names = protocols_in(shown)
     legend = "; ".join(f"{_label(p)} = {protocol(p).legend}" for p in names if p in PROTOCOLS)
@@ -163,6 +168,8 @@ def to_markdown(
         out.append("| " + " | ".join(cells) + " |")
     if not shown:
         out.append(f"| (no records for merge rule {merge}) |" + " |" * (len(names) + 7))
+    for block in sections:
+        out += ["", block.rstrip("\n")]
     out += ["", *_cited_markdown()]
     return "\n".join(out) + "\n"
 
