@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from advpure.memory import cpu_peak_supported, peak_memory
+from advpure.perf.memory import cpu_peak_supported, peak_memory
 from advpure.purify import adp_chain, adp_purify, adp_step, screen, step_size
 
 

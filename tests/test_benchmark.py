@@ -18,8 +18,8 @@ import pytest
 from advpure import config as C
 from advpure.errors import CheckpointError, ConfigError, RunDirError
 from advpure.results import load_batches, load_records, read_csv, read_json
-from advpure.results.wandb_offline import find_run_files, read_run
 from conftest import needs_fmnist, tiny_bench
+from helpers.wandb_offline import find_run_files, read_run
 
 pytestmark = needs_fmnist
 

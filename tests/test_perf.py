@@ -186,3 +186,36 @@ def test_tiny_suite_writes_every_figure(tmp_path):
     assert all(c["ok"] for c in data["checks"].values()), data["checks"]
     m = data["machine"]
     assert m["cpu_model"] and m["torch"] == torch.__version__ and m["threads"] == 1 and m["device_name"]
+
+
+def test_a_registered_section_runs_alone_and_writes_its_figure(tmp_path, capsys):
+    """A figure is one function registered with `@section`: `--only` runs it (and nothing else)
+    and its figure lands in the JSON; an unknown section is a one-line error (exit 2)."""
+    from advpure.perf import harness, run
+    from advpure.perf.timing import interleaved, paired_ratio
+
+    sections, _ = harness.load_sections()
+    assert [s.name for s in sections] == [
+        "P1", "P2", "evals", "P3", "P4", "train", "inference", "attacks", "formats", "compile", "threads"
+    ]  # fmt: skip
+
+    @harness.section("toy", order=95)
+    def toy(ctx):
+        score, _ = harness.make_nets(ctx.sz, ctx.device)
+        x = harness.images(4, ctx.sz, ctx.device)[0]
+        times, _ = interleaved({"a": lambda: score(x), "b": lambda: score(x[:2])}, ctx.device, ctx.repeats)
+        ctx.report.add("toy.four_vs_two_rows", paired_ratio(times["a"], times["b"]), "time ratio")
+
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            harness.section("toy", order=1)(lambda ctx: None)
+        out = tmp_path / "perf.json"
+        assert run.main(["--tiny", "--only", "toy", "--repeats", "2", "--out", str(out)]) == 0
+        data = json.loads(out.read_text())
+        assert list(data["figures"]) == ["toy.four_vs_two_rows"]
+        assert data["figures"]["toy.four_vs_two_rows"]["value"] > 0 and data["repeats"] == 2
+        assert "== toy" in capsys.readouterr().out
+        assert run.main(["--tiny", "--only", "toy,nope", "--out", str(out)]) == 2
+        assert "unknown section(s) ['nope']" in capsys.readouterr().err
+    finally:
+        del harness.SECTIONS["toy"]

@@ -1,5 +1,5 @@
 """The project's own sbatch scripts on a real single-node SLURM cluster (munged + slurmctld + slurmd
-on localhost, `advpure.slurm_local`): a 2-task CPU benchmark job gives the same per-sample records
+on localhost, `experiments/slurm/local_cluster.py`): a 2-task CPU benchmark job gives the same per-sample records
 and results as a local 1-process run, and a requeued job resumes without redoing stored batches.
 
 Needs root and the Debian packages slurm-wlm and munge (`make apt`): without them these tests
@@ -17,15 +17,17 @@ from pathlib import Path
 import pytest
 
 from advpure.results import load_records, rank_files, read_json
-from advpure.slurm_local import (
+from conftest import ROOT, needs_fmnist, tiny_overrides
+from helpers.slurm import (
+    SCRIPT,
     Cluster,
     SlurmUnavailable,
+    alive,
     clean_env,
     free_port,
     missing_requirements,
     start_cluster,
 )
-from conftest import ROOT, needs_fmnist, tiny_overrides
 
 BENCHMARK_SBATCH = ROOT / "experiments" / "slurm" / "benchmark.sbatch"
 TASKS = 2
@@ -363,3 +365,39 @@ def test_sigusr1_outside_lightning_still_requeues(cluster, work, reference_small
     text = log.read_text()
     assert "tasks ended by SIGUSR1 outside Lightning's handler" in text and f"job {job} restart 1" in text
     assert_same_results(run_dir(work / "job_early_usr1"), reference_small.result())
+
+
+@pytest.mark.slurm
+def test_local_cluster_script_starts_reports_and_stops_a_cluster():
+    """The documented user path: `experiments/slurm/local_cluster.py start`, `status`, `stop`."""
+    problem = missing_requirements()
+    if problem:
+        pytest.fail(f"the `slurm` tests start a local SLURM cluster: {problem}", pytrace=False)
+    env = clean_env()  # no SLURM_CONF: the dir must come from the command line
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    assert cli("stop").returncode == 2  # neither a dir nor $SLURM_CONF: a one-line error
+    started = cli("start", "--cpus", "1")
+    assert started.returncode == 0, started.stderr
+    conf = next(
+        ln.split("=", 1)[1] for ln in started.stdout.splitlines() if ln.startswith("export SLURM_CONF=")
+    )
+    base = Path(conf).parent
+    try:
+        pids = [
+            int((base / "run" / f"{d}.pid").read_text().split()[0]) for d in ("munged", "slurmctld", "slurmd")
+        ]
+        status = cli("status", str(base))
+        assert status.returncode == 0, status.stderr
+        assert "node localhost idle" in status.stdout and "JOBID" in status.stdout
+        stopped = cli("stop", str(base))
+        assert stopped.returncode == 0, stopped.stderr
+        assert not base.exists()
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        if base.exists():
+            Cluster.attach(base).stop()

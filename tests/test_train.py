@@ -14,8 +14,8 @@ from advpure.checkpoint import load_weights, read_weights, save_weights
 from advpure.data import get_spec
 from advpure.errors import CheckpointError, ConfigError
 from advpure.lit.classifier import ClassifierModule, build_optimizer, classifier_arch, make_classifier
-from advpure.results.wandb_offline import find_run_files, read_run
 from conftest import REAL_HOME, ROOT, needs_fmnist, tiny_overrides
+from helpers.wandb_offline import find_run_files, read_run
 
 
 def test_classifier_overfits_a_tiny_batch():

@@ -1,5 +1,5 @@
 import sys
 
-from advpure.perf.suite import main
+from advpure.perf.run import main
 
 sys.exit(main())

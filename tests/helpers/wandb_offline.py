@@ -1,5 +1,5 @@
-"""Read an offline W&B run back (`wandb/offline-run-*/run-<id>.wandb`), e.g. to check in tests or
-before syncing that the logged metrics are the ones in results.json.
+"""Read an offline W&B run back (`wandb/offline-run-*/run-<id>.wandb`), so that the tests can check
+that the logged metrics are the ones in results.json.
 
 File layout: a 7-byte header (":W&B", 2 magic bytes, 1 version byte), then LevelDB-log records in
 32 KiB blocks: each record has a 7-byte header (CRC32C, little-endian length, type FULL=1,
@@ -72,4 +72,5 @@ def read_run(path: str | Path) -> dict:
 
 
 def find_run_files(wandb_dir: str | Path) -> list[Path]:
+    """Every offline run file below `wandb_dir`, sorted."""
     return sorted(Path(wandb_dir).rglob("offline-run-*/run-*.wandb"))

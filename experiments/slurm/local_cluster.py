@@ -1,12 +1,16 @@
-"""A real single-node SLURM cluster on localhost, in a temp dir: for the `slurm` tests, and for a
-person who wants to try `experiments/slurm/*.sbatch` without a cluster.
+#!/usr/bin/env python3
+"""A real single-node SLURM cluster on localhost, in a temp dir: to try `experiments/slurm/*.sbatch`
+without a cluster, and for the `slurm` tests (which load this file through `tests/helpers`).
+
+    python experiments/slurm/local_cluster.py start [--cpus 2]   # prints `export SLURM_CONF=...`
+    python experiments/slurm/local_cluster.py status [DIR]       # its node state and job queue
+    python experiments/slurm/local_cluster.py stop [DIR]         # DIR: the printed dir (default: from $SLURM_CONF)
+
+From Python (the standard library only; advpure is not needed):
 
     with start_cluster(cpus=2) as cluster:          # munged + slurmctld + slurmd, ~1 s
         job = cluster.sbatch("experiments/slurm/benchmark.sbatch", "--gres=", env={...})
         cluster.wait(job, timeout=120)              # scontrol show job until a final state
-
-    python -m advpure.slurm_local start [--cpus 2]  # prints `export SLURM_CONF=...`
-    python -m advpure.slurm_local stop [DIR]        # DIR: the printed dir (default: from $SLURM_CONF)
 
 Needs root (the daemons run as root, `SlurmUser=root`) and the Debian packages `slurm-wlm` and
 `munge` (`make apt`). The cluster is self-contained: its own munge key and socket, free TCP ports,
@@ -282,9 +286,9 @@ class Cluster:
             except ProcessLookupError:
                 continue
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and alive(pid):
                 time.sleep(0.1)
-            if _alive(pid):
+            if alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -299,7 +303,8 @@ class Cluster:
         self.stop()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -395,14 +400,27 @@ def _wait_for(ready, timeout: float, what: str, cluster: Cluster) -> None:
 
 
 # --- command line -------------------------------------------------------------------------------
+PROG = "python experiments/slurm/local_cluster.py"
+
+
+def _cluster_dir(arg: str | None) -> Path | None:
+    """The cluster dir given, else the dir of $SLURM_CONF; None unless it holds a slurm.conf."""
+    base = arg or (str(Path(os.environ["SLURM_CONF"]).parent) if os.environ.get("SLURM_CONF") else None)
+    return Path(base) if base is not None and (Path(base) / "slurm.conf").exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m advpure.slurm_local", description=__doc__.split("\n\n")[0]
-    )
+    """`start`, `status` or `stop` a local cluster; 0 on success, 1 when SLURM is unavailable or a
+    command fails, 2 without a cluster dir."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_start = sub.add_parser("start", help="start a cluster; prints the SLURM_CONF to export")
     p_start.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     p_start.add_argument("--dir", default=None, help="cluster dir (default: a new /tmp/advpure-slurm-*)")
+    p_status = sub.add_parser("status", help="its node state (sinfo) and job queue (squeue)")
+    p_status.add_argument(
+        "dir", nargs="?", default=None, help="cluster dir (default: the dir of $SLURM_CONF)"
+    )
     p_stop = sub.add_parser("stop", help="cancel its jobs, stop its daemons and delete its dir")
     p_stop.add_argument("dir", nargs="?", default=None, help="cluster dir (default: the dir of $SLURM_CONF)")
     p_stop.add_argument("--keep", action="store_true", help="keep the dir (logs)")
@@ -412,22 +430,24 @@ def main(argv: list[str] | None = None) -> int:
             cluster = start_cluster(cpus=args.cpus, base=args.dir)
             print(f"local SLURM cluster in {cluster.base} ({args.cpus} CPUs, partition debug)")
             print(f"export SLURM_CONF={cluster.conf}")
-            print(f"stop it with: python -m advpure.slurm_local stop {cluster.base}")
+            print(f"stop it with: {PROG} stop {cluster.base}")
             return 0
-        base = args.dir or (
-            str(Path(os.environ["SLURM_CONF"]).parent) if os.environ.get("SLURM_CONF") else None
-        )
-        if base is None or not (Path(base) / "slurm.conf").exists():
-            print(
-                "advpure.slurm_local: give the cluster dir (or set SLURM_CONF to its slurm.conf)",
-                file=sys.stderr,
-            )
+        base = _cluster_dir(args.dir)
+        if base is None:
+            print(f"{PROG}: give the cluster dir (or set SLURM_CONF to its slurm.conf)", file=sys.stderr)
             return 2
-        Cluster.attach(base).stop(remove=not args.keep)
+        cluster = Cluster.attach(base)
+        if args.command == "status":
+            print(
+                f"local SLURM cluster in {base}: node localhost {' '.join(cluster.node_states()) or 'down'}"
+            )
+            print(cluster.run("squeue", "-o", "%.8i %.12j %.10T %.10M %R").stdout.rstrip())
+            return 0
+        cluster.stop(remove=not args.keep)
         print(f"stopped the local SLURM cluster in {base}")
         return 0
-    except SlurmUnavailable as e:
-        print(f"advpure.slurm_local: {e}", file=sys.stderr)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # SlurmUnavailable is a RuntimeError
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 1
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from collections.abc import Callable
 
 import torch
@@ -36,22 +37,32 @@ class _MallInfo2(ctypes.Structure):
 
 def _libc():
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        lib.mallinfo2.restype = _MallInfo2
-        return lib
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
 
 
 _LIBC = _libc()
+_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)  # glibc >= 2.33
+if _MALLINFO2 is not None:
+    _MALLINFO2.restype = _MallInfo2
 
 
 def heap_in_use() -> int:
     """Bytes in use on the C heap (glibc), or -1 where unavailable."""
-    if _LIBC is None:
+    if _MALLINFO2 is None:
         return -1
-    info = _LIBC.mallinfo2()
+    info = _MALLINFO2()
     return int(info.uordblks + info.hblkhd)
+
+
+def clean_heap() -> None:
+    """Collect reference cycles and return free heap memory to the OS (glibc `malloc_trim`), so
+    that one measurement's garbage does not slow or inflate the next (`peak_memory` reads the heap)."""
+    gc.collect()
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class _PeakHeap(TorchDispatchMode):
@@ -68,11 +79,16 @@ class _PeakHeap(TorchDispatchMode):
 
 
 def cpu_peak_supported() -> bool:
+    """Whether `peak_memory` can measure on CPU here (Linux with glibc's `mallinfo2`)."""
     return heap_in_use() >= 0
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
-    """Peak bytes above the starting level while running `fn()` (allocations it made)."""
+    """Peak bytes above the starting level while running `fn()` (allocations it made).
+
+    CUDA: `torch.cuda.max_memory_allocated` minus the allocated bytes at the start. CPU: the glibc
+    heap in use, read after every aten op, minus its level at the start. Raises RuntimeError on a
+    CPU without `mallinfo2` (check `cpu_peak_supported()` first)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
