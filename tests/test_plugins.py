@@ -70,7 +70,7 @@ def test_user_purifier_attack_and_protocol_run_end_to_end(tmp_path, tiny_artifac
     worst = {r.idx: r.value for r in recs if r.protocol == "worst_of_n"}
     assert {r.idx: r.value for r in recs if r.protocol == "majority_of_n"} == worst == single
     # W&B: the same numbers under metric names derived from the registrations
-    from advpure.results.wandb_offline import find_run_files, read_run
+    from helpers.wandb_offline import find_run_files, read_run
 
     summary = read_run(find_run_files(run)[0])["summary"]
     key = f"robust/{fgsm['defense']}/fgsm/majority_of_n"

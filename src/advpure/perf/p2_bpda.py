@@ -10,8 +10,7 @@ import copy
 
 import torch
 
-from advpure.attacks import run_attack
-from advpure.attacks import attack_params
+from advpure.attacks import attack_params, run_attack
 from advpure.perf.harness import Counter, Ctx, adp_defense, grng, images, make_nets, section
 from advpure.perf.reference import reference_bpda_eot_attack
 from advpure.perf.report import fmt
