@@ -18,6 +18,24 @@ a halved sample restarts from its best point (with the gradient stored there, mo
 The result is the best point found: the highest EOT loss over all iterates x_0 .. x_iters.
 Everything is per sample; only the checkpoint schedule is shared. The budget equals PGD's:
 one gradient evaluation per iteration plus one loss evaluation of the last iterate.
+
+Targeted mode (APGD-T, Croce & Hein 2020): `target_rank` t >= 1 attacks, per image, the t-th most
+likely class other than the true one, with the targeted form of `loss` (for dlr:
+-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12), >= 4 classes). Classes are ranked by one
+defended prediction at the clean input: the mean logits of S purification chains (stream
+`target`; logits as AutoAttack ranks them, since a saturated softmax ties; ties to the lower
+class index). Success still means misclassification (any class but y).
+
+Restarts (`restarts` k > 1): k runs from independent random starts on the images not yet broken;
+per sample the first that broke it, else the one with the highest objective at its best point
+(`advpure.attacks.restarts`). The target classes are ranked once and shared by all restarts.
+
+Arguments (config block `attacks.<name>`, kind `apgd`): iters, eps, loss (ce | dlr | cw),
+gradient (full | bpda | classifier), eot, eot_aggregate, rho, momentum, random_start, restarts,
+target_rank. `step` is not used. Shapes: x (B, C, H, W) in [0, 1], y (B,) int64.
+
+    >>> p = attack_params("apgd", loss="dlr", iters=100, eot=20, target_rank=1, restarts=2)
+    >>> run_attack(p, defense, x, y, SampleRNG(0, idx), eps=8/255, step=2/255).x_adv
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwar
 from advpure.attacks.objectives import AGGREGATES, GRADIENTS, eot_gradient
 from advpure.attacks.pgd import check_vote
 from advpure.attacks.projection import project, start_point
+from advpure.attacks.restarts import with_restarts
 from advpure.params import at_least, between, choice
 from advpure.rng import RNG
 
@@ -75,14 +94,16 @@ def apgd_attack(
     rho: float = 0.75,
     momentum: float = 0.75,
     random_start: bool = False,
+    target: torch.Tensor | None = None,
     trace: Trace | None = None,
     **hooks,
 ) -> AttackResult:
     """APGD-EOT on x (B, C, H, W) in [0, 1]; returns the best point found (highest EOT loss),
-    not the last iterate."""
+    not the last iterate, and that loss as `loss_adv`. `target` (B,) int64: attack those classes
+    with the targeted form of `loss` (None: untargeted)."""
     trace = trace or Trace(defense, y, rng, **hooks)  # hooks: track_path, progress, observer
     eot_rng = rng.child("eot")
-    kw = dict(gradient=gradient, eot=eot, aggregate=eot_aggregate, loss=loss)
+    kw = dict(gradient=gradient, eot=eot, aggregate=eot_aggregate, loss=loss, target=target)
     checkpoints = set(apgd_checkpoints(iters))
     b = x.shape[0]
     col = (b,) + (1,) * (x.dim() - 1)  # per-sample scalars broadcast over pixels
@@ -131,8 +152,40 @@ def apgd_attack(
         trace.step_done(i)
 
     last = eot_gradient(defense, x_i, y, eot_rng, grad=False, **kw)
-    x_best = where(last.loss.float() > best, x_i, x_best)
-    return trace.finish(x_i, last.loss, x_best)
+    last_better = last.loss.float() > best
+    x_best = where(last_better, x_i, x_best)
+    return trace.finish(x_i, last.loss, x_best, torch.where(last_better, last.loss.float(), best))
+
+
+def target_classes(defense, x: torch.Tensor, y: torch.Tensor, rng: RNG, n: int) -> torch.Tensor:
+    """(B, n) int64: per image the n most likely classes other than y, most likely first, ranked by
+    one defended prediction at x (the mean logits of S chains from `rng`; a mean softmax saturates
+    and ties on confident nets; ties to the lower index).
+    Raises ValueError if there are fewer than n + 1 classes."""
+    with torch.no_grad():
+        chains, _ = defense.chain_logits(x.detach(), rng, defense.replicas)
+    scores = chains.float().mean(0)
+    classes = scores.shape[-1]
+    if n > classes - 1:
+        raise ValueError(f"{n} target classes need at least {n + 1} classes, got {classes}")
+    scores = scores.scatter(-1, y[:, None], float("-inf"))  # never the true class
+    return scores.sort(dim=-1, descending=True, stable=True).indices[:, :n]
+
+
+def apgd_run(p, defense, x, y, rng: RNG, *, eps: float, trace: Trace, target: torch.Tensor | None = None):
+    """APGD with parameters `p` (an `APGD.Params`, restarts included) on x (B, C, H, W), y (B,),
+    attacking the classes `target` (B,) (None: untargeted). Returns an AttackResult."""
+    kw = kwargs_of(p, "iters", "gradient", "eot", "eot_aggregate", "loss", "rho", "momentum")
+
+    def once(x_r, y_r, rng_r, trace_r, rows, random_start):
+        t = None if target is None else target[rows]
+        return apgd_attack(
+            defense, x_r, y_r, rng_r, eps=eps, trace=trace_r, random_start=random_start, target=t, **kw
+        )
+
+    return with_restarts(
+        once, defense, x, y, rng, trace, restarts=p.restarts, iters=p.iters, random_start=p.random_start
+    )
 
 
 @register_attack("apgd")
@@ -148,10 +201,14 @@ class APGD(Attack):
         eot_aggregate: str = choice("mean", *AGGREGATES)
         rho: float = between(0.75, 0.0, 1.0)  # step-halving threshold on the fraction of increases
         momentum: float = between(0.75, 0.0, 1.0)
+        restarts: int = at_least(1, 1)  # k > 1: k runs from random starts, per-sample best kept
+        target_rank: int = at_least(0, 0)  # 0: untargeted; t: the t-th most likely other class
 
     @classmethod
     def label(cls, p) -> str:
         src = {"full": "", "bpda": ", BPDA", "classifier": ", classifier"}[p.gradient]
+        if p.target_rank:
+            return f"APGD-T-{p.loss.upper()}{p.iters}-EOT{p.eot}{src} (target rank {p.target_rank})"
         return f"APGD-{p.loss.upper()}{p.iters}-EOT{p.eot}{src}"
 
     @classmethod
@@ -160,10 +217,10 @@ class APGD(Attack):
 
     @classmethod
     def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
-        kw = kwargs_of(
-            p, "iters", "gradient", "eot", "eot_aggregate", "loss", "rho", "momentum", "random_start"
-        )
-        return apgd_attack(defense, x, y, rng, eps=eps, trace=trace, **kw)
+        target = None
+        if p.target_rank:
+            target = target_classes(defense, x, y, rng.child("target"), p.target_rank)[:, -1]
+        return apgd_run(p, defense, x, y, rng, eps=eps, trace=trace, target=target)
 
 
-__all__ = ["APGD", "apgd_attack", "apgd_checkpoints", "should_halve"]
+__all__ = ["APGD", "apgd_attack", "apgd_checkpoints", "apgd_run", "should_halve", "target_classes"]

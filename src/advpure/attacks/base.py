@@ -67,10 +67,21 @@ class AttackParams:
 
 @dataclass
 class AttackResult:
+    """What an attack returns. For a single run (one start, one attack) the rows of `losses` are
+    the iterates x_0 .. x_iters and those of `path_correct` x_0 .. x_{iters-1}. An attack made of
+    several runs (restarts, `advpure.attacks.restarts`; the `standard_rand` ensemble) states its
+    own layout: `path_correct` then has one row per iterate of every run, `Attack.total_iters`
+    rows, so "ever broken" (all rows correct) is judged over every run."""
+
     x_adv: torch.Tensor  # (B, C, H, W) final adversarial input (detached)
     losses: torch.Tensor  # (iters + 1, B): the attack's objective at the iterates x_0 .. x_iters
     path_correct: dict[str, torch.Tensor] | None  # {merge rule: (iters, B) bool} at x_0 .. x_{iters-1}
+    loss_adv: torch.Tensor | None = None  # (B,) the objective at x_adv; None: losses[-1] (x_adv = x_iters)
     zero_grad: torch.Tensor | None = None  # (B,) bool: the attack's gradient at x_0 was exactly zero
+
+    def adv_loss(self) -> torch.Tensor:
+        """(B,) the attack's objective at x_adv (APGD returns its best point, not the last)."""
+        return self.losses[-1] if self.loss_adv is None else self.loss_adv
 
 
 class Attack:
@@ -83,6 +94,13 @@ class Attack:
     def label(cls, p: Any) -> str:
         """The attack's label in result tables, e.g. "BPDA40+EOT15"."""
         return f"{cls.name}{p.iters}"
+
+    @classmethod
+    def total_iters(cls, p: Any, classes: int | None = None) -> int:
+        """Iterations the attack runs per image, all restarts and stages together: the number of
+        `progress` calls and of `path_correct` rows. `classes`: the number of classes, for
+        attacks whose stages depend on it (None: assume enough)."""
+        return int(p.iters) * int(getattr(p, "restarts", 1))
 
     @classmethod
     def needs_purifier(cls, p: Any) -> bool:
@@ -130,11 +148,17 @@ def kwargs_of(p: Any, *names: str) -> dict[str, Any]:
 
 
 def display_label(p: Any, eps: float | None = None) -> str:
-    """The table label of attack parameters `p`, with the option suffixes shared by all kinds."""
+    """The table label of attack parameters `p`, with the option suffixes shared by all kinds: a loss
+    other than CE ("BPDA40+EOT15 CW loss"), "vote", "x3 restarts (random starts)" or "rs"."""
     base = attack_class(p.kind).label(p)
+    if p.loss != "ce" and p.loss.upper() not in base:  # APGD's label names its loss itself
+        base += f" {p.loss.upper()} loss"
     if getattr(p, "eot_aggregate", "mean") == "vote":
         base += " vote"
-    if p.random_start:
+    restarts = int(getattr(p, "restarts", 1))
+    if restarts > 1:
+        base += f" x{restarts} restarts (random starts)"  # every restart starts at random
+    elif p.random_start:
         base += " rs"
     return base if eps is None else f"{base} @ ε={eps:.4g}"
 
@@ -205,18 +229,22 @@ class Trace:
             self.progress(i)
 
     def finish(
-        self, x_last: torch.Tensor, loss_last: torch.Tensor, x_adv: torch.Tensor | None = None
+        self,
+        x_last: torch.Tensor,
+        loss_last: torch.Tensor,
+        x_adv: torch.Tensor | None = None,
+        loss_adv: torch.Tensor | None = None,
     ) -> AttackResult:
-        """Record the last iterate x_iters and build the result (x_adv defaults to x_last)."""
+        """Record the last iterate x_iters and build the result (x_adv defaults to x_last; pass
+        loss_adv, the objective at x_adv, when x_adv is not the last iterate)."""
         iters = len(self.losses)
         self.losses.append(loss_last.detach())
         if self.observer is not None:
             self.observer(iters, x_last.detach())
         path = {rule: torch.stack(v) for rule, v in self.path.items()} if self.track_path else None
         x_adv = x_last if x_adv is None else x_adv
-        return AttackResult(
-            x_adv=x_adv.detach(), losses=torch.stack(self.losses), path_correct=path, zero_grad=self.zero_grad
-        )
+        loss_adv = None if loss_adv is None else loss_adv.detach()
+        return AttackResult(x_adv.detach(), torch.stack(self.losses), path, loss_adv, self.zero_grad)
 
 
 __all__ = [

@@ -60,23 +60,26 @@ def effective_draws(defense, eot: int) -> int:
     return eot if defense.stochastic else 1
 
 
-def classifier_objective(defense, x, y, loss: str, *, grad: bool = True) -> Evaluation:
-    """L(g(x), y) and its input gradient at x itself (no purification)."""
+def classifier_objective(defense, x, y, loss: str, *, grad: bool = True, target=None) -> Evaluation:
+    """L(g(x), y) and its input gradient at x itself (no purification). `target` (B,) or None:
+    the target classes of a targeted loss (`advpure.attacks.losses`)."""
     with _grad_mode(grad):
         xr = x.detach().requires_grad_(grad)
         logits = defense.classify(xr).unsqueeze(0)
-        value = draw_losses(loss, logits, y).mean(0)
+        value = draw_losses(loss, logits, y, target).mean(0)
         g = torch.autograd.grad(value.sum(), xr)[0] if grad else None
     chains = None if defense.stochastic else logits.detach()
     return Evaluation(value.detach(), g, chains)
 
 
-def full_objective(defense, x, y, rng: RNG, draws: int, loss: str, *, grad: bool = True) -> Evaluation:
+def full_objective(
+    defense, x, y, rng: RNG, draws: int, loss: str, *, grad: bool = True, target=None
+) -> Evaluation:
     """(1/K) sum_k L(g(f(x; n_k)), y) and its exact input gradient through the purifier."""
     with _grad_mode(grad):
         xr = x.detach().requires_grad_(grad)
         logits, _ = defense.chain_logits(xr, rng, draws, differentiable=grad)
-        value = draw_losses(loss, logits, y).mean(0)
+        value = draw_losses(loss, logits, y, target).mean(0)
         g = torch.autograd.grad(value.sum(), xr)[0] if grad else None
     return Evaluation(value.detach(), g, logits.detach())
 
@@ -92,6 +95,7 @@ def bpda_objective(
     *,
     grad: bool = True,
     purified: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
 ) -> Evaluation:
     """BPDA: classifier gradients at K purified points (purified without gradient), aggregated
     over the draws and used as the gradient at x. `purified` (K*B rows, draw-major) lets a caller
@@ -102,7 +106,7 @@ def bpda_objective(
     with _grad_mode(grad):
         xp = purified.detach().requires_grad_(grad)
         logits = defense.classify(xp).view(draws, x.shape[0], -1)
-        per_draw = draw_losses(loss, logits, y)
+        per_draw = draw_losses(loss, logits, y, target)
         g_rows = torch.autograd.grad(per_draw.sum(), xp)[0] if grad else None
     g = aggregate_draws(g_rows.view(draws, *x.shape), aggregate) if grad else None
     return Evaluation(per_draw.mean(0).detach(), g, logits.detach())
@@ -119,19 +123,21 @@ def eot_gradient(
     aggregate: str = "mean",
     loss: str = "ce",
     grad: bool = True,
+    target: torch.Tensor | None = None,
 ) -> Evaluation:
     """The EOT objective at x (B, C, H, W) and (grad=True) its ascent direction, from gradient
-    source `gradient` with K = eot draws in one batched Defense call. Raises ValueError for an
-    unknown source or a vote of full gradients, NonFiniteError for a NaN/inf loss or gradient."""
+    source `gradient` with K = eot draws in one batched Defense call; `target` (B,) int64 makes
+    `loss` its targeted form (None: untargeted). Raises ValueError for an unknown source or a vote
+    of full gradients, NonFiniteError for a NaN/inf loss or gradient."""
     k = effective_draws(defense, eot)
     if gradient == "classifier":
-        ev = classifier_objective(defense, x, y, loss, grad=grad)
+        ev = classifier_objective(defense, x, y, loss, grad=grad, target=target)
     elif gradient == "full":
         if aggregate != "mean":
             raise ValueError(f"eot_aggregate '{aggregate}' is only defined for bpda gradients, not 'full'")
-        ev = full_objective(defense, x, y, rng, k, loss, grad=grad)
+        ev = full_objective(defense, x, y, rng, k, loss, grad=grad, target=target)
     elif gradient == "bpda":
-        ev = bpda_objective(defense, x, y, rng, k, loss, aggregate, grad=grad)
+        ev = bpda_objective(defense, x, y, rng, k, loss, aggregate, grad=grad, target=target)
     else:
         raise ValueError(f"unknown gradient source '{gradient}'; allowed: {', '.join(GRADIENTS)}")
     check_finite(ev.loss, f"the attack loss ({loss}, {gradient} gradient)")

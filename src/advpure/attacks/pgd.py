@@ -6,12 +6,16 @@ d_i comes from `eot_gradient` (advpure.attacks.objectives): `classifier` (prepro
 the seed's "Classifier PGD"), `bpda` (BPDA+EOT, Athalye et al. 2018, the seed's adaptive attack)
 or `full` (exact gradients through every purification step, PGD-EOT as in Lee & Kim 2023).
 
-Arguments (config block `attacks.<name>`, kind `pgd`): iters, eps, step, loss (ce | dlr),
-gradient, eot (K purification draws per step), eot_aggregate (mean | vote), random_start.
-Shapes: x (B, C, H, W) in [0, 1], y (B,) int64; returns the last iterate.
+Arguments (config block `attacks.<name>`, kind `pgd`): iters, eps, step, loss (ce | dlr | cw),
+gradient, eot (K purification draws per step), eot_aggregate (mean | vote), random_start,
+restarts (k >= 1; k > 1: k runs from independent random starts, whatever random_start says, each
+on the images the earlier ones did not break; per sample the first that broke it, else the one
+with the highest final loss; `advpure.attacks.restarts`).
+Shapes: x (B, C, H, W) in [0, 1], y (B,) int64; returns the last iterate (of the kept restart).
 
     >>> p = attack_params("pgd", gradient="bpda", iters=40, eot=15)
     >>> run_attack(p, defense, x, y, SampleRNG(0, idx), eps=8/255, step=2/255).x_adv
+    >>> p = attack_params("pgd", gradient="full", loss="cw", iters=100, eot=20, restarts=3)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
 from advpure.attacks.objectives import AGGREGATES, GRADIENTS, eot_gradient
 from advpure.attacks.projection import project, start_point
+from advpure.attacks.restarts import with_restarts
 from advpure.params import at_least, choice
 from advpure.rng import RNG
 
@@ -74,6 +79,7 @@ class PGD(Attack):
         gradient: str = choice("bpda", *GRADIENTS)  # classifier (blind) | bpda | full (exact)
         eot: int = at_least(1, 1)  # expectation over transformation: purification draws per step
         eot_aggregate: str = choice("mean", *AGGREGATES)  # vote = per-draw sign steps (original code)
+        restarts: int = at_least(1, 1)  # k > 1: k runs from random starts, per-sample best kept
 
     @classmethod
     def label(cls, p) -> str:
@@ -90,8 +96,16 @@ class PGD(Attack):
 
     @classmethod
     def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
-        kw = kwargs_of(p, "iters", "gradient", "eot", "eot_aggregate", "loss", "random_start")
-        return pgd_attack(defense, x, y, rng, eps=eps, step=step, trace=trace, **kw)
+        kw = kwargs_of(p, "iters", "gradient", "eot", "eot_aggregate", "loss")
+
+        def once(x_r, y_r, rng_r, trace_r, rows, random_start):
+            return pgd_attack(
+                defense, x_r, y_r, rng_r, eps=eps, step=step, trace=trace_r, random_start=random_start, **kw
+            )
+
+        return with_restarts(
+            once, defense, x, y, rng, trace, restarts=p.restarts, iters=p.iters, random_start=p.random_start
+        )
 
 
 __all__ = ["PGD", "check_vote", "pgd_attack"]

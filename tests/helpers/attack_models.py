@@ -1,0 +1,68 @@
+"""Small hand-made classifiers with known attack behaviour, for tests/test_ensemble.py (8x8 or 4x4
+grey images, [0, 1]). Real torch modules; nothing here is installed with the package."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def prototypes_data(n: int, seed: int, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable synthetic data: a noisy copy of one of `classes` fixed 8x8 patterns."""
+    protos = 0.3 + 0.4 * torch.rand(classes, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return (protos[y] + 0.2 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
+
+
+def trained_mlp(classes: int = 4) -> nn.Module:
+    """An MLP trained in < 1 s on `prototypes_data` (~98% test accuracy), frozen."""
+    x, y = prototypes_data(512, 1, classes)
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ELU(), nn.Linear(32, classes))
+    opt = torch.optim.Adam(clf.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(clf(x), y).backward()
+        opt.step()
+    return clf.requires_grad_(False)
+
+
+class Scaled(nn.Module):
+    """logits * scale: with a large scale the softmax saturates in float32, so the cross-entropy
+    gradient of confident images is exactly zero (CE-based attacks stall), while DLR and CW,
+    invariant to the scale, still see the margin (Croce & Hein 2020, their motivation for DLR)."""
+
+    def __init__(self, net: nn.Module, scale: float):
+        super().__init__()
+        self.net, self.scale = net, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
+class StartDecides(nn.Module):
+    """Two classes; class 1 iff pixel (0, 0) > 0.5, a step function with zero gradient, so sign
+    gradient steps never move that pixel and only a random start can cross it. A small smooth term
+    a * pixel (0, 1) in the class-1 logit never changes the class but lets the attack loss differ
+    between starts. With y = 0 and clean pixel (0, 0) = 0.5, a random start breaks an image iff it
+    raises that pixel."""
+
+    def __init__(self, a: float = 0.1):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wrong = (x[:, 0, 0, 0] > 0.5).to(x.dtype)
+        smooth = self.a * x[:, 0, 0, 1] + 0.0 * x.flatten(1).sum(1)  # differentiable, zero elsewhere
+        return torch.stack([1.0 - 2.0 * wrong, 2.0 * wrong - 1.0 + smooth], dim=1)
+
+
+def linear_net(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """z = W flatten(x) + b, frozen; weight (K, D), bias (K,)."""
+    k, dim = weight.shape
+    lin = nn.Linear(dim, k)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        lin.bias.copy_(bias)
+    return nn.Sequential(nn.Flatten(), lin).requires_grad_(False)
