@@ -19,7 +19,7 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from advpure.attacks import run_attack
+from advpure.attacks import attack_class, run_attack
 from advpure.errors import NonFiniteError
 from advpure.lit.defended import stage_error
 from advpure.plan import Unit
@@ -48,6 +48,7 @@ class AttackCallback(Callback):
         )
         self.track_path = any(protocol(p).needs_path for p in self.protocols)
         self.runs = {protocol(p).run for p in self.protocols}
+        self.classes: int | None = None  # set from the first logits' width (the ensemble's stages)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         u = self.unit
@@ -64,6 +65,8 @@ class AttackCallback(Callback):
         defense = pl_module.defense(u.defense)
         rng = SampleRNG(pl_module.seed, idx, stream=u.key)
         t0, e0 = time.perf_counter(), defense.score_evals
+        spec = getattr(getattr(trainer, "datamodule", None), "spec", None)
+        self.classes = spec.num_classes if spec is not None else None
         bar = self._bar(trainer, b)
         hooks = dict(progress=(lambda i: bar.update(1)) if bar else None)
         attack = dict(eps=u.eps, step=u.step, **hooks)
@@ -83,7 +86,8 @@ class AttackCallback(Callback):
                     x_dw = run_attack(u.spec, defense, x, y, rng.child("dwbox"), **attack).x_adv
                     frozen = defense.evaluate(x_dw, y, judge, n=1)
             if "clean" in self.runs:  # noise floors: as many clean evaluations as the protocols made
-                iterates = result.losses.shape[0] - 1
+                path = result.path_correct  # one row per iterate of every run (restarts, stages)
+                iterates = next(iter(path.values())).shape[0] if path else result.losses.shape[0] - 1
                 draws = pl_module.clean_draws(u.defense, x, y, idx, max(self.worst_of_n, iterates + 1))
                 clean = {m: Observations(d, n=self.worst_of_n, path_len=iterates) for m, d in draws.items()}
         except NonFiniteError as e:
@@ -143,7 +147,8 @@ class AttackCallback(Callback):
 
         u = self.unit
         return tqdm(
-            total=int(u.spec.iters) * (2 if "frozen" in self.runs else 1),
+            total=attack_class(u.spec.kind).total_iters(u.spec, self.classes)
+            * (2 if "frozen" in self.runs else 1),
             desc=f"{u.defense} {u.attack} batch {b}",
             leave=False,
             position=1,
