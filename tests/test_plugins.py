@@ -126,6 +126,7 @@ def test_changing_one_attack_keeps_the_other_blocks(tmp_path, tiny_artifacts):
     # the PGD block and natural accuracy were replayed from the store, only BPDA was recomputed
     assert all(kept[("adp_s0.25", "pgd40_blind")]) and all(kept[("adp_s0.25", "natural")])
     assert not any(kept[("adp_s0.25", "bpda40_eot15")])
-    assert {k: v for k, v in after.items() if k[1] != "bpda40_eot15"} == {
-        k: v for k, v in before.items() if k[1] != "bpda40_eot15"
+    # (the gradient-masking check runs of bpda40_eot15, `@unbounded` and `@2x`, changed with it)
+    assert {k: v for k, v in after.items() if not k[1].startswith("bpda40_eot15")} == {
+        k: v for k, v in before.items() if not k[1].startswith("bpda40_eot15")
     }

@@ -240,14 +240,15 @@ def test_protocol_records_by_hand():
     t, f = True, False
     final = torch.tensor([[t, t, f, f, t], [t, f, f, t, t], [t, t, f, t, f]])  # N=3 draws, B=5
     path = torch.tensor([[t, t, t, t, t], [t, f, t, t, t]])  # iterates 0 and 1
-    out = protocol_records(final, path)
+    four = ["single", "worst_of_n", "mean_of_n", "ever_broken"]
+    out = protocol_records(final, path, four)
     assert out["single"].tolist() == [t, t, f, f, t]
     assert out["worst_of_n"].tolist() == [t, f, f, f, f]  # col 0 all correct, col 2 all wrong
     assert out["mean_of_n"].tolist() == pytest.approx([1.0, 2 / 3, 0.0, 2 / 3, 2 / 3])
     assert out["ever_broken"].tolist() == [t, f, f, f, t]  # col 1 broken at iterate 1
-    assert "ever_broken" not in protocol_records(final)
+    assert "ever_broken" not in protocol_records(final, protocols=four)
 
-    one = protocol_records(final[:1], torch.zeros(0, 5, dtype=torch.bool))  # N=1, no earlier iterate
+    one = protocol_records(final[:1], torch.zeros(0, 5, dtype=torch.bool), four)  # N=1, no earlier iterate
     assert one["worst_of_n"].tolist() == one["single"].tolist() == one["ever_broken"].tolist()
     assert one["mean_of_n"].tolist() == one["single"].float().tolist()
     with pytest.raises(ValueError):

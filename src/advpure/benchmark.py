@@ -173,8 +173,12 @@ def report_plan(plan: Plan) -> ReportPlan:
 
 
 def unit_protocols(unit, protocols: list[str]) -> list[str]:
-    """The check runs need the single draw only (their verdicts feed the Checks section)."""
-    return ["single"] if unit.check is not None else protocols
+    """The protocols of a unit's rows: the attack's own `protocols` (with their floors) or the
+    benchmark's; the check runs need the single draw only (their verdicts feed the Checks section)."""
+    if unit.check is not None:
+        return ["single"]
+    own = unit.spec.get("protocols")
+    return with_floors(own) if own is not None else protocols
 
 
 # the command ---------------------------------------------------------------------------------------

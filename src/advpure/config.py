@@ -480,10 +480,15 @@ def validate(cfg: DictConfig) -> None:
     for st in cfg.train.stages:
         if st not in TRAIN_STAGES:
             raise ConfigError(f"train.stages: unknown stage '{st}'; allowed: {', '.join(TRAIN_STAGES)}")
-    for p in cfg.benchmark.protocols:
-        PROTOCOLS.get(p)  # unknown protocol: ConfigError listing the registered ones
-    if "single" not in cfg.benchmark.protocols:
-        raise ConfigError("benchmark.protocols: must include 'single' (the natural and CI rows use it)")
+    lists = {"benchmark.protocols": cfg.benchmark.protocols}
+    lists.update(
+        {f"attacks.{n}.protocols": a.protocols for n, a in cfg.attacks.items() if a.protocols is not None}
+    )
+    for key, names in lists.items():
+        for p in names:
+            PROTOCOLS.get(p)  # unknown protocol: ConfigError listing the registered ones
+        if "single" not in names:
+            raise ConfigError(f"{key}: must include 'single' (the natural and CI rows use it)")
     if cfg.benchmark.sigmas and not hasattr(purifier_class(cfg.defense.kind).Params, "sigma"):
         raise ConfigError(f"benchmark.sigmas: defense kind '{cfg.defense.kind}' has no screening sigma")
     for sigma in cfg.benchmark.sigmas:

@@ -63,6 +63,9 @@ class AttackParams:
     loss: str = choice("ce", *LOSSES)  # the per-sample objective the attacker maximises
     random_start: bool = False  # start uniformly in the eps-ball instead of at x
     max_images: int | None = at_least(None, 1)  # attack only the first n benchmark images
+    protocols: list[str] | None = (
+        None  # evaluation protocols of this attack's rows (null: benchmark.protocols)
+    )
 
 
 @dataclass
