@@ -31,7 +31,7 @@ def write_cifar10(root: Path, n_train: int = 20, n_test: int = 6) -> Path:
     for name, n in [*((f"data_batch_{i}", n_train) for i in range(1, 6)), ("test_batch", n_test)]:
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         with open(d / name, "wb") as f:
-            pickle.dump({b"batch_label": b"x", b"labels": list(rng.integers(0, 10, n)), b"data": data}, f)
+            pickle.dump({b"batch_label": b"x", b"labels": rng.integers(0, 10, n).tolist(), b"data": data}, f)
     return root
 
 

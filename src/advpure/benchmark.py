@@ -55,7 +55,7 @@ def how_to_get(cfg: DictConfig, stage: str) -> str:
         entry = MODELS.get((cfg.data.name, c.threat_model, c.robustbench_name))
         where = entry.url if entry is not None else "the RobustBench model zoo"
         return f"{path}: the RobustBench '{c.robustbench_name}' model, download {where} to this path"
-    if stage == "score" and cfg.data.name == "cifar10" and cfg.score.ngf == 128:
+    if stage == "score" and cfg.data.name == "cifar10" and cfg.score.arch == "ncsnv2":
         return (
             f"{path}: import the public NCSNv2 CIFAR-10 checkpoint (Song & Ermon 2020, {NCSNV2_CIFAR10_URL}) "
             f"with `advpure import-weights ncsnv2 <checkpoint.pth> {path}`, or train it (`make train`)"
