@@ -141,21 +141,6 @@ class EBMModule(L.LightningModule):
         where = self.last_good_ckpt or "none saved yet"
         return TrainingError(f"EBM {what} at step {self.global_step}; last good checkpoint: {where}")
 
-    def sample(self, x0: torch.Tensor, generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
-        """Run the training sampler (K Langevin steps, fp32) from x0; returns the final states."""
-        hp = self.hparams
-        with torch.autocast(device_type=x0.device.type, enabled=False):
-            x, _ = langevin_sample(
-                self.net,
-                x0.float(),
-                steps=hp.mcmc_steps if steps is None else steps,
-                step_size=hp.step_size,
-                noise_std=self.noise_std,
-                generator=generator,
-                clamp=(0.0, 1.0) if hp.clamp else None,
-            )
-        return x
-
     def training_step(self, batch, batch_idx):
         hp = self.hparams
         x = batch[0].float()
