@@ -81,7 +81,9 @@ def test_end_to_end_files_numbers_and_wandb(tmp_path, tiny_artifacts):
         else:
             for p in ("single", "worst_of_n", "ever_broken", "dwbox", "ever_broken_floor"):
                 if r.get(p) is not None:  # check runs record the single draw only
-                    assert summary[f"robust/{r['defense']}/{r['attack']}/{p}"] == pytest.approx(r[p], abs=1e-6)
+                    assert summary[f"robust/{r['defense']}/{r['attack']}/{p}"] == pytest.approx(
+                        r[p], abs=1e-6
+                    )
     # score-network evaluations are counted: none for the bare classifier, some for ADP
     cost = {(r["defense"], r["attack"]): r["score_evals_per_img"] for r in soft}
     assert cost[("none", "pgd40_blind")] == 0 and cost[("adp_s0.25", "bpda40_eot15")] > 0

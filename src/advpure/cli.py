@@ -25,7 +25,7 @@ USAGE = """usage: advpure <command> [experiment=NAME] [group=option ...] [key=va
 commands:
 {commands}
 
-groups: data, classifier, score, defense, attack (a list: attack=[a,b]), trainer, logger
+groups: data, classifier, score, ebm, defense, attack (a list: attack=[a,b]), trainer, logger
 examples:
   advpure train experiment=fmnist trainer.max_epochs=3
   advpure benchmark experiment=fmnist attack=[pgd40_blind,bpda40_eot15] benchmark.n_images=64

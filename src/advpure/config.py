@@ -37,7 +37,7 @@ from advpure.params import validate as validate_fields
 from advpure.purify.base import purifier_class
 from advpure.results.protocols import PROTOCOLS
 
-GROUPS = ("data", "classifier", "score", "defense", "attack", "trainer", "logger")
+GROUPS = ("data", "classifier", "score", "defense", "attack", "trainer", "logger", "ebm")
 KIND_GROUPS = ("defense", "attack")  # blocks typed by their `kind` (registries)
 
 # keys that were renamed: a config that still uses the old name gets a one-line pointer
@@ -150,6 +150,41 @@ class ScoreConfig:
 
 @schema
 @dataclass
+class EBMConfig:
+    """Energy-based model trained by maximum likelihood with persistent short-run Langevin MCMC
+    (Hill, Mitchell & Zhu, ICLR 2021). Defaults: their CIFAR-10 run (conf/ebm/ebm_cifar10.yaml says
+    where each number comes from); pixel units are [0, 1]."""
+
+    arch: str = choice("conv", "conv")  # Hill et al.'s lightweight conv EBM
+    nf: int = at_least(32, 1)  # base channels (Hill et al.: 32)
+    activation: str = choice("silu", "silu", "softplus", "elu", "leaky_relu")  # Hill et al.: leaky_relu
+    leak: float = at_least(0.05, 0.0)  # negative slope of leaky_relu
+    batch_size: int = at_least(100, 1)
+    lr: float = at_least(1e-4, 0.0, strict=True)  # Adam
+    beta1: float = between(0.9, 0.0, 1.0)
+    beta2: float = between(0.999, 0.0, 1.0)
+    weight_decay: float = at_least(0.0, 0.0)
+    grad_clip: float | None = None  # clip the weight gradient's norm (Trainer gradient_clip_val)
+    l2: float = at_least(0.0, 0.0)  # weight of mean(E_data^2 + E_model^2)
+    mcmc_steps: int = at_least(100, 0)  # K Langevin steps per training step
+    step_size: float = at_least(0.5, 0.0)  # eta in x <- x - eta/2 grad E + noise_std n
+    noise_std: float | None = 0.005  # null: sqrt(step_size) (Langevin proper, temperature 1)
+    data_noise: float = at_least(0.01, 0.0)  # std of the noise added to data images (positives)
+    buffer_size: int = at_least(10000, 0)  # persistent chains (0: fresh short-run chains every step)
+    reinit_prob: float = between(0.0, 0.0, 1.0)  # restart probability of a drawn chain
+    init: str = choice("uniform", "uniform", "data")  # where restarted chains start
+    clamp: bool = False  # clip chains to [0, 1] after every Langevin step
+    energy_bound: float = at_least(1e4, 0.0, strict=True)  # stop when max |E| exceeds this
+    max_steps: int = at_least(250_000, 1)
+    ckpt_every_n_steps: int = at_least(1000, 1)
+    sample_every_n_steps: int = at_least(1000, 0)  # grid of MCMC samples (W&B + PNG); 0: never
+    scale_sigma: float = at_least(0.25, 0.0, strict=True)  # screening sigma of the field scale
+    scale_images: int = at_least(1000, 1)  # training images used to estimate the field scale
+    weights: str = "${paths.artifacts}/${data.name}/ebm.pt"
+
+
+@schema
+@dataclass
 class TrainerConfig:
     accelerator: str = choice("auto", "auto", "cpu", "gpu", "cuda", "mps")
     devices: Any = 1  # int, or "auto"
@@ -219,6 +254,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    ebm: EBMConfig = field(default_factory=EBMConfig)
     defense: Any = field(default_factory=lambda: {"kind": "adp"})  # typed by its kind (see module doc)
     attacks: dict[str, Any] = field(default_factory=dict)  # name -> block typed by its kind
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -491,6 +527,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must include 'single' (the natural and CI rows use it)")
     if cfg.benchmark.sigmas and not hasattr(purifier_class(cfg.defense.kind).Params, "sigma"):
         raise ConfigError(f"benchmark.sigmas: defense kind '{cfg.defense.kind}' has no screening sigma")
+    e = cfg.ebm
+    if e.noise_std is not None and e.noise_std < 0:
+        raise ConfigError(f"ebm.noise_std: must be >= 0 (or null for sqrt(step_size)), got {e.noise_std}")
     for sigma in cfg.benchmark.sigmas:
         if sigma < 0:
             raise ConfigError(f"benchmark.sigmas: sigma must be >= 0, got {sigma}")
@@ -504,7 +543,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.devices: expected a positive int or 'auto', got {devices!r}")
 
 
-TRAIN_STAGES = ("classifier", "score")
+TRAIN_STAGES = ("classifier", "score", "ebm")
 
 
 # --- helpers for consumers ----------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""`advpure train`: the classifier, then the score model. Each stage is skipped when its exported
-weights exist (train.force=true retrains), resumes from its last step checkpoint when one is
-there, and ends by exporting weights that later stages load with `weights_only=True`.
+"""`advpure train`: the classifier, then the score model (and, when `train.stages` names it, the
+maximum-likelihood EBM). Each stage is skipped when its exported weights exist (train.force=true
+retrains), resumes from its last step checkpoint when one is there, and ends by exporting weights
+that later stages load with `weights_only=True`.
 
     runs/train/<experiment>/<stage>/checkpoints/last.ckpt   Lightning checkpoints (resume)
     runs/train/<experiment>/<stage>/stage.json              the config they were made from
-    artifacts/<dataset>/{classifier,score}.pt               exported weights (EMA for the score net)
+    runs/train/<experiment>/ebm/samples/*.png               MCMC sample grids of the EBM stage
+    artifacts/<dataset>/{classifier,score,ebm}.pt           exported weights (EMA for the score net)
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import json
 import pickle
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
@@ -25,13 +29,16 @@ from advpure.config import fingerprint, to_dict
 from advpure.data import ImageDataModule
 from advpure.errors import CheckpointError, ConfigError, RunDirError
 from advpure.lit.classifier import ClassifierModule
+from advpure.lit.ebm import EBMModule, ebm_arch
 from advpure.lit.score import ScoreModule
 from advpure.loggers import build_logger
+from advpure.nets.ebm import estimate_field_scale
 from advpure.nets.factory import classifier_arch, score_arch
+from advpure.rng import mix, stream_id
 from advpure.safe_load import check_torch_file, describe_load_error
 from advpure.trainer import build_trainer, launch_rank
 
-STAGES = ("classifier", "score")
+STAGES = ("classifier", "score", "ebm")
 
 
 def say(msg: str) -> None:
@@ -46,7 +53,9 @@ def weights_path(cfg: DictConfig, stage: str) -> Path:
 
         c = cfg.classifier
         return Path(robustbench_path(c.robustbench_name, cfg.data.name, c.threat_model, cfg.paths.models))
-    return Path(cfg.classifier.weights if stage == "classifier" else cfg.score.weights)
+    return Path(
+        {"classifier": cfg.classifier.weights, "score": cfg.score.weights, "ebm": cfg.ebm.weights}[stage]
+    )
 
 
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
@@ -76,6 +85,23 @@ def stage_fingerprint(cfg: DictConfig, stage: str) -> str:
                 "seed": cfg.seed,
             }
         )
+    if stage == "ebm":
+        # a run may be extended (max_steps) or logged differently; the field scale is set at export
+        ebm = {
+            k: v
+            for k, v in to_dict(cfg.ebm).items()
+            if k
+            not in (
+                "max_steps",
+                "ckpt_every_n_steps",
+                "sample_every_n_steps",
+                "energy_bound",
+                "scale_sigma",
+                "scale_images",
+                "weights",
+            )
+        }
+        return fingerprint({"data": data, "net": ebm, "seed": cfg.seed})
     score = {
         k: v
         for k, v in to_dict(cfg.score).items()
@@ -315,6 +341,105 @@ def train_score(cfg: DictConfig) -> dict:
     return meta
 
 
+def field_scale_of(cfg: DictConfig, dm: ImageDataModule, net) -> dict:
+    """The EBM field's fixed rescaling (`advpure.nets.ebm.estimate_field_scale`) on the first
+    `ebm.scale_images` training images screened at `ebm.scale_sigma`, with noise keyed by the seed."""
+    e = cfg.ebm
+    dm.setup()
+    x = dm.train_x[dm.train_indices[: e.scale_images]].float() / 255
+    gen = torch.Generator().manual_seed(mix(cfg.seed, stream_id("ebm/field_scale")))
+    noise = torch.randn(x.shape, generator=gen)
+    return estimate_field_scale(net, x, e.scale_sigma, noise)
+
+
+def train_ebm(cfg: DictConfig) -> dict:
+    """Maximum-likelihood EBM (`advpure.lit.ebm.EBMModule`); exports kind "ebm" weights whose meta
+    holds the field scale ("field_scale") and the training sampler's settings."""
+    t0 = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)
+    e = cfg.ebm
+    dm = ImageDataModule(
+        cfg.data, cfg.paths, seed=cfg.seed, batch_size=e.batch_size, crop_padding=0, hflip=False
+    )
+    arch = ebm_arch(cfg, dm.spec)
+    resume = prepare_stage_dir(cfg, "ebm")
+    run_dir = stage_dir(cfg, "ebm")
+    module = EBMModule(
+        arch,
+        lr=e.lr,
+        beta1=e.beta1,
+        beta2=e.beta2,
+        weight_decay=e.weight_decay,
+        l2=e.l2,
+        mcmc_steps=e.mcmc_steps,
+        step_size=e.step_size,
+        noise_std=e.noise_std,
+        data_noise=e.data_noise,
+        buffer_size=e.buffer_size,
+        reinit_prob=e.reinit_prob,
+        init=e.init,
+        clamp=e.clamp,
+        energy_bound=e.energy_bound,
+        seed=cfg.seed,
+        sample_every_n_steps=e.sample_every_n_steps,
+        log_images=cfg.logger.log_images,
+        sample_dir=str(run_dir / "samples"),
+    )
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:07d}",
+        save_last=True,
+        save_top_k=1,
+        every_n_train_steps=e.ckpt_every_n_steps,
+        auto_insert_metric_name=False,
+    )
+    trainer = build_trainer(
+        cfg,
+        max_steps=e.max_steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=build_logger(cfg, "ebm", run_dir),
+        callbacks=[ckpt, MidEpochResume(), LastGoodCheckpoint(ckpt), Throughput()],
+        default_root_dir=str(run_dir),
+        gradient_clip_val=e.grad_clip,
+    )
+    say(
+        f"ebm: training a {e.arch} EBM (nf {e.nf}, {e.activation}) by maximum likelihood with "
+        f"{e.mcmc_steps}-step persistent Langevin chains for {e.max_steps} steps"
+        + (f" (resuming from {resume})" if resume else "")
+    )
+    with warnings.catch_warnings():  # the datamodule serves a val split the EBM stage does not use
+        warnings.filterwarnings("ignore", message=".*val_dataloader.*validation_step.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+    drop_hpc_checkpoints(run_dir)
+    net = module.net.cpu().eval()
+    scale = field_scale_of(cfg, dm, net)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "steps": int(trainer.global_step),
+        "seconds": seconds,
+        "dataset": cfg.data.name,
+        "field_scale": scale["field_scale"],
+        "field_scale_sigma": float(e.scale_sigma),
+        "field_target_norm": scale["target_norm"],
+        "field_grad_norm": scale["grad_norm"],
+        "mcmc_steps": int(e.mcmc_steps),
+        "mcmc_step_size": float(e.step_size),
+        "mcmc_noise_std": float(module.noise_std),
+        "mcmc_clamp": bool(e.clamp),
+        **{f"train/{k}": v for k, v in module.last_stats.items()},
+    }
+    _export(cfg, "ebm", arch, net, meta)
+    say(
+        f"ebm: {trainer.global_step} steps in {seconds:.0f} s; field scale {scale['field_scale']:.4g} "
+        f"(median ||x - x~||/sigma {scale['target_norm']:.3g}, median ||grad E|| {scale['grad_norm']:.3g} "
+        f"at sigma {e.scale_sigma:g})"
+    )
+    _finish(trainer)
+    return meta
+
+
 def _finish(trainer) -> None:
     """Close this process's W&B run (only if it created one: touching `.experiment` would start one)."""
     for logger in trainer.loggers:
@@ -337,5 +462,5 @@ def train(cfg: DictConfig, stages: tuple[str, ...] | None = None) -> dict:
         if path.exists() and not cfg.train.force:
             say(f"{stage}: {path} exists, skipping (train.force=true retrains)")
             continue
-        out[stage] = (train_classifier if stage == "classifier" else train_score)(cfg)
+        out[stage] = {"classifier": train_classifier, "score": train_score, "ebm": train_ebm}[stage](cfg)
     return out
