@@ -235,7 +235,7 @@ def test_langevin_purifier_settings_reproduce_the_training_sampler():
         EnergyField(energy, c),
         lambda: torch.randn(x0.shape, generator=g2, dtype=torch.float64),
         eta=kw["eta"],
-        score_sigma=kw["score_sigma"],
+        dsm_sigma=kw["dsm_sigma"],
         steps=5,
     )
     assert torch.allclose(out.x, ref, rtol=0, atol=1e-12)

@@ -66,7 +66,7 @@ def how_to_get(cfg: DictConfig, stage: str) -> str:
 def ensure_weights(cfg: DictConfig, plan: Plan) -> None:
     """Every weights file the plan needs exists, or is trained now (benchmark.train_missing);
     otherwise a one-line CheckpointError lists each missing file and how to get it."""
-    stages = ["classifier"] + (["score"] if plan.needs_score else [])
+    stages = [s for s in ("classifier", "score", "ebm") if s in plan.nets]
     missing = [s for s in stages if not weights_path(cfg, s).exists()]
     if not missing:
         return
@@ -77,6 +77,14 @@ def ensure_weights(cfg: DictConfig, plan: Plan) -> None:
         )
     say(f"training what is missing: {', '.join(missing)}")
     train(cfg, stages=tuple(missing))
+
+
+def load_ebm_field(cfg: DictConfig, spec):
+    """The EBM's rescaled field c * (-grad E) (`ebm.weights`), called like the DSM score net."""
+    from advpure.lit.ebm import ebm_arch
+    from advpure.nets.ebm import load_energy_field
+
+    return load_energy_field(cfg.ebm.weights, ebm_arch(cfg, spec))
 
 
 def _file_hash(path: str) -> str:
@@ -110,8 +118,8 @@ def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
     run_dir = Path(cfg.benchmark.run_dir)
     manifest_path = run_dir / "manifest.json"
     weights = {"classifier": _file_hash(weights_path(cfg, "classifier"))}
-    if plan.needs_score:
-        weights["score"] = _file_hash(cfg.score.weights)
+    for net in plan.nets - {"classifier"}:
+        weights[net] = _file_hash(weights_path(cfg, net))
     units = {f"{d}/{NATURAL}": natural_fingerprint(plan, d, weights) for d in plan.defenses}
     units.update({u.key: unit_fingerprint(plan, u, weights) for u in plan.units})
     manifest = {"base": base_fingerprint(cfg), "units": units}
@@ -195,12 +203,13 @@ def benchmark(cfg: DictConfig) -> dict | None:
     spec, classifier, score = load_nets(cfg, score=plan.needs_score)
     compiled = compile_net(score) if cfg.benchmark.compile and score is not None else None
     score = compiled if compiled is not None else score
+    fields = {"dsm": score, "ebm": load_ebm_field(cfg, spec) if "ebm" in plan.nets else None}
     amp = AMP.get(cfg.trainer.precision)
     defenses = {
         name: build_defense(
             params,
             classifier,
-            {"score": score},
+            {"score": fields[params.get("field", "dsm")]},
             channels=spec.channels,
             image_size=spec.image_size,
             amp_dtype=amp,

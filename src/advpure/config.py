@@ -226,6 +226,10 @@ class BenchmarkConfig:
     undefended: bool = True  # also attack the bare classifier (identity purifier)
     undefended_attacks: list[str] = field(default_factory=lambda: ["pgd40_blind"])
     sigmas: list[float] = field(default_factory=list)  # one ADP row per sigma (empty: defense.sigma)
+    # more defenses side by side with the configured one, attacked by the same attacks: each a
+    # conf/defense option name, or {option: <name>, <key>: <value>...} with overrides; the row is
+    # named after the option (or `name:`), e.g. [langevin, {option: adp_ebm, replicas: 4}] (Fig. 2)
+    defenses: list[Any] = field(default_factory=list)
     worst_of_n: int = at_least(10, 1)  # N fresh classifications of each final input
     # evaluation protocols (registered names); single is always computed
     protocols: list[str] = field(
@@ -497,6 +501,23 @@ def typed_block(node: Any, cls: type, prefix: str, what: str) -> DictConfig:
     return typed
 
 
+def defense_option(entry: Any) -> tuple[str, DictConfig]:
+    """(row name, typed defense block) of one `benchmark.defenses` entry: an option name of
+    conf/defense/, or a mapping {option: <name>, name: <row name>, <key>: <value>...}."""
+    if isinstance(entry, str):
+        entry = {"option": entry}
+    data = OmegaConf.to_container(entry) if isinstance(entry, DictConfig) else dict(entry)
+    option = data.pop("option", None)
+    if not isinstance(option, str):
+        raise ConfigError(
+            f"benchmark.defenses: expected an option name or {{option: <name>, ...}}, got {entry!r}"
+        )
+    name = data.pop("name", option)
+    block = {**_read_yaml(_group_file("defense", option)), **data}
+    kind = block.get("kind", "adp")
+    return str(name), typed_block(block, purifier_class(kind), f"benchmark.defenses.{name}.", "defense kind")
+
+
 def validate(cfg: DictConfig) -> None:
     """Types the kind blocks by their registries, then range/choice/finiteness checks from the
     schema metadata, plus checks across fields. Raises ConfigError naming the key."""
@@ -525,6 +546,8 @@ def validate(cfg: DictConfig) -> None:
             PROTOCOLS.get(p)  # unknown protocol: ConfigError listing the registered ones
         if "single" not in names:
             raise ConfigError(f"{key}: must include 'single' (the natural and CI rows use it)")
+    for name in cfg.benchmark.defenses:
+        defense_option(name)  # an unknown option or a bad block: one line naming it
     if cfg.benchmark.sigmas and not hasattr(purifier_class(cfg.defense.kind).Params, "sigma"):
         raise ConfigError(f"benchmark.sigmas: defense kind '{cfg.defense.kind}' has no screening sigma")
     e = cfg.ebm

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from advpure.attacks.base import attack_class, display_label
-from advpure.config import attack_eps_step, fingerprint, to_dict, typed_block
+from advpure.config import attack_eps_step, defense_option, fingerprint, to_dict, typed_block
 from advpure.errors import ConfigError
 from advpure.purify.base import IdentityPurifier, purifier_class
 from advpure.purify.defense import defense_label, defense_name
@@ -56,16 +56,21 @@ class Plan:
         return [u for u in self.units if not u.sweep and u.check is None]
 
     def needs(self, defense: str) -> tuple[str, ...]:
-        """The nets whose weights make this defense's records."""
-        return (
-            ("classifier", "score")
-            if purifier_class(self.defenses[defense].kind).needs_score
-            else ("classifier",)
-        )
+        """The nets whose weights make this defense's records: the classifier, and the score net
+        (field dsm) or the EBM (field ebm) when the purifier follows a field."""
+        d = self.defenses[defense]
+        if not purifier_class(d.kind).needs_score:
+            return ("classifier",)
+        return ("classifier", "ebm" if d.get("field", "dsm") == "ebm" else "score")
+
+    @property
+    def nets(self) -> set[str]:
+        """Every net some defense of the plan uses."""
+        return {n for d in self.defenses for n in self.needs(d)}
 
     @property
     def needs_score(self) -> bool:
-        return any("score" in self.needs(d) for d in self.defenses)
+        return "score" in self.nets
 
 
 def build_plan(cfg: DictConfig) -> Plan:
@@ -81,6 +86,12 @@ def build_plan(cfg: DictConfig) -> Plan:
                 d.sigma = float(sigma)
             defenses[defense_name(d)] = d
             plan[defense_name(d)] = list(attacks)
+    for entry in bc.defenses:  # side by side, under their option (or given) names
+        name, block = defense_option(entry)
+        if name in defenses:
+            raise ConfigError(f"benchmark.defenses: '{name}' names a row twice")
+        defenses[name] = block
+        plan[name] = list(attacks)
     if bc.undefended or cfg.defense.kind == "none":
         d = typed_block(
             {"kind": "none", "merge": cfg.defense.merge, "max_batch": cfg.defense.max_batch},
@@ -129,7 +140,7 @@ def build_plan(cfg: DictConfig) -> Plan:
                 units.append(Unit(dname, key, spec, float(e), step, label, sweep=True))
                 labels[key] = label
     if bc.checks:
-        for u in check_units(cfg, attacks, plan):
+        for u in check_units(cfg, attacks, plan, {n: d.kind for n, d in defenses.items()}):
             units.append(u)
             labels[u.attack] = u.label
     return Plan(defenses, units, labels)
@@ -152,7 +163,7 @@ def check_attack_name(cfg: DictConfig, attacks) -> str | None:
     return None
 
 
-def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]]) -> list[Unit]:
+def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]], kinds: dict[str, str]) -> list[Unit]:
     """The extra runs of the gradient-masking checks, on the first `check_images` images:
     `<a>@unbounded` (eps = 1 with the attack's step/eps ratio: every defense must fall to ~0%) for
     every defense, and `<a>@2x` (twice the iterations and EOT draws: must not lower robust accuracy
@@ -172,7 +183,7 @@ def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]]) -> list[Un
         ratio_step = min(1.0, step / eps) if eps > 0 else step
         label = f"{display_label(spec)} @ ε=1 (check)"
         out.append(Unit(dname, f"{name}@unbounded", wide, 1.0, ratio_step, label, check="unbounded"))
-        if purifier_class(plan_kind(cfg, dname)).stochastic:
+        if purifier_class(kinds[dname]).stochastic:
             more = copy.deepcopy(spec)
             more.max_images = n
             more.iters = int(spec.iters) * 2
@@ -181,10 +192,6 @@ def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]]) -> list[Un
             label = f"{display_label(more)} (check: 2x budget)"
             out.append(Unit(dname, f"{name}@2x", more, eps, step, label, check="budget"))
     return out
-
-
-def plan_kind(cfg: DictConfig, defense: str) -> str:
-    return "none" if defense == "none" else cfg.defense.kind
 
 
 def _defense_part(plan: Plan, defense: str) -> dict:

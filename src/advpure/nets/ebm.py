@@ -211,12 +211,12 @@ def estimate_field_scale(
 
 
 def langevin_settings(field_scale: float, step_size: float, noise_std: float) -> dict[str, float]:
-    """Arguments of `advpure.purify.langevin.langevin_chain` (eta, score_sigma) that make it run the
+    """Arguments of `advpure.purify.langevin.langevin_chain` (eta, dsm_sigma) that make it run the
     EBM's own training sampler x <- x - (step_size/2) grad E(x) + noise_std * n (Hill et al. 2021
     purify with that sampler) when its score_fn is `EnergyField(ebm, field_scale)`.
 
-    langevin_chain updates x <- x + (eta/2) * score_fn(x) / score_sigma + sqrt(eta) * n, so
-    eta = noise_std^2 and score_sigma = noise_std^2 * field_scale / step_size. The values of an
+    langevin_chain updates x <- x + (eta/2) * score_fn(x) / dsm_sigma + sqrt(eta) * n, so
+    eta = noise_std^2 and dsm_sigma = noise_std^2 * field_scale / step_size. The values of an
     exported EBM are in its weights' meta: field_scale, mcmc_step_size, mcmc_noise_std.
     """
     if field_scale <= 0 or step_size <= 0 or noise_std <= 0:
@@ -224,7 +224,7 @@ def langevin_settings(field_scale: float, step_size: float, noise_std: float) ->
             f"field_scale, step_size and noise_std must be > 0, got {field_scale}, {step_size}, {noise_std}"
         )
     eta = noise_std**2
-    return {"eta": eta, "score_sigma": eta * field_scale / step_size}
+    return {"eta": eta, "dsm_sigma": eta * field_scale / step_size}
 
 
 def load_energy_field(path: str | Path, arch: dict | None = None) -> EnergyField:
@@ -249,4 +249,10 @@ def load_energy_field(path: str | Path, arch: dict | None = None) -> EnergyField
     meta = load_weights(path, "ebm", arch, net)
     if "field_scale" not in meta:
         raise CheckpointError(f"{path} has no field_scale in its meta; re-export it with `advpure train`")
-    return EnergyField(net.eval().requires_grad_(False), float(meta["field_scale"]))
+    field = EnergyField(net.eval().requires_grad_(False), float(meta["field_scale"]))
+    if meta.get("mcmc_step_size") and meta.get("mcmc_noise_std"):
+        # the EBM's own sampler, for a Langevin purifier left to follow it (defense.eta: null)
+        field.langevin = langevin_settings(
+            field.scale, float(meta["mcmc_step_size"]), float(meta["mcmc_noise_std"])
+        )
+    return field

@@ -82,7 +82,7 @@ def adp_step(
     return x_next, alpha
 
 
-def _checkpointed(score_fn: ScoreFn) -> ScoreFn:
+def checkpointed(score_fn: ScoreFn) -> ScoreFn:
     """score_fn whose activations are recomputed in backward (memory flat in T); plain under no_grad."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def adp_chain(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     grad_mode = differentiable and torch.is_grad_enabled()
-    fn = _checkpointed(score_fn) if grad_mode and checkpointing else score_fn
+    fn = checkpointed(score_fn) if grad_mode and checkpointing else score_fn
     rows = x0.shape[0]
     x = x0
     active = torch.ones(rows, dtype=torch.bool, device=x0.device)

@@ -42,6 +42,7 @@ from advpure.registry import Registry
 from advpure.rng import RNG
 
 NOISE_TYPES = ("gaussian", "rademacher")
+FIELDS = ("dsm", "ebm")
 
 
 @dataclass
@@ -59,6 +60,9 @@ class DefenseParams:
     """Keys every `defense` block has, whatever its kind."""
 
     kind: str = "adp"  # a registered purifier name, or module.path:Class
+    # the field the purifier follows: the DSM score net f (~ sigma grad log p_sigma), or the fixed
+    # rescaling c * (-grad E) of the maximum-likelihood EBM (Hill et al. 2021; `ebm` config block)
+    field: str = choice("dsm", *FIELDS)
     replicas: int = at_least(10, 1)  # S: independent chains merged into one prediction
     merge: str = choice("softmax", *MERGE_RULES)  # default merge rule of the table (all are recorded)
     max_batch: int = at_least(4096, 1)  # memory budget: rows per net forward (chunking)
@@ -81,9 +85,10 @@ class Purifier(nn.Module):
 
     @classmethod
     def describe(cls, p: Any) -> str:
-        """Row label of a defense in tables, e.g. "ADP σ=0.25"."""
+        """Row label of a defense in tables, e.g. "ADP σ=0.25" ("..., EBM field" for field=ebm)."""
         label = cls.label or cls.name
-        return f"{label} σ={p.sigma:g}" if hasattr(p, "sigma") else label
+        label = f"{label} σ={p.sigma:g}" if hasattr(p, "sigma") else label
+        return f"{label}, EBM field" if getattr(p, "field", "dsm") == "ebm" else label
 
     @classmethod
     def settings(cls, p: Any) -> str:
@@ -188,6 +193,7 @@ class IdentityPurifier(Purifier):
 
 
 __all__ = [
+    "FIELDS",
     "NOISE_TYPES",
     "PURIFIERS",
     "DefenseParams",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from advpure.params import at_least
+from advpure.purify.adp import checkpointed
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows, screened_rows
 from advpure.rng import GeneratorRNG
 
@@ -33,18 +34,23 @@ def langevin_chain(
     dsm_sigma: float = 0.05,
     steps: int = 100,
     differentiable: bool = False,
+    checkpointing: bool = True,
 ) -> PurifyResult:
     """`steps` Langevin updates from x0 (R, C, H, W) in [0, 1]; `noise_fn()` returns a fresh
     standard-normal tensor of x0's shape at every step. eta: step size (image units squared).
+    `differentiable`: keep the graph through every step (full-gradient attacks), each step's
+    score evaluation checkpointed so memory does not grow with the number of steps.
     Raises ValueError for steps < 1 or non-positive eta / dsm_sigma."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if eta <= 0 or dsm_sigma <= 0:
         raise ValueError(f"eta and dsm_sigma must be > 0, got {eta}, {dsm_sigma}")
     x = x0
-    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+    grad_mode = differentiable and torch.is_grad_enabled()
+    fn = checkpointed(score_fn) if grad_mode and checkpointing else score_fn
+    with torch.set_grad_enabled(grad_mode):
         for _ in range(steps):
-            s = score_fn(x).to(x.dtype) / dsm_sigma
+            s = fn(x).to(x.dtype) / dsm_sigma
             x = (x + 0.5 * eta * s + math.sqrt(eta) * noise_fn()).clamp(0.0, 1.0)
     n = torch.full((x0.shape[0],), steps, dtype=torch.long, device=x0.device)
     return PurifyResult(x=x if differentiable else x.detach(), steps=n, score_evals=n.clone())
@@ -59,8 +65,10 @@ class LangevinPurifier(Purifier):
         kind: str = "langevin"
         sigma: float = at_least(0.25, 0.0)  # screening noise std before the chain (0: none)
         steps: int = at_least(100, 1)  # Langevin updates
-        eta: float = at_least(1e-4, 0.0, strict=True)  # step size
-        dsm_sigma: float = at_least(0.05, 0.0, strict=True)  # DSM level of the score s = f / dsm_sigma
+        # step size and the level of the score s = f / dsm_sigma; null (field=ebm): the EBM's own
+        # training sampler x <- x - (step/2) grad E + noise * n (Hill et al. purify with it)
+        eta: float | None = at_least(1e-4, 0.0, strict=True)
+        dsm_sigma: float | None = at_least(0.05, 0.0, strict=True)
 
     label = "Langevin (ML)"
 
@@ -73,7 +81,16 @@ class LangevinPurifier(Purifier):
 
     @classmethod
     def from_params(cls, p, nets) -> LangevinPurifier:
-        return cls(nets["score"], sigma=p.sigma, eta=p.eta, dsm_sigma=p.dsm_sigma, steps=p.steps)
+        eta, dsm_sigma = p.eta, p.dsm_sigma
+        if eta is None or dsm_sigma is None:
+            own = getattr(nets["score"], "langevin", None)  # an EBM field's training sampler
+            if own is None:
+                raise ValueError(
+                    "defense.eta / defense.dsm_sigma: null needs field=ebm (its sampler's settings)"
+                )
+            eta = own["eta"] if eta is None else eta
+            dsm_sigma = own["dsm_sigma"] if dsm_sigma is None else dsm_sigma
+        return cls(nets["score"], sigma=p.sigma, eta=eta, dsm_sigma=dsm_sigma, steps=p.steps)
 
     def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
         def noise_fn():

@@ -51,6 +51,39 @@ def plot_robust_vs_eps(points: Iterable[Sequence[Any]], path: str | Path) -> Pat
     return _save(fig, path)
 
 
+def plot_defense_bars(
+    bars: Sequence[tuple[str, str, float, float, float]], path: str | Path, title: str = ""
+) -> Path:
+    """Grouped bars, the layout of the ADP paper's Fig. 2: one group per defense, one bar per
+    column (natural accuracy, then each attack's robust accuracy), 95% CI as error bars.
+
+    bars: (defense label, column label, acc, lo, hi), accuracies as fractions in [0, 1].
+    """
+    groups = list(dict.fromkeys(b[0] for b in bars))
+    cols = list(dict.fromkeys(b[1] for b in bars))
+    value = {(g, c): (acc, lo, hi) for g, c, acc, lo, hi in bars}
+    width = 0.8 / max(1, len(cols))
+    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) + 2.0), 4.2), dpi=DPI)
+    ax = fig.add_subplot()
+    x = np.arange(len(groups))
+    for k, c in enumerate(cols):
+        acc, lo, hi = (np.array([value.get((g, c), (np.nan,) * 3)[j] for g in groups]) for j in range(3))
+        pos = x - 0.4 + width * (k + 0.5)
+        ax.bar(pos, 100 * acc, width, label=c, yerr=[100 * (acc - lo), 100 * (hi - acc)], capsize=3)
+        for px, a in zip(pos, acc):
+            if np.isfinite(a):
+                ax.text(px, 100 * a + 1.5, f"{100 * a:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, groups, fontsize="small")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", title="error bars: 95% CI")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _stack(per_sample: Mapping[int, Any] | np.ndarray) -> np.ndarray:
     """(samples, iterations) array; shorter traces (e.g. early stopping) are padded with NaN."""
     if isinstance(per_sample, Mapping):

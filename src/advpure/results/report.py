@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from advpure.results.checks import checks_markdown, checks_metrics, run_checks
-from advpure.results.plots import plot_image_grid, plot_loss_curves, plot_robust_vs_eps
+from advpure.results.plots import plot_defense_bars, plot_image_grid, plot_loss_curves, plot_robust_vs_eps
 from advpure.results.protocols import check_consistency, metric_name
-from advpure.results.store import load_batches, load_examples, load_records, load_stats, load_traces
+from advpure.results.store import NATURAL, load_batches, load_examples, load_records, load_stats, load_traces
 from advpure.results.tables import stat_protocols, summarize, to_console, to_csv, to_json, to_markdown
 from advpure.results.worst_case import WORST_CASE, WORST_CASE_ALL, worst_case_records
 
@@ -127,6 +127,26 @@ def write_report(
         ]
         if points:
             plots["robust_vs_eps"] = plot_robust_vs_eps(points, pdir / "robust_vs_eps.png")
+    purified = [d for d in dict.fromkeys(d for d, _ in plan.order) if d != "none"]
+    if len(purified) > 1:  # defenses side by side (the seed's Fig. 2): natural + each attack
+        bars = [
+            (
+                r["defense_label"],
+                "natural" if r["attack"] == NATURAL else r["attack_label"],
+                r["single"],
+                r["single_lo"],
+                r["single_hi"],
+            )
+            for r in table
+            if r["merge"] == merge
+            and r["defense"] in purified
+            and r["single"] is not None
+            and r["attack"] not in plan.sweep
+            and not r["attack"].startswith("worst_case")
+        ]
+        plots["defenses"] = plot_defense_bars(
+            bars, pdir / "defenses.png", title="natural and robust accuracy (single draw)"
+        )
     examples = load_examples(run_dir)
     for defense in dict.fromkeys(e.defense for e in examples):
         mine = [e for e in examples if e.defense == defense]
