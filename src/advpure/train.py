@@ -208,6 +208,8 @@ def train_score(cfg: DictConfig) -> dict:
     dm = ImageDataModule(
         cfg.data, cfg.paths, seed=cfg.seed, batch_size=sc.batch_size, crop_padding=0, hflip=sc.hflip
     )
+    # validation uses the first val_batches batches of the split, whatever the number of ranks
+    dm.val_n = sc.val_batches * cfg.data.eval_batch_size
     arch = score_arch(cfg, dm.spec)
     module = ScoreModule(
         arch,

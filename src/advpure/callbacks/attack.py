@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from advpure.attacks import run_attack
+from advpure.data.datamodule import is_empty_batch
 from advpure.results import NATURAL, protocol_records
 from advpure.rng import SampleRNG
 from advpure.suite import Unit
@@ -37,6 +38,8 @@ class AttackCallback(Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         u = self.unit
         x, y, idx = batch
+        if is_empty_batch(idx):  # a DDP rank without test batches
+            return
         limit = u.spec.max_images
         if limit is not None:
             keep = idx < limit

@@ -57,9 +57,6 @@ def build_schedule(opt, oc, total_steps: int):
 
 
 class ClassifierModule(L.LightningModule):
-    # evaluation batches are never padded, so with few batches a rank may get none
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(self, arch: dict, spec, optim: dict, dropout: float = 0.0, label_smoothing: float = 0.0):
         super().__init__()
         self.save_hyperparameters(
@@ -90,14 +87,19 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self.net(x)
-        self.val_acc(logits, y)
-        self.log("val/loss", self.loss_fn(logits, y), sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        if len(y):  # torchmetrics refuses empty inputs
+            self.val_acc.update(logits, y)
+        # the empty batch of a DDP rank without validation batches logs the same keys (every rank
+        # must join the epoch-end sync) with weight 0; the synced mean is weighted by batch size
+        loss = self.loss_fn(logits, y) if len(y) else logits.new_zeros(())
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(y))
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
 
     def test_step(self, batch, batch_idx):
         x, y, _ = batch
-        self.test_acc(self.net(x), y)
-        self.log("test/acc", self.test_acc)
+        if len(y):  # an empty batch (a DDP rank without test batches) adds nothing
+            self.test_acc.update(self.net(x), y)
+        self.log("test/acc", self.test_acc, batch_size=len(y))
 
     def configure_optimizers(self):
         from omegaconf import OmegaConf

@@ -18,6 +18,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advpure.data.datamodule import is_empty_batch
 from advpure.nets.compiled import eager_of, warm_up
 from advpure.purify.defense import Defense
 from advpure.results import NATURAL, RecordStore, protocol_records, records_for
@@ -31,9 +32,6 @@ def metric_name(defense: str, attack: str, protocol: str) -> str:
 
 
 class DefendedClassifier(L.LightningModule):
-    # evaluation batches are never padded, so with few batches a rank may get none
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(
         self,
         defenses: dict[str, Defense],
@@ -124,6 +122,8 @@ class DefendedClassifier(L.LightningModule):
     # --- the loop --------------------------------------------------------------------------------
     def test_step(self, batch, batch_idx):
         x, y, idx = batch
+        if is_empty_batch(idx):  # a DDP rank without test batches: nothing to do
+            return
         for name, defense in zip(self.names, self.defenses):
             b = self.batch_id(idx)
             if self.replay(name, NATURAL, b):
