@@ -35,6 +35,7 @@ from advpure.loggers import build_logger
 from advpure.nets.compiled import compile_net
 from advpure.purify.defense import build_defense
 from advpure.results import NATURAL, PROTOCOLS, clear
+from advpure.runenv import redirect_writes_for
 from advpure.suite import Suite, build_suite, natural_fingerprint, unit_fingerprint
 from advpure.train import say, train, weights_path
 from advpure.trainer import build_trainer, launch_rank
@@ -170,6 +171,7 @@ def header_lines(cfg: DictConfig, suite: Suite) -> list[str]:
 # the command ---------------------------------------------------------------------------------------
 def benchmark(cfg: DictConfig) -> dict | None:
     t0 = time.perf_counter()
+    redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     suite = build_suite(cfg)
     ensure_weights(cfg, suite)
     spec, classifier, score = load_nets(cfg, suite)

@@ -26,6 +26,7 @@ from advpure.errors import RunDirError
 from advpure.lit.classifier import ClassifierModule, classifier_arch
 from advpure.lit.score import ScoreModule, score_arch
 from advpure.loggers import build_logger
+from advpure.runenv import redirect_writes_for
 from advpure.trainer import build_trainer, launch_rank
 
 STAGES = ("classifier", "score")
@@ -277,6 +278,7 @@ def _finish(trainer) -> None:
 
 def train(cfg: DictConfig, stages: tuple[str, ...] | None = None) -> dict:
     """Run the configured stages; each is skipped when its weights exist (unless train.force)."""
+    redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     out = {}
     for stage in stages or tuple(cfg.train.stages):
         path = weights_path(cfg, stage)
