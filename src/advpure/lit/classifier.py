@@ -88,18 +88,18 @@ class ClassifierModule(L.LightningModule):
         x, y, _ = batch
         logits = self.net(x)
         if len(y):  # torchmetrics refuses empty inputs
-            self.val_acc.update(logits, y)
+            self.val_acc(logits, y)
         # the empty batch of a DDP rank without validation batches logs the same keys (every rank
         # must join the epoch-end sync) with weight 0; the synced mean is weighted by batch size
         loss = self.loss_fn(logits, y) if len(y) else logits.new_zeros(())
         self.log("val/loss", loss, sync_dist=True, batch_size=len(y))
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
+        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch, batch_idx):
         x, y, _ = batch
         if len(y):  # an empty batch (a DDP rank without test batches) adds nothing
-            self.test_acc.update(self.net(x), y)
-        self.log("test/acc", self.test_acc, batch_size=len(y))
+            self.test_acc(self.net(x), y)
+        self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self):
         from omegaconf import OmegaConf
