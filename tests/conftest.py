@@ -34,6 +34,13 @@ def _isolated_env(tmp_path_factory):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         os.environ[var] = str(base / var.lower())
         os.makedirs(os.environ[var], exist_ok=True)
+    # the other caches a run redirects (advpure.runenv): in-process runs then change nothing
+    from advpure.runenv import CACHE_VARS, CONFIG_VARS
+
+    for var in [*CACHE_VARS, *CONFIG_VARS]:
+        if var not in os.environ:
+            os.environ[var] = str(base / "runenv" / var.lower())
+            os.makedirs(os.environ[var], exist_ok=True)
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_API_KEY", None)

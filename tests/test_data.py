@@ -27,6 +27,7 @@ from advpure.data import (
     crop_at,
     get_spec,
     hflip_where,
+    is_empty_batch,
     load_arrays,
     random_crop,
     random_hflip,
@@ -59,8 +60,11 @@ def write_idx(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
-def write_idx_dataset(d: Path, n_train: int, n_test: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A Fashion-MNIST/MNIST shaped dataset with `n_train` / `n_test` random images."""
+def write_idx_dataset(
+    d: Path, n_train: int, n_test: int, seed: int = 0, names: tuple[str, ...] = IDX_FILES
+) -> dict[str, np.ndarray]:
+    """A Fashion-MNIST/MNIST shaped dataset with `n_train` / `n_test` random images, written under
+    `names` (gzip-compressed when a name ends in .gz)."""
     rng = np.random.default_rng(seed)
     arrays = {
         "train_x": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
@@ -69,7 +73,7 @@ def write_idx_dataset(d: Path, n_train: int, n_test: int, seed: int = 0) -> dict
         "test_y": (rng.permutation(n_test) % 10).astype(np.uint8),
     }
     d.mkdir(parents=True, exist_ok=True)
-    for name, key in zip(IDX_FILES, ("train_x", "train_y", "test_x", "test_y")):
+    for name, key in zip(names, ("train_x", "train_y", "test_x", "test_y")):
         write_idx(d / name, arrays[key])
     return arrays
 
@@ -339,10 +343,10 @@ def test_offline_with_nothing_present_lists_expected_files(tmp_path, monkeypatch
     _patch_spec(monkeypatch, "fmnist", base_url=(tmp_path / "unreachable").as_uri() + "/")
     for download in (True, False):
         with pytest.raises(DataError) as e:
-            resolve("fmnist", tmp_path / "root", tmp_path / "cache", download=download)
+            resolve("fmnist", None, tmp_path / "cache", download=download)
         msg = str(e.value)
         assert all(f in msg for f in IDX_FILES)
-        assert str(tmp_path / "root") in msg and str(tmp_path / "cache" / "fmnist") in msg
+        assert str(tmp_path / "cache" / "fmnist") in msg and str(no_debian) in msg
         assert "apt-get install dataset-fashion-mnist" in msg and "\n" not in msg
         assert ("failed" in msg) == download
     assert files_under(tmp_path / "cache") == []
@@ -554,6 +558,24 @@ def test_eval_sharding_covers_each_index_once_with_fixed_batches(tiny_root, tmp_
         assert sorted(sum(batches, [])) == sorted(expected)
 
 
+def test_rank_without_eval_batches_gets_one_empty_batch(tiny_root, tmp_path):
+    """More ranks than batches: the idle ranks' loaders yield one empty batch (Lightning would skip
+    their whole loop, epoch-end collectives included); with no batch at all nothing is padded."""
+    dm = make_dm(tiny_root, tmp_path)
+    loaders = [dm.eval_loader("test", n=15, batch_size=20, rank=r, world_size=3) for r in range(3)]
+    batches = [[b[2].tolist() for b in loader] for loader in loaders]
+    assert batches == [[list(range(15))], [[]], [[]]] and [len(lo) for lo in loaders] == [1, 1, 1]
+    x, y, idx = next(iter(loaders[1]))
+    assert x.shape == (0, 1, 28, 28) and y.shape == idx.shape == (0,) and is_empty_batch((x, y, idx))
+    assert not is_empty_batch(next(iter(loaders[0])))
+    assert len(dm.eval_loader("test", n=15, batch_size=20)) == 1  # one process: no placeholder
+    assert [len(dm.eval_loader("test", n=0, rank=r, world_size=2)) for r in (0, 1)] == [0, 0]
+    dm.val_n = 30  # the first 30 validation images, whatever the number of ranks
+    assert sum(len(b[2]) for b in dm.val_dataloader()) == 30
+    dm.val_n = 10**6  # capped at the split
+    assert sum(len(b[2]) for b in dm.val_dataloader()) == len(dm.val_indices)
+
+
 def test_test_dataloader_uses_attributes(tiny_root, tmp_path):
     dm = make_dm(tiny_root, tmp_path)
     assert [len(b[2]) for b in dm.test_dataloader()] == [20] * 5 + [1]
@@ -641,3 +663,137 @@ def test_with_lightning_trainer(tiny_root, tmp_path):
     )
     epochs = [torch.cat([b[2] for e, b in model.train_batches if e == k]) for k in (0, 1)]
     assert not torch.equal(epochs[0], epochs[1])  # Lightning advanced the sampler's epoch
+
+
+# --- dataset files as people have them (data.root) ------------------------------------------------
+RAW_IDX = tuple(f.removesuffix(".gz") for f in IDX_FILES)  # as many mirrors ship them
+DOTTED_IDX = tuple(f.replace("-idx", ".idx") for f in RAW_IDX)  # train-images.idx3-ubyte
+
+
+@pytest.fixture
+def other_copies(tmp_path, monkeypatch):
+    """A complete copy in the cache and in the Debian directory, and a reachable mirror: none of
+    them may stand in for a data.root that lacks the dataset."""
+    cache, debian, mirror = tmp_path / "cache", tmp_path / "debian", tmp_path / "mirror"
+    for name in ("fmnist", "mnist"):
+        write_idx_dataset(cache / name, 31, 3)
+        mirror_files = tuple((f, md5(p)) for f, p in ((f, cache / name / f) for f in IDX_FILES))
+        _patch_spec(monkeypatch, name, base_url=(cache / name).as_uri() + "/", archives=mirror_files)
+    write_idx_dataset(debian, 32, 3)
+    monkeypatch.setattr(sources, "DEBIAN_FMNIST_DIR", debian)
+    mirror.mkdir()
+    return cache
+
+
+@pytest.mark.parametrize("name", ["mnist", "fmnist"])
+@pytest.mark.parametrize(
+    "layout, names",
+    [
+        ("", RAW_IDX),
+        ("", DOTTED_IDX),
+        ("", (RAW_IDX[0], IDX_FILES[1], DOTTED_IDX[2], IDX_FILES[3])),  # mixed
+        ("{name}", RAW_IDX),
+        ("{tv}/raw", RAW_IDX),  # torchvision's layout
+        ("{tv}/raw", IDX_FILES),
+    ],
+)
+def test_root_with_idx_files_compressed_or_not_is_used(tmp_path, other_copies, name, layout, names):
+    root = tmp_path / "root"
+    tv = {"mnist": "MNIST", "fmnist": "FashionMNIST"}[name]
+    d = root / layout.format(name=name, tv=tv)
+    arrays = write_idx_dataset(d, 17, 5, seed=4, names=names)
+    assert resolve(name, root, other_copies, download=True) == d
+    tx, ty, sx, sy = load_arrays(name, root, other_copies, download=True)
+    assert len(tx) == 17  # not the cache's 31 nor the Debian copy's 32 images
+    assert np.array_equal(tx[:, 0].numpy(), arrays["train_x"]) and np.array_equal(
+        sy.numpy(), arrays["test_y"]
+    )
+
+
+def test_gzip_is_told_by_content_not_name(tmp_path):
+    images = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    raw_named_gz, gz_named_raw = tmp_path / "a.gz", tmp_path / "b"
+    raw_named_gz.write_bytes(idx_bytes(images))  # a browser decompressed it and kept the name
+    gz_named_raw.write_bytes(gzip.compress(idx_bytes(images)))
+    for p in (raw_named_gz, gz_named_raw):
+        assert np.array_equal(read_idx(p).numpy(), images)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fmnist"])
+def test_root_without_the_dataset_is_an_error_never_replaced(tmp_path, other_copies, name):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "README").write_text("not a dataset")
+    with pytest.raises(DataError) as e:
+        resolve(name, root, other_copies, download=True)
+    msg = str(e.value)
+    assert f"data.root={root} does not hold the {name} dataset" in msg and "\n" not in msg
+    assert all(f in msg for f in IDX_FILES) and "uncompressed" in msg
+    with pytest.raises(DataError, match="does not hold"):
+        load_arrays(name, root, other_copies, download=True)
+    # three of the four files: the message names the one that is missing, and where
+    write_idx_dataset(root, 5, 2, names=RAW_IDX)
+    (root / RAW_IDX[3]).unlink()
+    with pytest.raises(DataError) as e:
+        resolve(name, root, other_copies, download=True)
+    msg = str(e.value)
+    assert f"{root} lacks {IDX_FILES[3]}" in msg and IDX_FILES[0] not in msg
+    with pytest.raises(DataError, match="no such directory"):
+        resolve(name, tmp_path / "typo", other_copies, download=True)
+    # without data.root the cache copy is used as before
+    assert len(load_arrays(name, None, other_copies, download=False)[0]) == 31
+    assert sorted(p.name for p in files_under(other_copies / name)) == sorted(IDX_FILES)  # nothing fetched
+
+
+def _cifar_files(d: Path, seed: int = 6) -> dict:
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data, labels = (
+            rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+            [int(v) for v in rng.integers(0, 10, 3)],
+        )
+        write_cifar(d / name, data, labels)
+        out[name] = (data, labels)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["cifar-10-batches-py", "", "cifar10", "cifar10/cifar-10-batches-py"])
+def test_cifar_root_extracted_dir_or_files_directly(tmp_path, layout):
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    batches = _cifar_files(root / layout)
+    _cifar_files(cache / "cifar10" / "cifar-10-batches-py", seed=7)  # another copy: not used
+    assert resolve("cifar10", root, cache, download=False) == root / layout
+    tx, _, sx, sy = load_arrays("cifar10", root, cache, download=False)
+    assert np.array_equal(tx[:3].reshape(3, -1).numpy(), batches["data_batch_1"][0])
+    assert sy.tolist() == batches["test_batch"][1]
+
+
+def test_cifar_tarball_in_root_is_checked_and_extracted_into_the_cache(tmp_path, monkeypatch):
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    root.mkdir()
+    tgz = root / "cifar-10-python.tar.gz"
+    batches = _cifar_tarball(tgz, "cifar-10-batches-py")
+    _patch_spec(monkeypatch, "cifar10", archives=((tgz.name, "0" * 32),))
+    with pytest.raises(DataError, match=f"{tgz} has md5 {md5(tgz)}, not the published 0{{32}}"):
+        resolve("cifar10", root, cache, download=False)
+    assert not (cache / "cifar10" / "cifar-10-batches-py").exists()
+    _patch_spec(monkeypatch, "cifar10", archives=((tgz.name, md5(tgz)),))
+    before = sorted(p.name for p in root.iterdir())
+    assert resolve("cifar10", root, cache, download=False) == cache / "cifar10" / "cifar-10-batches-py"
+    tx, _, _, sy = load_arrays("cifar10", root, cache, download=False)
+    assert np.array_equal(tx[4:8].reshape(4, -1).numpy(), batches["data_batch_2"][0])
+    assert sy.tolist() == batches["test_batch"][1]
+    assert sorted(p.name for p in root.iterdir()) == before  # the user's data.root is not written
+
+
+def test_cifar_root_without_the_dataset_names_the_archive(tmp_path):
+    root = tmp_path / "root"
+    _cifar_files(root / "cifar-10-batches-py")
+    (root / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataError) as e:
+        resolve("cifar10", root, tmp_path / "cache", download=True)
+    msg = str(e.value)
+    assert f"{root / 'cifar-10-batches-py'} lacks test_batch" in msg
+    assert "cifar-10-python.tar.gz" in msg and "\n" not in msg

@@ -35,6 +35,7 @@ from advpure.plan import Plan, build_plan, header_lines, natural_fingerprint, un
 from advpure.purify.defense import build_defense
 from advpure.results import NATURAL, clear, delete_units, metric_name, protocol, with_floors
 from advpure.results.report import ReportPlan
+from advpure.runenv import redirect_writes_for
 from advpure.train import say, train, weights_path
 from advpure.trainer import build_trainer, launch_rank
 
@@ -192,6 +193,7 @@ def unit_protocols(unit, protocols: list[str]) -> list[str]:
 # the command ---------------------------------------------------------------------------------------
 def benchmark(cfg: DictConfig) -> dict | None:
     t0 = time.perf_counter()
+    redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     if cfg.trainer.precision == "16-mixed":
         raise ConfigError(
             "trainer.precision=16-mixed: fp16 attack gradients underflow to exactly zero on confident "

@@ -3,24 +3,160 @@
     advpure train experiment=fmnist trainer.max_epochs=3
     advpure benchmark experiment=fmnist benchmark.n_images=100
     advpure config experiment=cifar10_paper defense.sigma=0.1      # print the resolved config
+    advpure benchmark --help                                      # a command's groups, keys, examples
 
 Config mistakes print one line and exit with code 2; other user-facing errors exit with 1.
+A command is one `Command` entry in `COMMANDS`: its `run` gets the arguments after its name.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from advpure.errors import AdvpureError
+from advpure.errors import AdvpureError, ConfigError
 
-COMMANDS = {
-    "train": "train the classifier, then the score model (each skipped when its weights exist)",
-    "benchmark": "train what is missing, attack the undefended and defended classifier, write results",
-    "config": "print the resolved config and exit",
-    "import-weights": "convert published weights (NCSNv2 CIFAR-10 checkpoint): import-weights ncsnv2 IN OUT",
+HELP_FLAGS = ("-h", "--help")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `advpure <name>` command: what it runs and what its `--help` shows.
+
+    `groups` are the config groups it reads, `sections` the top-level config keys whose schema
+    keys its help lists (None: all), `usage` replaces the default key=value usage line.
+    """
+
+    name: str
+    summary: str
+    run: Callable[[list[str]], int]
+    description: str = ""
+    groups: tuple[str, ...] = ()
+    sections: tuple[str, ...] | None = ()
+    examples: tuple[str, ...] = ()
+    usage: str | None = None
+    raw: bool = False  # `run` parses its own arguments (argparse), --help included
+
+    def help(self) -> str:
+        from advpure.cli_help import command_help
+
+        return command_help(
+            self.name,
+            summary=self.summary,
+            description=self.description,
+            usage=self.usage,
+            groups=self.groups,
+            sections=self.sections,
+            examples=self.examples,
+        )
+
+
+def _load(args: list[str]):
+    from advpure import config as C
+
+    return C.load(None, args)
+
+
+def _run_config(args: list[str]) -> int:
+    from advpure import config as C
+
+    print(C.to_yaml(_load(args)), end="")
+    return 0
+
+
+def _run_train(args: list[str]) -> int:
+    from advpure.runenv import redirect_writes_for
+
+    cfg = _load(args)
+    redirect_writes_for(cfg)  # before torch, Lightning, matplotlib and W&B are imported
+    _quiet_lightning()
+    from advpure.train import train
+
+    train(cfg)
+    return 0
+
+
+def _run_import_weights(args: list[str]) -> int:
+    from advpure.importers import main as import_weights
+
+    return import_weights(args)
+
+
+def _run_benchmark(args: list[str]) -> int:
+    from advpure.runenv import redirect_writes_for
+
+    cfg = _load(args)
+    redirect_writes_for(cfg)  # before torch, Lightning, matplotlib and W&B are imported
+    _quiet_lightning()
+    from advpure.benchmark import benchmark
+
+    benchmark(cfg)
+    return 0
+
+
+_TRAIN_GROUPS = ("data", "classifier", "score", "trainer", "logger")
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command(
+            "train",
+            "train the classifier, then the score model (each skipped when its weights exist)",
+            _run_train,
+            description=(
+                "Writes artifacts/<dataset>/{classifier,score}.pt (paths.artifacts) and Lightning checkpoints\n"
+                "under runs/train/<experiment>/<stage>/ (paths.runs); a killed run resumes from last.ckpt."
+            ),
+            groups=_TRAIN_GROUPS,
+            sections=("", "paths", "data", "classifier", "score", "trainer", "logger", "train"),
+            examples=(
+                "advpure train experiment=fmnist trainer.max_epochs=3",
+                "advpure train experiment=fmnist train.stages=[score] score.max_steps=5000",
+                "advpure train experiment=cifar10_paper trainer.devices=4 trainer.strategy=ddp",
+            ),
+        ),
+        Command(
+            "benchmark",
+            "train what is missing, attack the undefended and defended classifier, write results",
+            _run_benchmark,
+            description=(
+                "Attacks the first benchmark.n_images test images with every selected attack and reports\n"
+                "natural and robust accuracy (single draw, worst of N, ever broken) in\n"
+                "runs/benchmark/<experiment>/results.{md,json,csv}; a rerun resumes from stored batches."
+            ),
+            groups=("data", "classifier", "score", "defense", "attack", "trainer", "logger"),
+            sections=("", "paths", "data", "defense", "attacks", "benchmark", "trainer", "logger"),
+            examples=(
+                "advpure benchmark experiment=fmnist",
+                "advpure benchmark experiment=fmnist attack=[pgd40_blind,bpda40_eot15] benchmark.n_images=64",
+                "advpure benchmark experiment=fmnist defense.sigma=0.1 attacks.bpda40_eot15.eot=8",
+                "advpure benchmark experiment=cifar10_paper trainer.devices=4 trainer.strategy=ddp",
+            ),
+        ),
+        Command(
+            "import-weights",
+            "convert published weights (NCSNv2 CIFAR-10 checkpoint): import-weights ncsnv2 IN OUT",
+            _run_import_weights,
+            usage="advpure import-weights ncsnv2 <checkpoint.pth> <out/score.pt> [--ema] [--any-sigmas]",
+            raw=True,
+        ),
+        Command(
+            "config",
+            "print the resolved config and exit",
+            _run_config,
+            description="Composes the schema, conf/ groups, the experiment and the overrides, and prints YAML.",
+            groups=("data", "classifier", "score", "defense", "attack", "trainer", "logger"),
+            sections=None,
+            examples=(
+                "advpure config experiment=fmnist",
+                "advpure config experiment=cifar10_paper defense.sigma=0.1",
+            ),
+        ),
+    )
 }
 
 USAGE = """usage: advpure <command> [experiment=NAME] [group=option ...] [key=value ...]
+       advpure <command> --help
 
 commands:
 {commands}
@@ -30,13 +166,15 @@ examples:
   advpure train experiment=fmnist trainer.max_epochs=3
   advpure benchmark experiment=fmnist attack=[pgd40_blind,bpda40_eot15] benchmark.n_images=64
   advpure config experiment=cifar10_paper
+  advpure benchmark --help
 """
 
 
 def _usage() -> str:
     from advpure.config import experiment_names
 
-    lines = "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
+    width = max(len(c) for c in COMMANDS)
+    lines = "\n".join(f"  {c.name:<{width}} {c.summary}" for c in COMMANDS.values())
     try:
         exps = ", ".join(experiment_names())
     except AdvpureError:
@@ -52,38 +190,37 @@ def _quiet_lightning() -> None:
 
     warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # a DDP rank without evaluation batches syncs metrics it never updated (the others did)
+    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+    if not argv or argv[0] in (*HELP_FLAGS, "help"):
+        topic = argv[1] if len(argv) > 1 and argv[0] == "help" else None
+        if topic in COMMANDS:
+            print(COMMANDS[topic].help(), end="")
+        else:
+            print(_usage())
         return 0
-    command, overrides = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"advpure: error: unknown command '{command}'; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+    name, args = argv[0], argv[1:]
+    command = COMMANDS.get(name)
+    if command is None:
+        print(f"advpure: error: unknown command '{name}'; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if command == "import-weights":  # argparse-style arguments, not config overrides
-        from advpure.importers import main as import_weights
-
-        return import_weights(overrides)
-    from advpure import config as C
-
-    _quiet_lightning()
-    cfg = C.load(None, overrides)
-    if command == "config":
-        print(C.to_yaml(cfg), end="")
+    if command.raw:
+        return command.run(args)
+    if any(a in HELP_FLAGS for a in args):
+        print(command.help(), end="")
         return 0
-    if command == "train":
-        from advpure.train import train
-
-        train(cfg)
-        return 0
-    from advpure.benchmark import benchmark
-
-    benchmark(cfg)
-    return 0
+    if command.usage is None:  # key=value commands: an option-like token is a mistake, not a key
+        for a in args:
+            if a.startswith("-"):
+                raise ConfigError(
+                    f"unknown option '{a}'; settings are key=value (see `advpure {name} --help`)"
+                )
+    return command.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,15 +69,16 @@ def _renamed(key: str) -> str:
 class PathsConfig:
     artifacts: str = "artifacts"  # exported weights that later stages load
     runs: str = "runs"  # checkpoints, logs, benchmark run directories
-    data: str = "data"  # download cache (first place searched after data.root)
+    data: str = "data"  # download cache (searched when data.root is unset)
     models: str = "models"  # RobustBench's model directory: <models>/<dataset>/<threat_model>/<name>.pt
+    cache: str = "${paths.runs}/cache"  # library caches, logs and temp files of a run (advpure.runenv)
 
 
 @schema
 @dataclass
 class DataConfig:
     name: str = choice("fmnist", "fmnist", "mnist", "cifar10", "cifar100")
-    root: str | None = None  # a directory holding the dataset's standard files; searched first
+    root: str | None = None  # the dataset's standard files; when set, the only place searched
     download: bool = True  # fetch from the canonical URL (checksummed) when no local copy exists
     val_size: int = at_least(5000, 0)  # held out from the training set with `split_seed`
     split_seed: int = 0

@@ -35,6 +35,7 @@ from advpure.loggers import build_logger
 from advpure.nets.ebm import estimate_field_scale
 from advpure.nets.factory import classifier_arch, score_arch
 from advpure.rng import mix, stream_id
+from advpure.runenv import redirect_writes_for
 from advpure.safe_load import check_torch_file, describe_load_error
 from advpure.trainer import build_trainer, launch_rank
 
@@ -276,6 +277,8 @@ def train_score(cfg: DictConfig) -> dict:
     dm = ImageDataModule(
         cfg.data, cfg.paths, seed=cfg.seed, batch_size=sc.batch_size, crop_padding=0, hflip=sc.hflip
     )
+    # validation uses the first val_batches batches of the split, whatever the number of ranks
+    dm.val_n = sc.val_batches * cfg.data.eval_batch_size
     arch = score_arch(cfg, dm.spec)
     module = ScoreModule(
         arch,
@@ -450,6 +453,7 @@ def _finish(trainer) -> None:
 
 def train(cfg: DictConfig, stages: tuple[str, ...] | None = None) -> dict:
     """Run the configured stages; each is skipped when its weights exist (unless train.force)."""
+    redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     out = {}
     stages = stages or tuple(cfg.train.stages)
     if "classifier" in stages and cfg.classifier.source == "robustbench":

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from advpure.attacks import attack_class, run_attack
+from advpure.data.datamodule import is_empty_batch
 from advpure.errors import NonFiniteError
 from advpure.lit.defended import stage_error
 from advpure.plan import Unit
@@ -53,6 +54,8 @@ class AttackCallback(Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         u = self.unit
         x, y, idx = batch
+        if is_empty_batch(idx):  # a DDP rank without test batches
+            return
         limit = u.spec.max_images
         if limit is not None:
             keep = idx < limit

@@ -2,18 +2,27 @@
 on-device batch augmentation, and the self-sharding `ImageDataModule`."""
 
 from advpure.data.augment import crop_at, hflip_where, random_crop, random_hflip, to_unit
-from advpure.data.datamodule import BatchDataset, EvalBatchSampler, ImageDataModule, TrainBatchSampler
+from advpure.data.datamodule import (
+    BatchDataset,
+    EvalBatchSampler,
+    ImageDataModule,
+    TrainBatchSampler,
+    is_empty_batch,
+)
 from advpure.data.readers import read_cifar_batch, read_idx
 from advpure.data.sources import (
     DEBIAN_FMNIST_DIR,
     SPECS,
     DatasetSpec,
     candidate_dirs,
+    dataset_files,
     download_file,
+    file_names,
     find_local,
     get_spec,
     load_arrays,
     resolve,
+    root_dirs,
 )
 
 __all__ = [
@@ -26,15 +35,19 @@ __all__ = [
     "TrainBatchSampler",
     "candidate_dirs",
     "crop_at",
+    "dataset_files",
     "download_file",
+    "file_names",
     "find_local",
     "get_spec",
     "hflip_where",
+    "is_empty_batch",
     "load_arrays",
     "random_crop",
     "random_hflip",
     "read_cifar_batch",
     "read_idx",
     "resolve",
+    "root_dirs",
     "to_unit",
 ]

@@ -18,6 +18,10 @@ Design:
     b % world_size == r: every index is evaluated exactly once, in the same batch as on one
     process, so results do not depend on the number of ranks. Ranks may then have different
     numbers of evaluation batches (at most one apart): do not run collectives per eval step.
+    A rank left without any evaluation batch (more ranks than batches) gets one empty batch
+    (0 images) instead, so Lightning still runs its loop and every epoch-end hook (and their
+    collectives: metric sync, barriers) on every rank; steps must treat an empty batch as no work
+    (`is_empty_batch`).
 """
 
 from __future__ import annotations
@@ -103,7 +107,11 @@ class TrainBatchSampler(Sampler):
 class EvalBatchSampler(Sampler):
     """Fixed-composition evaluation batches: batch b = indices[b*B : (b+1)*B], taken by rank b % world.
 
-    No padding and no duplicates: over all ranks each index appears exactly once.
+    No padding and no duplicates: over all ranks each index appears exactly once. With more ranks
+    than batches (world_size > 1), a rank that owns no batch yields one empty index tensor
+    (shape (0,)): Lightning skips the whole evaluation loop, epoch-end hooks included, on a rank
+    whose loader is empty, and the other ranks would then wait forever in those hooks'
+    collectives. Consumers check `is_empty_batch` and do nothing for it.
     """
 
     def __init__(self, indices: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1):
@@ -112,16 +120,30 @@ class EvalBatchSampler(Sampler):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.indices = torch.as_tensor(indices, dtype=torch.long)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        num_batches = -(-len(self.indices) // batch_size)
-        self.batch_ids = range(rank, num_batches, world_size)
+        self.num_batches = -(-len(self.indices) // batch_size)
+        self.batch_ids = range(rank, self.num_batches, world_size)
+        # serves one empty batch (when no rank has a batch, Lightning skips the loop on all of them)
+        self.idle = world_size > 1 and 0 < self.num_batches <= rank
 
     def __len__(self) -> int:
-        return len(self.batch_ids)
+        return 1 if self.idle else len(self.batch_ids)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.idle:
+            yield self.indices[:0]
+            return
         bs = self.batch_size
         for b in self.batch_ids:
             yield self.indices[b * bs : (b + 1) * bs]
+
+
+def is_empty_batch(batch: Batch | torch.Tensor) -> bool:
+    """True for the placeholder batch (0 images) of a DDP rank without evaluation work.
+
+    `batch` is a `(x, y, idx)` batch or its index tensor.
+    """
+    idx = batch[2] if isinstance(batch, (tuple, list)) else batch
+    return idx.numel() == 0
 
 
 def _as_is(batch: Batch) -> Batch:
@@ -157,9 +179,11 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = int(data_cfg.batch_size if batch_size is None else batch_size)
         self.crop_padding = int(data_cfg.crop_padding if crop_padding is None else crop_padding)
         self.hflip = bool(data_cfg.hflip if hflip is None else hflip)
-        # What `test_dataloader()` serves when Lightning calls it without arguments.
+        # What `test_dataloader()` / `val_dataloader()` serve when Lightning calls them: the first
+        # `test_n` test images / `val_n` validation images (None: all; val_n is capped at the split).
         self.test_n: int | None = None
         self.test_batch_size: int | None = None
+        self.val_n: int | None = None
         self.train_x: torch.Tensor | None = None
         self.train_y: torch.Tensor | None = None
         self.test_x: torch.Tensor | None = None
@@ -284,7 +308,9 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(x, y, EvalBatchSampler(indices, bs, rank, world_size))
 
     def val_dataloader(self) -> DataLoader:
-        return self.eval_loader("val")
+        self._require_setup()
+        n = None if self.val_n is None else min(int(self.val_n), len(self.val_indices))
+        return self.eval_loader("val", n=n)
 
     def test_dataloader(self, n: int | None = None, batch_size: int | None = None) -> DataLoader:
         """The test split; `n` / `batch_size` default to the `test_n` / `test_batch_size` attributes."""

@@ -27,10 +27,17 @@ from advpure.errors import DataError
 IDX_UINT8 = 0x08  # the only element type the datasets use; others are refused rather than guessed
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _read_bytes(path: Path) -> bytes:
-    """The file's (decompressed) content; gzip errors become DataErrors naming the file."""
+    """The file's content, decompressed when it is gzip (told by its first two bytes, not its
+    name: mirrors and browsers ship both, under either name); gzip errors become DataErrors
+    naming the file."""
     try:
-        if path.suffix == ".gz":
+        with open(path, "rb") as f:
+            compressed = f.read(2) == GZIP_MAGIC
+        if compressed:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
@@ -45,7 +52,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
-    """Read an IDX file (raw or `.gz`) of unsigned bytes into a uint8 tensor of its stored shape.
+    """Read an IDX file (raw or gzip-compressed) of unsigned bytes into a uint8 tensor of its stored shape.
 
     The header is magic `00 00 <dtype> <ndim>` followed by `ndim` big-endian uint32 sizes; the
     payload must hold exactly prod(sizes) bytes (no shorter, no trailing data).

@@ -1,12 +1,21 @@
 """The dataset registry and where each dataset's files come from.
 
-Resolution order (the first place that has *all* files of a dataset wins):
-  1. `data.root` when set: the files directly in it, or in `<root>/<name>/`;
-  2. the download cache `<paths.data>/<name>/`;
-  3. Fashion-MNIST only: the Debian package's directory (`apt-get install dataset-fashion-mnist`);
-  4. a download from the canonical URL into the cache, when `data.download` is true;
-  5. otherwise a `DataError` that lists the files expected, where they were looked for and how
-     to get them.
+Where the files come from:
+  * `data.root` set: that copy and nothing else. The files directly in it, in `<root>/<name>/`,
+    in the directory an archive extracts to (`<root>/cifar-10-batches-py/`), or torchvision's
+    layout (`<root>/MNIST/raw/`, `<root>/FashionMNIST/raw/`); a CIFAR tarball lying in root is
+    checked (md5) and extracted into the cache `<paths.data>/<name>/`. A root that holds none of
+    these is a `DataError` naming what is missing there: never silently replaced by another copy.
+  * `data.root` unset, the first place that has *all* files of the dataset wins:
+      1. the download cache `<paths.data>/<name>/`;
+      2. Fashion-MNIST only: the Debian package's directory (`apt-get install dataset-fashion-mnist`);
+      3. a download from the canonical URL into the cache, when `data.download` is true;
+      4. otherwise a `DataError` that lists the files expected, where they were looked for and how
+         to get them.
+
+IDX files are found compressed or not, under the canonical name (`train-images-idx3-ubyte.gz`),
+without `.gz`, or with the dotted spelling some mirrors use (`train-images.idx3-ubyte`); the
+reader tells gzip from raw by content.
 
 Checksums apply to downloads only. Local files are validated structurally by the readers (gzip
 CRC, IDX header and payload length, CIFAR array shapes): the Debian package re-compresses the
@@ -60,6 +69,7 @@ class DatasetSpec:
     subdir: str = ""  # directory the archive extracts to ("" when the archives are the files)
     train_size: int = 0
     test_size: int = 0
+    root_layouts: tuple[str, ...] = ()  # other directories under data.root (torchvision's layout)
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -111,6 +121,7 @@ SPECS: dict[str, DatasetSpec] = {
         ),
         train_size=60000,
         test_size=10000,
+        root_layouts=("FashionMNIST/raw",),
     ),
     "mnist": DatasetSpec(
         name="mnist",
@@ -132,6 +143,7 @@ SPECS: dict[str, DatasetSpec] = {
         ),
         train_size=60000,
         test_size=10000,
+        root_layouts=("MNIST/raw",),
     ),
     "cifar10": DatasetSpec(
         name="cifar10",
@@ -178,18 +190,50 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 # --- finding local copies -----------------------------------------------------------------------
+def file_names(spec: DatasetSpec, name: str) -> tuple[str, ...]:
+    """The names one expected file may have on disk, in the order they are tried.
+
+    IDX: `x-idx3-ubyte.gz`, `x-idx3-ubyte`, and the dotted `x.idx3-ubyte` (+ `.gz`). CIFAR: as is.
+    """
+    if spec.format != "idx":
+        return (name,)
+    base = name.removesuffix(".gz")
+    stem, _, kind = base.rpartition("-idx")
+    dotted = f"{stem}.idx{kind}"
+    return (f"{base}.gz", base, dotted, f"{dotted}.gz")
+
+
+def _find_file(d: Path, spec: DatasetSpec, name: str) -> Path | None:
+    for alt in file_names(spec, name):
+        if (d / alt).is_file():
+            return d / alt
+    return None
+
+
+def dataset_files(spec: DatasetSpec, d: str | Path) -> dict[str, Path] | None:
+    """{expected name: the file in `d` that holds it} when `d` has every file, else None."""
+    d = Path(d)
+    found = {f: _find_file(d, spec, f) for f in spec.files}
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
 def _dirs_in(location: Path, spec: DatasetSpec) -> list[Path]:
     """Directories under one location that may hold the files: `<loc>/<subdir>` first, then `<loc>`."""
     return [location / spec.subdir, location] if spec.subdir else [location]
 
 
+def root_dirs(spec: DatasetSpec, root: str | Path) -> list[Path]:
+    """The directories under a user-given `data.root` that may hold the files, in order."""
+    root = Path(root).expanduser()
+    return [*_dirs_in(root, spec), *_dirs_in(root / spec.name, spec), *(root / r for r in spec.root_layouts)]
+
+
 def candidate_dirs(spec: DatasetSpec, root: str | Path | None, cache_dir: str | Path) -> list[Path]:
-    """Where the files are looked for, in order (see the module docstring)."""
-    out: list[Path] = []
+    """Where the files are looked for, in order: only under `root` when it is set (see the module
+    docstring), else the cache and, for Fashion-MNIST, the Debian package's directory."""
     if root is not None:
-        root = Path(root).expanduser()
-        out += _dirs_in(root, spec) + _dirs_in(root / spec.name, spec)
-    out += _dirs_in(Path(cache_dir).expanduser() / spec.name, spec)
+        return root_dirs(spec, root)
+    out = _dirs_in(Path(cache_dir).expanduser() / spec.name, spec)
     if spec.name == "fmnist":
         out.append(DEBIAN_FMNIST_DIR)
     return out
@@ -198,7 +242,7 @@ def candidate_dirs(spec: DatasetSpec, root: str | Path | None, cache_dir: str | 
 def find_local(spec: DatasetSpec, root: str | Path | None, cache_dir: str | Path) -> Path | None:
     """The first candidate directory that holds all of the dataset's files, or None."""
     for d in candidate_dirs(spec, root, cache_dir):
-        if all((d / f).is_file() for f in spec.files):
+        if dataset_files(spec, d) is not None:
             return d
     return None
 
@@ -330,12 +374,63 @@ def _not_found(spec: DatasetSpec, root, cache_dir, reason: str | None) -> DataEr
     )
 
 
+def _root_tarball(spec: DatasetSpec, root: Path, cache_dir: str | Path) -> Path | None:
+    """A CIFAR tarball in `root` (or `<root>/<name>/`): its extracted copy in the cache, made now
+    (after checking its md5) or by an earlier run."""
+    if not spec.subdir:
+        return None
+    cache = Path(cache_dir).expanduser() / spec.name
+    for name, md5 in spec.archives:
+        for tarball in (root / name, root / spec.name / name):
+            if not tarball.is_file():
+                continue
+            if dataset_files(spec, cache / spec.subdir) is not None:
+                return cache / spec.subdir
+            got = _md5(tarball)
+            if got != md5:
+                raise DataError(
+                    f"data.root: {tarball} has md5 {got}, not the published {md5}: "
+                    "an incomplete or different download"
+                )
+            cache.mkdir(parents=True, exist_ok=True)
+            return extract_tar(tarball, cache, spec)
+    return None
+
+
+def _not_in_root(spec: DatasetSpec, root: Path) -> DataError:
+    """One line: what is missing in the user's `data.root`, in the directory closest to complete."""
+    if not root.is_dir():
+        return DataError(f"data.root={root}: no such directory (it should hold the {spec.name} files)")
+    dirs = root_dirs(spec, root)
+    best = max(dirs, key=lambda d: sum(_find_file(d, spec, f) is not None for f in spec.files))
+    missing = [f for f in spec.files if _find_file(best, spec, f) is None]
+    if len(missing) < len(spec.files):
+        what = f"{best} lacks {', '.join(missing)}"
+    else:
+        what = f"none of {', '.join(spec.files)} in {', '.join(str(d) for d in dirs)}"
+    also = " (or uncompressed)" if spec.format == "idx" else f", or the archive {spec.archives[0][0]}"
+    return DataError(
+        f"data.root={root} does not hold the {spec.name} dataset: {what}{also}; "
+        "fix data.root, or unset it to use the cache in paths.data (and the download)"
+    )
+
+
 def resolve(name: str, root: str | Path | None, cache_dir: str | Path, download: bool = True) -> Path:
     """The directory holding all of the dataset's files (downloading them if allowed and needed).
 
-    `cache_dir` is `paths.data`: downloads go to `<cache_dir>/<name>/`.
+    With `root` (`data.root`) only that copy is used; otherwise `cache_dir` (`paths.data`:
+    downloads go to `<cache_dir>/<name>/`), the Debian copy, then a download. Raises a one-line
+    `DataError` saying what is missing where.
     """
     spec = get_spec(name)
+    if root is not None:
+        root = Path(root).expanduser()
+        found = find_local(spec, root, cache_dir)
+        if found is None and root.is_dir():
+            found = _root_tarball(spec, root, cache_dir)
+        if found is None:
+            raise _not_in_root(spec, root)
+        return found
     found = find_local(spec, root, cache_dir)
     if found is not None:
         return found
@@ -377,10 +472,13 @@ def load_arrays(
     """(train_x, train_y, test_x, test_y): uint8 images (N, C, H, W) and int64 labels."""
     spec = get_spec(name)
     d = resolve(name, root, cache_dir, download)
+    files = dataset_files(spec, d)
+    if files is None:  # pragma: no cover - resolve returns only complete directories
+        raise DataError(f"{d}: dataset files disappeared while loading")
     if spec.format == "idx":
-        tr = _load_idx_pair(spec, d / spec.train_files[0], d / spec.train_files[1])
-        te = _load_idx_pair(spec, d / spec.test_files[0], d / spec.test_files[1])
+        tr = _load_idx_pair(spec, files[spec.train_files[0]], files[spec.train_files[1]])
+        te = _load_idx_pair(spec, files[spec.test_files[0]], files[spec.test_files[1]])
     else:
-        tr = _load_cifar(spec, [d / f for f in spec.train_files])
-        te = _load_cifar(spec, [d / f for f in spec.test_files])
+        tr = _load_cifar(spec, [files[f] for f in spec.train_files])
+        te = _load_cifar(spec, [files[f] for f in spec.test_files])
     return tr[0].contiguous(), tr[1], te[0].contiguous(), te[1]

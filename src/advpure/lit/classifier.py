@@ -36,9 +36,6 @@ def build_schedule(opt, oc, total_steps: int):
 
 
 class ClassifierModule(L.LightningModule):
-    # evaluation batches are never padded, so with few batches a rank may get none
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(
         self,
         arch: dict,
@@ -87,13 +84,18 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self.net(x)
-        self.val_acc(logits, y)
-        self.log("val/loss", self.loss_fn(logits, y), sync_dist=True)
+        if len(y):  # torchmetrics refuses empty inputs
+            self.val_acc(logits, y)
+        # the empty batch of a DDP rank without validation batches logs the same keys (every rank
+        # must join the epoch-end sync) with weight 0; the synced mean is weighted by batch size
+        loss = self.loss_fn(logits, y) if len(y) else logits.new_zeros(())
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(y))
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch, batch_idx):
         x, y, _ = batch
-        self.test_acc(self.net(x), y)
+        if len(y):  # an empty batch (a DDP rank without test batches) adds nothing
+            self.test_acc(self.net(x), y)
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self):

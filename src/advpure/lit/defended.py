@@ -19,6 +19,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advpure.data.datamodule import is_empty_batch
 from advpure.errors import NonFiniteError
 from advpure.nets.compiled import eager_of, warm_up
 from advpure.purify.defense import Defense
@@ -32,9 +33,6 @@ def stage_error(e: NonFiniteError, stage: str, n: int) -> NonFiniteError:
 
 
 class DefendedClassifier(L.LightningModule):
-    # evaluation batches are never padded, so with few batches a rank may get none
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(
         self,
         defenses: dict[str, Defense],
@@ -148,6 +146,8 @@ class DefendedClassifier(L.LightningModule):
     # --- the loop --------------------------------------------------------------------------------
     def test_step(self, batch, batch_idx):
         x, y, idx = batch
+        if is_empty_batch(idx):  # a DDP rank without test batches: nothing to do
+            return
         for name, defense in zip(self.names, self.defenses):
             b = self.batch_id(idx)
             if self.replay(name, NATURAL, b):

@@ -21,9 +21,6 @@ VAL_SIGMAS = (0.1, 0.25)
 
 
 class ScoreModule(L.LightningModule):
-    # evaluation batches are never padded, so with few batches a rank may get none
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(
         self,
         arch: dict,
@@ -83,19 +80,35 @@ class ScoreModule(L.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
-        if batch_idx >= self.val_batches:
-            return
+        """DSM loss and one-step denoising PSNR (dB) of the EMA net on a validation batch.
+
+        Every rank logs the same keys (all join the epoch-end sync); the synced means are weighted
+        by batch size, and a batch with no work (the empty batch of a DDP rank without validation
+        batches, or one past `val_batches`) logs zeros with weight 0. The noise is keyed by the
+        batch's position in the validation split (rank r holds batches r, r + world, ...), so any
+        number of ranks draws the noise of one process.
+        """
         x = batch[0]
-        sigma, eps = self._noise(x, mix(self.seed, 10**9 + batch_idx))  # same noise at every validation
-        self.log("val/dsm_loss", dsm_loss(self.ema, x, sigma, eps), sync_dist=True)
+        if batch_idx >= self.val_batches or len(x) == 0:
+            zero = x.new_zeros(())
+            names = ["val/dsm_loss"] + [
+                f"val/psnr_{k}_s{s:g}" for s in VAL_SIGMAS for k in ("noisy", "denoised", "gain")
+            ]
+            for name in names:
+                self.log(name, zero, sync_dist=True, batch_size=0)
+            return
+        b = batch_idx * self.trainer.world_size + self.global_rank if self._trainer else batch_idx
+        n = len(x)
+        sigma, eps = self._noise(x, mix(self.seed, 10**9 + b))  # same noise at every validation
+        self.log("val/dsm_loss", dsm_loss(self.ema, x, sigma, eps), sync_dist=True, batch_size=n)
         for s in VAL_SIGMAS:
             noisy = x + s * eps
             den = one_step_denoise(self.ema, noisy, s).clamp(0, 1)
             p_noisy, p_den = psnr(noisy.clamp(0, 1), x).mean(), psnr(den, x).mean()
-            self.log(f"val/psnr_noisy_s{s:g}", p_noisy, sync_dist=True)
-            self.log(f"val/psnr_denoised_s{s:g}", p_den, sync_dist=True)
-            self.log(f"val/psnr_gain_s{s:g}", p_den - p_noisy, sync_dist=True)
-        if batch_idx == 0 and self.log_images:
+            self.log(f"val/psnr_noisy_s{s:g}", p_noisy, sync_dist=True, batch_size=n)
+            self.log(f"val/psnr_denoised_s{s:g}", p_den, sync_dist=True, batch_size=n)
+            self.log(f"val/psnr_gain_s{s:g}", p_den - p_noisy, sync_dist=True, batch_size=n)
+        if b == 0 and self.log_images:
             self._log_grid(
                 x[:8],
                 (x[:8] + 0.25 * eps[:8]).clamp(0, 1),
