@@ -25,10 +25,15 @@ from advpure.errors import AdvpureError
 def help_sections(names: Iterable[str] | None = None) -> list[tuple[str, type]]:
     """(dotted prefix, schema dataclass) of the top-level config sections, in schema order.
 
-    `names` selects sections by their top-level key (`data`, `attacks`, ...); None: all. A dict of
-    dataclasses (`attacks: dict[str, AttackConfig]`) is shown as `attacks.<name>`. Scalar
-    top-level keys (`experiment`, `seed`) come as the section "" with the root dataclass.
+    `names` selects sections by their top-level key (`data`, `attacks`, ...); None: all. Scalar
+    top-level keys (`experiment`, `seed`) come as the section "" with the root dataclass. The
+    `defense` block and the `attacks.<name>` blocks are typed by their kind: one section per
+    registered purifier / attack (its `Params`, from the registries), e.g. `defense[kind=adp]`;
+    the keys shared by every kind are listed once, under the first kind.
     """
+    from advpure.attacks import ATTACKS
+    from advpure.purify import PURIFIERS
+
     wanted = None if names is None else set(names)
     out: list[tuple[str, type]] = []
     for f in dataclasses.fields(C.Config):
@@ -37,16 +42,33 @@ def help_sections(names: Iterable[str] | None = None) -> list[tuple[str, type]]:
         sub = _schema_type(f)
         if sub is not None:
             out.append((f.name, sub))
+        elif f.name == "defense":
+            kinds = sorted((k for k in PURIFIERS if ":" not in k), key=lambda k: k == "none")  # none last
+            out += [(f"defense[kind={k}]", PURIFIERS.get(k).Params) for k in kinds]
         elif f.name == "attacks":
-            out.append(("attacks.<name>", C.AttackConfig))
+            out += [(f"attacks.<name>[kind={k}]", cls.Params) for k, cls in ATTACKS.items() if ":" not in k]
     if wanted is None or "" in wanted:
         out.insert(0, ("", C.Config))
     return out
 
 
+def _common_keys() -> dict[str, set[str]]:
+    from advpure.attacks import AttackParams
+    from advpure.purify import DefenseParams
+
+    return {
+        "defense": {f.name for f in dataclasses.fields(DefenseParams)},
+        "attacks.<name>": {f.name for f in dataclasses.fields(AttackParams)},
+    }
+
+
+_COMMON = _common_keys()
+
+
 def _schema_type(f: dataclasses.Field) -> type | None:
-    name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-    return C._SCHEMAS.get(name)
+    from advpure.params import _dataclass_type
+
+    return _dataclass_type(f)
 
 
 @cache
@@ -115,7 +137,7 @@ def schema_rows(prefix: str, cls: type) -> list[tuple[str, str, str, str]]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         sub = _schema_type(f)
-        if sub is not None or (cls is C.Config and f.name == "attacks"):
+        if sub is not None or (cls is C.Config and f.name in ("attacks", "defense")):
             if prefix:  # nested blocks (classifier.optim); the root's sections come separately
                 rows += schema_rows(key, sub)
             continue
@@ -145,7 +167,36 @@ def _groups_block(groups: Iterable[str]) -> list[str]:
 
 
 def _keys_block(sections: list[tuple[str, type]]) -> list[str]:
-    rows = [r for prefix, cls in sections for r in schema_rows(prefix, cls)]
+    rows, seen = [], set()
+    for prefix, cls in sections:
+        base = prefix.split("[", 1)[0]  # a kind's block: its shared keys only once, as `defense.key`
+        for key, default, kind, note in schema_rows(prefix, cls):
+            name = key.rsplit(".", 1)[-1]
+            plain = f"{base}.{name}"
+            if "[" in prefix and name == "kind":  # one row listing the registered kinds
+                if plain not in seen:
+                    seen.add(plain)
+                    kinds = [
+                        p.split("kind=", 1)[1].rstrip("]") for p, _ in sections if p.startswith(base + "[")
+                    ]
+                    rows.append(
+                        (
+                            plain,
+                            _show(C.Config.__dataclass_fields__["defense"].default_factory()["kind"])
+                            if base == "defense"
+                            else "pgd",
+                            f"str, one of {'|'.join(kinds)}|module.path:Class",
+                            "registered kinds; each has the keys below",
+                        )
+                    )
+                continue
+            common = name in _COMMON.get(base, ())
+            if "[" in prefix and common and plain in seen:  # shared keys: once, from the first kind
+                continue
+            seen.add(plain)
+            rows.append(
+                (plain if "[" in prefix and name in _COMMON.get(base, ()) else key, default, kind, note)
+            )
     if not rows:
         return []
     w_key = min(max(len(r[0]) for r in rows), 34)
