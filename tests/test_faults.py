@@ -75,7 +75,7 @@ def test_training_evaluation_with_more_ranks_than_batches_equals_one_rank(tmp_pa
     classifier = ClassifierModule(arch, spec, C.to_dict(cfg.classifier.optim))
     score = ScoreModule(
         {"arch": "ncsnv2", "ngf": 4, "in_channels": 1, "image_size": 28},
-        sigma_max=1.0, sigma_min=0.01, num_sigmas=10, val_batches=1, log_images=False,
+        dsm_sigma_max=1.0, dsm_sigma_min=0.01, dsm_levels=10, val_batches=1, log_images=False,
     )  # fmt: skip
     dm = ImageDataModule(cfg.data, cfg.paths)
     dm.setup()
@@ -212,7 +212,9 @@ def test_benchmark_help_lists_groups_options_and_schema_defaults():
     for group in ("data", "classifier", "score", "defense", "attack", "trainer", "logger"):
         line = next(ln for ln in lines if ln.lstrip().startswith(f"{group}="))
         assert all(p.stem in line for p in (ROOT / "conf" / group).glob("*.yaml")), group
-    for section, cls in (("benchmark", C.BenchmarkConfig), ("defense", C.DefenseConfig)):
+    from advpure.purify import DefenseParams
+
+    for section, cls in (("benchmark", C.BenchmarkConfig), ("defense", DefenseParams)):
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if isinstance(default, bool) or default is None:
