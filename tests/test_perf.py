@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from advpure import config as C
-from advpure.attacks import eot_gradient, run_attack
-from advpure.config import AttackConfig
+from advpure.attacks import attack_params, eot_gradient, run_attack
 from advpure.config import load as load_config
 from advpure.nets import build_classifier, build_score_net
 from advpure.perf.reference import (
@@ -89,7 +88,7 @@ def test_reference_bpda_eot_attack_equals_run_attack_with_the_same_noise(tau):
     x, y = batch(3)
     s, k, t, iters = 2, 3, 2, 3
     defense = Defense(clf, ADPPurifier(score, sigma=0.25, tau=tau, steps=t), replicas=s)
-    spec = AttackConfig(kind="pgd", gradient="bpda", iters=iters, eot=k, eot_aggregate="mean")
+    spec = attack_params("pgd", gradient="bpda", iters=iters, eot=k, eot_aggregate="mean")
     rng = GeneratorRNG(seed=9)
     res = run_attack(spec, defense, x, y, rng, eps=0.1, step=0.01)
     with torch.no_grad():
