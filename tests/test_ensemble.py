@@ -466,7 +466,7 @@ def test_standard_rand_on_adp_stays_in_the_ball_and_is_keyed_per_image(mlp):
 
 # --- config -------------------------------------------------------------------------------------
 def test_config_accepts_the_new_keys_and_rejects_bad_ones():
-    cfg = C.load("fmnist", ["attack=[standard_rand,bpda40_eot15]", "attacks.bpda40_eot15.loss=cw"])
+    cfg = C.load("cifar10_paper", ["attack=[standard_rand,bpda40_eot15]", "attacks.bpda40_eot15.loss=cw"])
     assert cfg.attacks.standard_rand.kind == "standard_rand" and cfg.attacks.standard_rand.eot == 20
     assert cfg.attacks.bpda40_eot15.loss == "cw" and cfg.attacks.bpda40_eot15.restarts == 1
     cfg = C.load("fmnist", ["attacks.bpda40_eot15.restarts=3"])

@@ -223,7 +223,8 @@ def test_benchmark_help_lists_groups_options_and_schema_defaults():
                 shown = "[" + ",".join(map(str, default)) + "]" if isinstance(default, list) else str(default)
             row = next(ln for ln in lines if ln.split()[:1] == [f"{section}.{f.name}"])
             assert row.split()[1] == shown, row
-    assert "attacks.<name>.eot" in text and "one of softmax|logits|vote" in text
+    assert "attacks.<name>[kind=pgd].eot" in text and "one of softmax|logits|vote" in text
+    assert "defense[kind=adp].lam" in text and "defense[kind=langevin].eta" in text  # from the registries
     assert "screening noise std" in text  # the schema's own comment
     assert "advpure benchmark experiment=fmnist" in text
 

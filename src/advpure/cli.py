@@ -209,8 +209,11 @@ def run(argv: list[str]) -> int:
     if command is None:
         print(f"advpure: error: unknown command '{name}'; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if command.raw:
-        return command.run(args)
+    if command.raw:  # argparse parses its own arguments; --help anywhere shows its help
+        try:
+            return command.run(["--help"] if any(a in HELP_FLAGS for a in args) else args)
+        except SystemExit as e:  # argparse's --help exits
+            return int(e.code or 0)
     if any(a in HELP_FLAGS for a in args):
         print(command.help(), end="")
         return 0

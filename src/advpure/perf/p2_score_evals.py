@@ -85,7 +85,7 @@ def count_score_evals(ctx: Ctx) -> None:
                     note=f"{spec.iters} iters"
                     + (
                         ", incl. checkpoint recomputation"
-                        if spec.gradient == "full" and spec.kind in ("pgd", "apgd")
+                        if getattr(spec, "gradient", None) == "full"
                         else ""
                     ),
                 )

@@ -118,5 +118,5 @@ def attack_throughput(ctx: Ctx) -> None:
             f"throughput.attack.{name}.images_per_s",
             1.0 / per_image,
             "images/s (extrap.)",
-            note=f"{fmt(per_image)} s/image for {spec.iters} iters, eot {spec.eot}",
+            note=f"{fmt(per_image)} s/image for {spec.iters} iters, eot {getattr(spec, 'eot', 1)}",
         )

@@ -1,10 +1,11 @@
 """Results layer: per-sample records on disk, protocols, statistics, tables and plots.
 
 Every reported accuracy is recomputed from per-sample records (`store`), turned into rows by
-`tables.summarize`, and rendered from those rows only; see each module for the why.
+`tables.summarize`, and rendered from those rows only; see each module for the why. The plots are
+imported on first use: loading a config (which reads the protocol registry) must not import
+matplotlib, which writes its caches at import time, before the run has pointed them elsewhere.
 """
 
-from advpure.results.plots import plot_image_grid, plot_loss_curves, plot_robust_vs_eps
 from advpure.results.protocols import (
     PROTOCOLS,
     Observations,
@@ -90,3 +91,14 @@ __all__ = [
     "to_markdown",
     "wilson",
 ]
+
+
+import importlib
+
+_LAZY = {"plot_image_grid": "plots", "plot_loss_curves": "plots", "plot_robust_vs_eps": "plots"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"advpure.results.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'advpure.results' has no attribute {name!r}")
