@@ -10,7 +10,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from advpure import config as C
-from advpure.checkpoint import read_weights
 from advpure.errors import CheckpointError, ConfigError, TrainingError
 from advpure.mcmc import PersistentChains, langevin_sample, ml_loss
 from advpure.nets.ebm import (
@@ -23,6 +22,7 @@ from advpure.nets.ebm import (
     load_energy_field,
 )
 from advpure.purify.adp import step_size
+from advpure.weights import read_weights
 from conftest import needs_fmnist, tiny_overrides
 from helpers.ebm_toy import mixture_moments, train_toy
 

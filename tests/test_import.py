@@ -15,7 +15,6 @@ import torch
 
 from advpure import cli
 from advpure import config as C
-from advpure.checkpoint import load_weights, read_weights, save_weights
 from advpure.data import get_spec
 from advpure.errors import CheckpointError, ConfigError
 from advpure.importers import robustbench as rb
@@ -25,6 +24,7 @@ from advpure.lit.score import make_score_net, score_arch
 from advpure.losses import geometric_sigmas
 from advpure.nets import count_parameters
 from advpure.safe_load import check_torch_file
+from advpure.weights import load_weights, read_weights, save_weights
 from conftest import needs_fmnist, tiny_overrides
 from helpers.reference_nets import (
     ncsnv2_forward,

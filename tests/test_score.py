@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from advpure import config as C
-from advpure.checkpoint import read_weights
 from advpure.ema import EMA
 from advpure.errors import ConfigError, TrainingError
 from advpure.losses import dsm_loss, geometric_sigmas, psnr
+from advpure.weights import read_weights
 from conftest import needs_fmnist, tiny_overrides
 
 

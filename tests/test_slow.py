@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from advpure import config as C
-from advpure.checkpoint import read_weights
 from advpure.results import load_records, read_json
+from advpure.weights import read_weights
 from conftest import needs_fmnist, tiny_overrides
 
 pytestmark = [pytest.mark.slow, needs_fmnist]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from advpure import config as C
-from advpure.checkpoint import load_weights, read_weights, save_weights
 from advpure.data import get_spec
 from advpure.errors import CheckpointError, ConfigError
 from advpure.lit.classifier import ClassifierModule, build_optimizer, classifier_arch, make_classifier
+from advpure.weights import load_weights, read_weights, save_weights
 from conftest import REAL_HOME, ROOT, needs_fmnist, tiny_overrides
 from helpers.wandb_offline import find_run_files, read_run
 

@@ -9,12 +9,12 @@ import sys
 import torch
 
 from advpure import config as C
-from advpure.checkpoint import load_weights
 from advpure.data import ImageDataModule
 from advpure.losses import psnr
 from advpure.nets import make_score_net, score_arch
 from advpure.nets.ebm import load_energy_field
 from advpure.purify.adp import adp_chain, screen, step_size
+from advpure.weights import load_weights
 
 art = sys.argv[1]
 cfg = C.load("fmnist", [f"paths.artifacts={art}"])

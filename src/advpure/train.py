@@ -24,7 +24,6 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 
-from advpure.checkpoint import save_weights
 from advpure.config import fingerprint, to_dict
 from advpure.data import ImageDataModule
 from advpure.errors import CheckpointError, ConfigError, RunDirError
@@ -38,6 +37,7 @@ from advpure.rng import mix, stream_id
 from advpure.runenv import redirect_writes_for
 from advpure.safe_load import check_torch_file, describe_load_error
 from advpure.trainer import build_trainer, launch_rank
+from advpure.weights import save_weights
 
 STAGES = ("classifier", "score", "ebm")
 

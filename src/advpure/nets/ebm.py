@@ -233,8 +233,8 @@ def load_energy_field(path: str | Path, arch: dict | None = None) -> EnergyField
     `arch` (the config's architecture dict) is checked against the file when given; otherwise the
     file's own is used. The net is in eval mode with frozen parameters. Raises CheckpointError.
     """
-    from advpure.checkpoint import load_weights, read_weights
     from advpure.errors import CheckpointError
+    from advpure.weights import load_weights, read_weights
 
     if arch is None:
         arch = read_weights(path)["arch"]

@@ -1,4 +1,4 @@
-"""Exported weights: the files later stages load (classifier.pt, score.pt).
+"""Exported weights: the files later stages load (classifier.pt, score.pt, ebm.pt).
 
 A weights file is a plain dict of tensors and strings/numbers, saved with `torch.save` and read
 with `torch.load(..., weights_only=True)`, so loading never unpickles code:
