@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "train the classifier, then the score model (each skipped when its weights exist)",
     "benchmark": "train what is missing, attack the undefended and defended classifier, write results",
     "config": "print the resolved config and exit",
+    "certify": "randomized-smoothing l2 certificates (noisy / denoised / ADP bases): table + plot",
     "import-weights": "convert published weights (NCSNv2 CIFAR-10 checkpoint): import-weights ncsnv2 IN OUT",
 }
 
@@ -79,6 +80,11 @@ def run(argv: list[str]) -> int:
         from advpure.train import train
 
         train(cfg)
+        return 0
+    if command == "certify":
+        from advpure.certify_run import certify
+
+        certify(cfg)
         return 0
     from advpure.benchmark import benchmark
 
