@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from advpure.certify import SmoothedClassifier
-from advpure.certify.noise import KeyedNormal
 from advpure.results.store import RecordStore, load_certificates
 
 Unit = tuple[str, float]  # (base name, sigma)
@@ -43,37 +42,41 @@ def certificate_row(record: Mapping, seconds: float) -> dict:
     return row
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class TimedBase(nn.Module):
+    """The base classifier with the time of its forwards counted: the physical limit of certification
+    measured inside the run, on exactly the rows CERTIFY evaluates, in its `max_batch` chunks.
 
+    On CPU each forward is timed with `time.perf_counter` (forwards are synchronous there); on CUDA
+    with a pair of CUDA events per forward, read only after CERTIFY's own device -> host copy, so the
+    timing adds no synchronisation. `take()` returns (rows, seconds) since the last call."""
 
-@torch.inference_mode()
-def forward_rate(
-    base: nn.Module,
-    x: torch.Tensor,
-    idx: int,
-    sigma: float,
-    *,
-    seed: int,
-    block: int,
-    rows: int,
-    max_batch: int,
-) -> dict:
-    """The physical limit of certification: rows/s of the base classifier alone on `rows` keyed noisy
-    copies x + sigma n of one image x (C, H, W) in [0, 1], pre-generated, in `max_batch` chunks,
-    after a warm-up forward of at most 64 rows. Returns {'rows_per_s', 'rows', 'seconds'}."""
-    gen = KeyedNormal(seed, x.device, block)
-    noisy = x.float() + sigma * gen.samples(idx, "estimate", rows, tuple(x.shape))
-    chunks = noisy.split(max_batch)
-    base(noisy[:64]).argmax(-1)  # warm-up: allocator, oneDNN / cuDNN plans
-    _sync(x.device)
-    t0 = time.perf_counter()
-    for chunk in chunks:
-        base(chunk).argmax(-1)
-    _sync(x.device)
-    seconds = time.perf_counter() - t0
-    return {"rows_per_s": rows / seconds, "rows": rows, "seconds": seconds}
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.name = getattr(base, "name", type(base).__name__)
+        self._rows, self._seconds, self._events = 0, 0.0, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._rows += x.shape[0]
+        if x.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.base(x)
+            end.record()
+            self._events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = self.base(x)
+        self._seconds += time.perf_counter() - t0
+        return out
+
+    def take(self) -> tuple[int, float]:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(s.elapsed_time(e) for s, e in self._events) / 1000.0
+        out = (self._rows, self._seconds)
+        self._rows, self._seconds, self._events = 0, 0.0, []
+        return out
 
 
 class CertifyModule(L.LightningModule):
@@ -82,9 +85,9 @@ class CertifyModule(L.LightningModule):
     bases: {(base name, sigma): base classifier module (noisy rows (R, C, H, W) -> logits (R, K))};
     run_dir: the run's directory (records in `records/rank<r>.sqlite`); n0 / n / alpha: CERTIFY's
     selection draws, estimation draws and failure probability; max_batch: rows per forward;
-    block: rows per keyed noise block; measure_limit: time the base alone once per unit
-    (`forward_rate`, stored in the rank's metadata as `limit/<base>/s<sigma>`); progress: a tqdm bar
-    over images x units on rank 0.
+    block: rows per keyed noise block; measure_limit: count the time of the base's own forwards
+    (`TimedBase`), summed per unit in the rank's metadata as `limit/<base>/s<sigma>` =
+    {'rows', 'seconds', 'rows_per_s'}; progress: a tqdm bar over images x units on rank 0.
     """
 
     # evaluation batches are never padded, so with few batches a rank may get none
@@ -107,7 +110,7 @@ class CertifyModule(L.LightningModule):
     ):
         super().__init__()
         self.units = [(str(b), float(s)) for b, s in bases]
-        self.bases = nn.ModuleList(bases.values())
+        self.bases = nn.ModuleList(TimedBase(m) if measure_limit else m for m in bases.values())
         self.run_dir, self.seed, self.num_classes = run_dir, int(seed), int(num_classes)
         self.n0, self.n, self.alpha = int(n0), int(n), float(alpha)
         self.max_batch, self.block = int(max_batch), int(block)
@@ -171,23 +174,17 @@ class CertifyModule(L.LightningModule):
     def certify_unit(self, unit: Unit, base: nn.Module, x, y, keys: list[int]) -> None:
         """CERTIFY the images x (B, C, H, W) in [0, 1] with labels y (B,) and dataset indices `keys`
         under one (base, sigma), then store their certificates in one transaction."""
-        key = unit_key(*unit)
-        if self.measure_limit and key not in self.limits:
-            rows = min(self.max_batch, self.n0 + self.n)  # one image's rows or one chunk: a few % of the run
-            self.limits[key] = forward_rate(
-                base,
-                x[0],
-                keys[0],
-                unit[1],
-                seed=self.seed,
-                block=self.block,
-                rows=rows,
-                max_batch=self.max_batch,
-            )
-            self.store.set_meta(f"limit/{key}", self.limits[key])
         t0 = time.perf_counter()
         results = self.smoothed(unit, base).certify(x, keys, n0=self.n0, n=self.n, alpha=self.alpha, labels=y)
         seconds = (time.perf_counter() - t0) / len(keys)  # certify() ends with a device -> host copy
         self.store.write_certificates([certificate_row(r.as_record(), seconds) for r in results])
         self.done.update((unit[0], unit[1], k) for k in keys)
         self.computed += len(keys)
+        if isinstance(base, TimedBase):
+            key = unit_key(*unit)
+            rows, fwd = base.take()
+            old = self.limits.get(key, {"rows": 0, "seconds": 0.0})
+            total = {"rows": old["rows"] + rows, "seconds": old["seconds"] + fwd}
+            total["rows_per_s"] = total["rows"] / total["seconds"] if total["seconds"] > 0 else None
+            self.limits[key] = total
+            self.store.set_meta(f"limit/{key}", total)  # timing only: outside the certificates' transaction

@@ -13,8 +13,9 @@ Every number is recomputed from the records of all rank files (`load_certificate
 * ACR: average certified radius (Zhai et al., ICLR 2020), the radius of correct certificates and 0
   for the others, averaged over all images;
 * images/s: images / the summed per-image certification seconds (per process), and its physical
-  limit rows/s / (n0 + n) from the base classifier alone timed in the same process
-  (`advpure.lit.certify.forward_rate`); overhead = the ratio of the two (goal <= 1.10).
+  limit (n0 + n) x the batched forward rate of the base classifier (denoiser + classifier), rows/s
+  of its own forwards timed inside the same run on the same rows (`advpure.lit.certify.TimedBase`);
+  overhead = certification time / that limit's time (goal <= 1.10).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _limits(run_dir: Path, units: Sequence[tuple[str, float]], keep: set) -> dic
             for unit in units:
                 mine = [r for r in certs if (r["base"], float(r["sigma"])) == unit]
                 limit = store.get_meta(f"limit/{unit_key(*unit)}")
-                if not mine or not limit:
+                if not mine or not limit or not limit.get("rows_per_s"):
                     continue
                 agg = out.setdefault(unit, {"seconds": 0.0, "limit_seconds": 0.0, "rows_per_s": []})
                 agg["seconds"] += sum(r["seconds"] for r in mine)
@@ -192,8 +193,8 @@ def to_markdown(
         "returned the label with certified radius >= r (r = 0: CERTIFY's natural accuracy, abstaining = wrong). "
         "Natural (PREDICT) = PREDICT's answer on the n estimation draws is the label. Abstain = CERTIFY abstained "
         "(p_A < 1/2). ACR = average certified radius (Zhai et al. 2020). img/s = images per second of "
-        "certification per process; overhead = certification time / (n0 + n) forwards of the base classifier "
-        "alone, timed in the same run (goal <= 1.10).",
+        "certification per process; overhead = certification time / the time of (n0 + n) forwards per image of "
+        "the base classifier at its batched rate, timed inside the same run (goal <= 1.10).",
         "",
         "| Base | σ | " + " | ".join(rcols) + " | ACR | Abstain | Natural (PREDICT) | n | img/s | overhead |",
         "|---|---:|" + "---:|" * len(rcols) + "---:|---:|---:|---:|---:|---:|",
