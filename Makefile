@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_FAST := -m "not slow"
 
-.PHONY: help setup apt train benchmark test test-all test-slow perf lint format clean clean-all config
+.PHONY: help setup apt train benchmark certify test test-all test-slow perf lint format clean clean-all config
 
 help: ## show this help
 	@echo "advpure — adversarial purification with score-based generative models"
@@ -50,6 +50,9 @@ train: setup ## train the classifier, then the score model (each skipped when it
 
 benchmark: setup ## train what is missing, then attack the undefended and the ADP-defended classifier; prints the table
 	$(PY) -m advpure benchmark experiment=$(EXP) $(ARGS)
+
+certify: setup ## randomized-smoothing l2 certificates (Cohen et al. 2019) of EXP (default fmnist_certify): table + plot
+	$(PY) -m advpure certify experiment=$(if $(filter command line environment,$(origin EXP)),$(EXP),fmnist_certify) $(ARGS)
 
 config: setup ## print the resolved config of EXP with ARGS applied
 	$(PY) -m advpure config experiment=$(EXP) $(ARGS)

@@ -251,6 +251,34 @@ class BenchmarkConfig:
     check_attack: str | None = None  # default: the first selected attack with full, else bpda gradients
 
 
+@schema
+@dataclass
+class CertifyConfig:
+    """`advpure certify`: randomized smoothing (Cohen et al. 2019) of the classifier with each base
+    (noisy | denoised | adp) at each sigma. ADP's parameters come from the `defense` block (kind adp)."""
+
+    sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5])  # smoothing noise std, [0, 1] units
+    bases: list[str] = field(default_factory=lambda: ["noisy", "denoised", "adp"])
+    n0: int = at_least(100, 1)  # selection draws (guess c_A)
+    n: int = at_least(100_000, 1)  # estimation draws (bound p_A)
+    alpha: float = between(0.001, 0.0, 0.5, strict=True)  # failure probability of each certificate
+    n_images: int = at_least(500, 1)  # test images: every `skip`-th, the first n_images of those
+    skip: int = at_least(20, 1)
+    batch_size: int = at_least(10, 1)  # images per test step (one store transaction per base and sigma)
+    max_batch: int | None = at_least(None, 1)  # rows per forward of the base (None: defense.max_batch)
+    block: int = at_least(1000, 1)  # rows per keyed noise block (part of the noise key)
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # l2, [0, 1] units
+    run_dir: str = "${paths.runs}/certify/${experiment}"
+    resume: bool = True  # skip images whose certificates are stored
+    overwrite: bool = False  # allow a run_dir written by other settings (those records are deleted)
+    train_missing: bool = True  # train classifier / score net (and noisy_classifier) when missing
+    # weights of the classifier the `noisy` base uses (Cohen et al.'s baseline is fair only for a
+    # classifier trained with Gaussian noise at sigma, classifier.noise_sd); `{sigma}` in the path
+    # is replaced by each sigma (one noise-trained classifier per sigma); None: classifier.weights
+    noisy_classifier: str | None = None
+    measure_limit: bool = True  # time the base alone on one chunk of rows per base and sigma (overhead)
+
+
 @dataclass
 class Config:
     experiment: str = "fmnist"
@@ -266,6 +294,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
 
 
 # --- locating config files ----------------------------------------------------------------------
@@ -560,6 +589,7 @@ def validate(cfg: DictConfig) -> None:
     for e in cfg.benchmark.eps_sweep:
         if not 0 <= e <= 1:
             raise ConfigError(f"benchmark.eps_sweep: eps must be in [0, 1], got {e} ({EPS_HINT})")
+    check_certify(cfg.certify)
     devices = cfg.trainer.devices
     if not (
         devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
@@ -568,6 +598,29 @@ def validate(cfg: DictConfig) -> None:
 
 
 TRAIN_STAGES = ("classifier", "score", "ebm")
+
+
+def check_certify(cc: DictConfig) -> None:
+    """The `certify` block's lists: known base names (no repeats), sigmas > 0, radii >= 0."""
+    from advpure.certify.bases import BASES
+
+    if not cc.bases:
+        raise ConfigError(f"certify.bases: empty; allowed: {', '.join(BASES)}")
+    for b in cc.bases:
+        if b not in BASES:
+            raise ConfigError(f"certify.bases: unknown base classifier '{b}'; allowed: {', '.join(BASES)}")
+    if not cc.sigmas:
+        raise ConfigError("certify.sigmas: empty; give at least one smoothing sigma")
+    for name in ("bases", "sigmas"):
+        values = [float(v) if name == "sigmas" else v for v in cc[name]]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"certify.{name}: repeated values in {values}")
+    for sigma in cc.sigmas:
+        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
+            raise ConfigError(f"certify.sigmas: sigma must be a number > 0, got {sigma!r}")
+    for r in cc.radii:
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or r < 0:
+            raise ConfigError(f"certify.radii: radius must be a number >= 0, got {r!r}")
 
 
 # --- helpers for consumers ----------------------------------------------------------------------

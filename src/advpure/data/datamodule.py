@@ -184,6 +184,7 @@ class ImageDataModule(L.LightningDataModule):
         self.test_n: int | None = None
         self.test_batch_size: int | None = None
         self.val_n: int | None = None
+        self.test_stride: int = 1  # every k-th test image (randomized smoothing: every 20th)
         self.train_x: torch.Tensor | None = None
         self.train_y: torch.Tensor | None = None
         self.test_x: torch.Tensor | None = None
@@ -282,11 +283,13 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        stride: int = 1,
     ) -> DataLoader:
         """This rank's batches of the first `n` images of `split` ("test", "val" or "train").
 
-        `batch_size` defaults to `data.eval_batch_size`. Rank and world size default to the
-        attached Trainer's (or torch.distributed's).
+        `stride` k > 1 takes every k-th image of the split first (indices 0, k, 2k, ...), then the
+        first `n` of those. `batch_size` defaults to `data.eval_batch_size`. Rank and world size
+        default to the attached Trainer's (or torch.distributed's).
         """
         self._require_setup()
         if split == "test":
@@ -297,10 +300,15 @@ class ImageDataModule(L.LightningDataModule):
             x, y, indices = self.train_x, self.train_y, self.train_indices
         else:
             raise ValueError(f"unknown split '{split}'; allowed: test, val, train")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        if stride > 1:
+            indices = indices[::stride]
         if n is not None:
             if not 0 <= n <= len(indices):
+                every = f" (every {stride}th image)" if stride > 1 else ""
                 raise DataError(
-                    f"asked for the first {n} images of the {split} split, which has {len(indices)}"
+                    f"asked for the first {n} images of the {split} split{every}, which has {len(indices)}"
                 )
             indices = indices[:n]
         rank, world_size = self._shard(rank, world_size)
@@ -316,7 +324,7 @@ class ImageDataModule(L.LightningDataModule):
         """The test split; `n` / `batch_size` default to the `test_n` / `test_batch_size` attributes."""
         n = self.test_n if n is None else n
         batch_size = self.test_batch_size if batch_size is None else batch_size
-        return self.eval_loader("test", n=n, batch_size=batch_size)
+        return self.eval_loader("test", n=n, batch_size=batch_size, stride=self.test_stride)
 
     @staticmethod
     def _loader(x: torch.Tensor, y: torch.Tensor, sampler: Sampler) -> DataLoader:

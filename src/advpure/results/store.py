@@ -432,6 +432,18 @@ class RecordStore:
                 conn.execute("ROLLBACK")
             raise
 
+    def delete_certificates(self, base: str, sigma: float) -> None:
+        """Remove every certificate of one (base, sigma) unit, in one transaction (it is then recomputed)."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM certificates WHERE base=? AND sigma=?", (base, float(sigma)))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     def certificates(self) -> list[dict[str, Any]]:
         cols = _TABLES["certificates"][1]
         out = []
@@ -552,6 +564,14 @@ def load_certificates(run_dir: str | Path) -> list[dict[str, Any]]:
         for r in store.certificates():
             out.setdefault((r["base"], r["sigma"], r["idx"]), r)
     return [r for _, r in sorted(out.items())]
+
+
+def delete_certificate_units(run_dir: str | Path, units: Iterable[tuple[str, float]]) -> None:
+    """Delete the certificates of the (base, sigma) units `units` from every rank file of `run_dir`."""
+    units = list(units)
+    for _, store in _each_store(run_dir):
+        for base, sigma in units:
+            store.delete_certificates(base, sigma)
 
 
 def delete_units(run_dir: str | Path, units: Iterable[tuple[str, str]]) -> None:
