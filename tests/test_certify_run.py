@@ -22,7 +22,7 @@ from statsmodels.stats.proportion import proportion_confint
 from advpure import config as C
 from advpure.certify import ABSTAIN, certified_accuracy, lower_confidence_bound
 from advpure.errors import CheckpointError, ConfigError, RunDirError
-from advpure.results.store import load_certificates
+from advpure.results.rundir import load_certificates
 from conftest import TINY_TRAIN, needs_fmnist, tiny_overrides
 
 pytestmark = needs_fmnist

@@ -12,17 +12,15 @@ from advpure.results.checks import (
     CHECK_TITLES,
     Check,
     black_box_vs_white_box,
-    checks_markdown,
-    checks_metrics,
     loss_still_rising,
     monotone_in_eps,
     more_budget,
     paired_comparison,
-    run_checks,
     unbounded_eps,
     zero_gradient_flags,
     zero_gradients,
 )
+from advpure.results.checks_report import checks_markdown, checks_metrics, run_checks
 from advpure.results.worst_case import WORST_CASE, WORST_CASE_ALL, worst_case_records
 
 

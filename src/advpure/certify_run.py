@@ -34,7 +34,7 @@ from advpure.lit.certify import CertifyModule, unit_key
 from advpure.loggers import build_logger
 from advpure.nets import load_net_with_meta, load_nets
 from advpure.results.certify_report import radius_key, write_certify_report
-from advpure.results.store import clear, delete_certificate_units
+from advpure.results.rundir import clear, delete_certificate_units
 from advpure.train import say, train, train_classifier, weights_path
 from advpure.trainer import build_trainer, launch_rank, resolve_accelerator
 from advpure.weights import read_weights

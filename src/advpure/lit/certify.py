@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from advpure.certify import SmoothedClassifier
-from advpure.results.store import RecordStore, load_certificates
+from advpure.results.rundir import load_certificates
+from advpure.results.store import RecordStore
 
 Unit = tuple[str, float]  # (base name, sigma)
 

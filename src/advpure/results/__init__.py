@@ -18,13 +18,7 @@ from advpure.results.protocols import (
     register_protocol,
     with_floors,
 )
-from advpure.results.stats import accuracy, wilson
-from advpure.results.store import (
-    NATURAL,
-    Batch,
-    Example,
-    Record,
-    RecordStore,
+from advpure.results.rundir import (
     clear,
     delete_units,
     load_batches,
@@ -35,6 +29,8 @@ from advpure.results.store import (
     load_traces,
     rank_files,
 )
+from advpure.results.stats import accuracy, wilson
+from advpure.results.store import NATURAL, Batch, Example, Record, RecordStore
 from advpure.results.tables import (
     CITED_HEADING,
     columns,

@@ -32,7 +32,8 @@ from matplotlib.figure import Figure
 from statsmodels.stats.proportion import proportion_confint
 
 from advpure.certify.stats import ABSTAIN, certified_accuracy
-from advpure.results.store import RecordStore, load_certificates, rank_files
+from advpure.results.rundir import load_certificates, rank_files
+from advpure.results.store import RecordStore
 
 CI_ALPHA = 0.05  # 95% Wilson intervals of every accuracy cell
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advpure.results.checks import checks_markdown, checks_metrics, run_checks
+from advpure.results.checks_report import checks_markdown, checks_metrics, run_checks
 from advpure.results.plots import plot_defense_bars, plot_image_grid, plot_loss_curves, plot_robust_vs_eps
 from advpure.results.protocols import check_consistency, metric_name
-from advpure.results.store import NATURAL, load_batches, load_examples, load_records, load_stats, load_traces
+from advpure.results.rundir import load_batches, load_examples, load_records, load_stats, load_traces
+from advpure.results.store import NATURAL
 from advpure.results.tables import stat_protocols, summarize, to_console, to_csv, to_json, to_markdown
 from advpure.results.worst_case import WORST_CASE, WORST_CASE_ALL, worst_case_records
 

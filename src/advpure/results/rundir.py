@@ -1,0 +1,129 @@
+"""A run directory's records: every rank's store file (`records/rank<r>.sqlite`, see
+`advpure.results.store`) merged and deduplicated by key, and deletion of blocks or everything.
+
+The same key in two files with the same value is normal (a batch redone by another rank after a
+resume with a different world size); different values raise `RunDirError` naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advpure.errors import RunDirError
+from advpure.results.store import Batch, Example, Record, RecordStore, records_dir
+
+
+def rank_files(run_dir: str | Path) -> list[Path]:
+    """`records/rank*.sqlite`, ordered by rank number (journal files are not matched)."""
+    files = [p for p in records_dir(run_dir).glob("rank*.sqlite") if re.fullmatch(r"rank\d+\.sqlite", p.name)]
+    return sorted(files, key=lambda p: int(p.name[4:-7]))
+
+
+def _each_store(run_dir: str | Path):
+    for path in rank_files(run_dir):
+        with RecordStore(path) as store:
+            yield path, store
+
+
+def load_records(run_dir: str | Path) -> list[Record]:
+    """Every record of every rank file, deduplicated by key and sorted by key.
+
+    The same key in two files with the same value is normal (a batch redone by another rank after
+    a resume with a different world size); different values raise `RunDirError` naming the key.
+    """
+    merged: dict[tuple, tuple[float, Path]] = {}
+    for path, store in _each_store(run_dir):
+        for r in store.records():
+            seen = merged.get(r.key)
+            if seen is None:
+                merged[r.key] = (r.value, path)
+            elif seen[0] != r.value:
+                raise RunDirError(
+                    f"conflicting record {r.key}: {seen[0]} in {seen[1]}, {r.value} in {path}; "
+                    "two runs disagree — delete the run dir or use a new one"
+                )
+    return [Record(*key, value) for key, (value, _) in sorted(merged.items())]
+
+
+def load_batches(run_dir: str | Path) -> list[Batch]:
+    """Every done marker, one per (defense, attack, batch); the lowest rank's copy wins.
+
+    Two copies of a batch must cover the same images; their costs may differ (timing noise) and
+    are not added, so that cost per image stays the cost of attacking each image once.
+    """
+    merged: dict[tuple, tuple[Batch, Path]] = {}
+    for path, store in _each_store(run_dir):
+        for b in store.batches():
+            key = (b.defense, b.attack, b.batch)
+            seen = merged.get(key)
+            if seen is None:
+                merged[key] = (b, path)
+            elif (seen[0].first_idx, seen[0].n) != (b.first_idx, b.n):
+                raise RunDirError(
+                    f"conflicting batch {key}: images [{seen[0].first_idx}, +{seen[0].n}) in {seen[1]}, "
+                    f"[{b.first_idx}, +{b.n}) in {path}"
+                )
+    return [b for _, (b, _) in sorted(merged.items())]
+
+
+def load_traces(run_dir: str | Path) -> dict[tuple[str, str], dict[int, np.ndarray]]:
+    """`{(defense, attack): {idx: float32 loss per iteration}}`, merged over ranks."""
+    out: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    for _, store in _each_store(run_dir):
+        for d, a, i, losses in store.traces():
+            out.setdefault((d, a), {}).setdefault(i, losses)
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def load_examples(run_dir: str | Path) -> list[Example]:
+    """Every stored example (first copy of each (defense, attack, idx)), sorted by that key."""
+    out: dict[tuple, Example] = {}
+    for _, store in _each_store(run_dir):
+        for e in store.examples():
+            out.setdefault((e.defense, e.attack, e.idx), e)
+    return [e for _, e in sorted(out.items(), key=lambda kv: kv[0])]
+
+
+def load_stats(run_dir: str | Path) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
+    """`{(defense, attack): {name: {idx: value}}}`: per-sample diagnostics, merged over ranks."""
+    out: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    for _, store in _each_store(run_dir):
+        for d, a, i, name, v in store.stats():
+            out.setdefault((d, a), {}).setdefault(name, {}).setdefault(i, v)
+    return out
+
+
+def load_certificates(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every stored certificate, one per (base, sigma, idx) (the lowest rank's copy), sorted."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for _, store in _each_store(run_dir):
+        for r in store.certificates():
+            out.setdefault((r["base"], r["sigma"], r["idx"]), r)
+    return [r for _, r in sorted(out.items())]
+
+
+def delete_certificate_units(run_dir: str | Path, units: Iterable[tuple[str, float]]) -> None:
+    """Delete the certificates of the (base, sigma) units `units` from every rank file of `run_dir`."""
+    units = list(units)
+    for _, store in _each_store(run_dir):
+        for base, sigma in units:
+            store.delete_certificates(base, sigma)
+
+
+def delete_units(run_dir: str | Path, units: Iterable[tuple[str, str]]) -> None:
+    """Delete the (defense, attack) blocks `units` from every rank file of `run_dir`."""
+    units = list(units)
+    for _, store in _each_store(run_dir):
+        for defense, attack in units:
+            store.delete_unit(defense, attack)
+
+
+def clear(run_dir: str | Path) -> None:
+    """Delete the records folder (the user asked to overwrite a run dir)."""
+    shutil.rmtree(records_dir(run_dir), ignore_errors=True)
