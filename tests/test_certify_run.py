@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from advpure.results.wandb_offline import find_run_files, read_run
+from helpers.wandb_offline import find_run_files, read_run
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
