@@ -37,7 +37,12 @@ def by_key(records):
 
 
 def test_end_to_end_files_numbers_and_wandb(tmp_path, tiny_artifacts):
-    cfg, run = run_bench(tmp_path, tiny_artifacts, **{"logger.kind": "wandb"})
+    every = "[single,worst_of_n,mean_of_n,ever_broken,dwbox]"
+    cfg, run = run_bench(
+        tmp_path,
+        tiny_artifacts,
+        **{"logger.kind": "wandb", "benchmark.protocols": every, "benchmark.checks": "true"},
+    )
     for name in (
         "config.yaml",
         "manifest.json",
@@ -70,6 +75,24 @@ def test_end_to_end_files_numbers_and_wandb(tmp_path, tiny_artifacts):
     assert (
         "first 7 test images" in md and "eps 0.15" in md and "not measured here" in md and "BPDA2+EOT2" in md
     )
+    # the worst case over attacks per defense, the DW-box column with the floors, the Checks section
+    assert "Worst case (all attacks; images every attack covered)" in md and "| DW-box |" in md
+    assert "Worst-of-N floor" in md and "Ever-broken floor" in md and "## Checks" in md
+    wc = next(
+        r
+        for r in rows
+        if r["defense"] == "adp_s0.25" and r["attack"] == "worst_case" and r["merge"] == "softmax"
+    )
+    per_attack = [
+        r
+        for r in rows
+        if r["defense"] == "adp_s0.25" and r["merge"] == "softmax" and r["attack"] in cfg.attacks
+    ]
+    assert wc["single"] <= min(r["single"] for r in per_attack) and wc["n"] == 7
+    assert all(r["dwbox"] is not None for r in per_attack)
+    assert "@unbounded" not in md and any(
+        r["attack"].endswith("@unbounded") for r in rows
+    )  # checks: not table rows
     # the offline W&B run holds the same numbers under natural/... and robust/... keys
     files = find_run_files(run)
     assert len(files) == 1
@@ -107,7 +130,8 @@ def test_sanity_eps_zero_identity_bpda_and_undefended_pgd(tmp_path, tiny_artifac
         "attacks.apgd100_eot20_ce.eot": 2,
     }
     zero = {f"attacks.{a}.eps": 0.0 for a in attacks.strip("[]").split(",")}
-    _, run = run_bench(tmp_path / "zero", tiny_artifacts, **extra, **zero, **{"benchmark.checks": "false"})
+    protocols = {"benchmark.protocols": "[single,worst_of_n,mean_of_n,ever_broken,dwbox]"}
+    _, run = run_bench(tmp_path / "zero", tiny_artifacts, **extra, **zero, **protocols)
     recs = by_key(load_records(run))
     checked = 0
     for (d, a, p, m, i), v in recs.items():

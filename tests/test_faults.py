@@ -233,11 +233,12 @@ def test_help_keys_are_generated_from_the_dataclasses():
     import dataclasses
 
     from advpure.cli_help import schema_rows
+    from advpure.params import at_least, choice
 
     @dataclasses.dataclass
     class Probe:
-        steps: int = C.at_least(7, 1)  # a comment the help shows
-        mode: str = C.choice("a", "a", "b")
+        steps: int = at_least(7, 1)  # a comment the help shows
+        mode: str = choice("a", "a", "b")
         tags: list[str] = dataclasses.field(default_factory=lambda: ["x"])
 
     assert schema_rows("probe", Probe) == [

@@ -4,44 +4,66 @@ that the logged metrics are the ones in results.json.
 File layout: a 7-byte header (":W&B", 2 magic bytes, 1 version byte), then LevelDB-log records in
 32 KiB blocks: each record has a 7-byte header (CRC32C, little-endian length, type FULL=1,
 FIRST=2, MIDDLE=3, LAST=4); a block tail shorter than a header is zero padding. Each assembled
-payload is a `wandb_internal_pb2.Record`.
+payload is a `wandb_internal_pb2.Record`. The checksum is zlib's CRC-32 of the type byte and the
+chunk (checked: the W&B service may still be appending when `run.finish()` has returned, so a
+torn tail is re-read, never parsed).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
+import zlib
 from pathlib import Path
 
 BLOCK = 32 * 1024
 HEADER = 7
 
 
-def _payloads(data: bytes):
+class TornFile(ValueError):
+    """The file ends inside a record or a chunk fails its checksum (still being written)."""
+
+
+def _payloads(data: bytes) -> list[bytes]:
     if data[:4] != b":W&B":
         raise ValueError("not a W&B run file (missing :W&B header)")
-    pos, parts = HEADER, []
+    out, pos, parts = [], HEADER, []
     while pos + HEADER <= len(data):
         left_in_block = BLOCK - pos % BLOCK
         if left_in_block < HEADER:
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        pos += HEADER
-        chunk = data[pos : pos + length]
-        pos += length
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0 and length == 0:
+            pos += HEADER
             continue
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) != crc:
+            raise TornFile(f"record at byte {pos} is torn or fails its checksum")
+        pos += HEADER + length
         if kind == 1:
-            yield chunk
+            out.append(chunk)
         elif kind == 2:
             parts = [chunk]
         elif kind == 3:
             parts.append(chunk)
         elif kind == 4:
-            parts.append(chunk)
-            yield b"".join(parts)
+            out.append(b"".join(parts + [chunk]))
             parts = []
+    return out
+
+
+def _read_payloads(path: Path, wait_s: float = 30.0) -> list[bytes]:
+    """The file's payloads, re-reading for up to `wait_s` while its tail is still being written."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _payloads(path.read_bytes())
+        except TornFile:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def read_run(path: str | Path) -> dict:
@@ -49,7 +71,7 @@ def read_run(path: str | Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
     out: dict = {"history": [], "summary": {}, "config": {}}
-    for payload in _payloads(Path(path).read_bytes()):
+    for payload in _read_payloads(Path(path)):
         rec = pb.Record()
         rec.ParseFromString(payload)
         which = rec.WhichOneof("record_type")
