@@ -195,3 +195,18 @@ def test_eps_sweep_units_scale_the_step_with_eps():
     assert sorted(sweep) == [0.0, 0.05, 0.1, 0.15, 0.2]
     assert sweep[0.15] == pytest.approx(0.04) and sweep[0.05] == pytest.approx(0.04 / 3)
     assert all(s / e == pytest.approx(0.04 / 0.15) for e, s in sweep.items() if e > 0)
+
+
+@pytest.mark.parametrize("name", C.experiment_names())
+def test_every_experiment_composes_and_plans(name):
+    """Each shipped experiment loads, validates and builds its benchmark plan (no nets needed):
+    a typo in an experiment file, a defense option that does not exist or an attack that is not
+    selected fails here, not hours into a cluster job."""
+    from advpure.plan import build_plan
+
+    cfg = C.load(name)
+    plan = build_plan(cfg)
+    assert cfg.experiment == name
+    assert plan.units or cfg.certify.sigmas  # something to run
+    for unit in plan.units:
+        assert unit.defense in plan.defenses and unit.label

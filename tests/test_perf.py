@@ -128,6 +128,7 @@ def test_no_checkpoint_variant_computes_the_same_gradient():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
 
 
+@pytest.mark.slow  # runs every perf figure (~30 s); `make test-slow`
 def test_tiny_suite_writes_every_figure(tmp_path):
     out = tmp_path / "perf.json"
     proc = subprocess.run(

@@ -176,8 +176,8 @@ def _train_cmd(tmp, **extra):
 @needs_fmnist
 def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
     extra = {
-        "score.max_steps": 200,
-        "score.ckpt_every_n_steps": 20,
+        "score.max_steps": 80,
+        "score.ckpt_every_n_steps": 10,
         "score.val_every_n_steps": 1000,
         "trainer.num_threads": 1,
     }
@@ -195,13 +195,13 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
     weights = killed / "artifacts/fmnist/score.pt"
     assert not weights.exists(), "the run finished before it could be killed"
     stopped_at = torch.load(last, weights_only=True)["global_step"]
-    assert 0 < stopped_at < 200
+    assert 0 < stopped_at < 80
     out = subprocess.run(_train_cmd(killed, **extra), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resuming from" in out.stdout
     a = read_weights(straight / "artifacts/fmnist/score.pt")
     b = read_weights(weights)
-    assert a["meta"]["steps"] == b["meta"]["steps"] == 200
+    assert a["meta"]["steps"] == b["meta"]["steps"] == 80
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 

@@ -297,6 +297,7 @@ def test_benchmark_job_with_two_tasks_matches_a_local_run(cluster, work, referen
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # `scontrol requeue`; the fast suite covers requeue + resume through SIGUSR1 below
 @needs_fmnist
 def test_requeued_benchmark_job_resumes_without_redoing_stored_batches(cluster, work, reference_long):
     job, log = submit(cluster, work, "job_requeue", LONG)
