@@ -379,3 +379,18 @@ def test_training_noise_is_part_of_the_classifier_fingerprint_only_when_set(tmp_
     noisy = C.load("fmnist", tiny_overrides(tmp_path, **{"classifier.noise_sd": 0.25}))
     assert stage_fingerprint(base, "classifier") != stage_fingerprint(noisy, "classifier")
     assert stage_fingerprint(base, "score") == stage_fingerprint(noisy, "score")
+
+
+def test_pgd_l2_noise_is_keyed_per_image_not_per_batch_position():
+    clf, score = small_nets()
+    base = build_base("denoised", clf, 0.25, score_net=score)
+    x = torch.rand((3, 1, 28, 28), generator=torch.Generator().manual_seed(5))
+    kw = dict(sigma=0.25, eps=0.5, steps=2, samples=3, seed=4)
+    target = torch.tensor([0, 1, 2])
+    together = smoothed_pgd_l2(base, x, target, idx=[7, 8, 9], **kw)
+    alone = smoothed_pgd_l2(base, x[2:], target[2:], idx=[9], **kw)
+    reversed_ = smoothed_pgd_l2(base, x.flip(0), target.flip(0), idx=[9, 8, 7], **kw)
+    torch.testing.assert_close(together[2:], alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(together, reversed_.flip(0), rtol=0, atol=1e-6)
+    other_key = smoothed_pgd_l2(base, x[2:], target[2:], idx=[10], **kw)
+    assert not torch.allclose(other_key, alone)  # the index keys the noise

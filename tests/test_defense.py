@@ -230,3 +230,31 @@ def test_frozen_langevin_steps_see_different_noise_but_every_call_the_same():
             first = one.purify(x, SampleRNG(0, idx)).x
     step2 = (two - x) - (first - x)  # the second step's noise; equal to the first's only if reused
     assert not torch.allclose(step2, first - x)
+
+
+def test_langevin_purify_samples_the_gaussian_its_score_describes():
+    """With the DSM score f / dsm_sigma = -(x - mu) / s^2 of N(mu, s^2) per pixel, the Langevin chain
+    x <- x + eta/2 s(x) + sqrt(eta) n forgets its start and samples the unadjusted-Langevin
+    stationary law: mean mu, variance eta / (1 - (1 - eta / (2 s^2))^2) (closed form)."""
+    from advpure.purify import langevin_purify
+
+    mu, s, eta, dsm_sigma = 0.5, 0.05, 1e-4, 0.1
+    x0 = torch.full((64, 1, 8, 8), 0.8)  # 6 s away from mu
+
+    def score(x):
+        return -dsm_sigma * (x - mu) / s**2
+
+    out = langevin_purify(
+        x0,
+        score,
+        sigma=0.0,
+        eta=eta,
+        dsm_sigma=dsm_sigma,
+        steps=400,
+        generator=torch.Generator().manual_seed(0),
+    )
+    a = 1 - eta / (2 * s**2)
+    std = (eta / (1 - a**2)) ** 0.5
+    assert out.x.mean().item() == pytest.approx(mu, abs=0.004)
+    assert out.x.std().item() == pytest.approx(std, rel=0.05)
+    assert out.steps.tolist() == [400] * 64 and out.score_evals.tolist() == [400] * 64

@@ -15,6 +15,7 @@ import torch
 
 from advpure import cli
 from advpure import config as C
+from advpure.certify import score_sigma_range
 from advpure.data import get_spec
 from advpure.errors import CheckpointError, ConfigError
 from advpure.importers import robustbench as rb
@@ -110,7 +111,10 @@ def test_imported_checkpoint_gives_the_reference_forward(tmp_path, capsys):
     meta = read_weights(out)["meta"]
     assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert meta["element"].startswith("state_dict") and meta["step"] == 300000 and meta["epoch"] == 117
-    assert (meta["sigmas_num"], meta["sigma_max"], round(meta["sigma_min"], 6)) == (232, 50.0, 0.01)
+    assert (meta["dsm_levels"], meta["dsm_sigma_max"], round(meta["dsm_sigma_min"], 6)) == (232, 50.0, 0.01)
+    # certification reads the net's own DSM range from these keys (not the config's)
+    lo, hi = score_sigma_range(meta, score_cfg=None)
+    assert (round(lo, 6), hi) == (0.01, 50.0)
     assert meta["parameters"] == count_parameters(net)
 
 
@@ -178,7 +182,7 @@ def test_bad_state_dicts_are_one_line_errors(tmp_path, capsys, kwargs, message):
 def test_other_sigmas_import_when_asked(tmp_path):
     src = _write_official(tmp_path / "ckpt.pth", sigmas=geometric_sigmas(90.0, 0.01, 500))
     _, meta = import_ncsnv2(src, tmp_path / "score.pt", any_sigmas=True)
-    assert meta["sigmas_num"] == 500 and meta["sigmas_cifar10"] is False
+    assert meta["dsm_levels"] == 500 and meta["sigmas_cifar10"] is False
 
 
 def test_missing_ema_and_wrong_objects(tmp_path, capsys):

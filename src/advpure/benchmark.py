@@ -12,13 +12,10 @@ Reads top to bottom:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from advpure.attacks import check_attack
@@ -26,18 +23,20 @@ from advpure.callbacks.attack import AttackCallback
 from advpure.callbacks.report import ReportCallback
 from advpure.config import fingerprint, to_dict, to_yaml
 from advpure.data import ImageDataModule
-from advpure.errors import CheckpointError, ConfigError, RunDirError
+from advpure.errors import CheckpointError, ConfigError
 from advpure.lit.defended import DefendedClassifier
 from advpure.loggers import build_logger
 from advpure.nets import load_nets
 from advpure.nets.compiled import compile_net
 from advpure.plan import Plan, build_plan, header_lines, natural_fingerprint, unit_fingerprint
 from advpure.purify.defense import build_defense
-from advpure.results import NATURAL, clear, delete_units, metric_name, protocol, with_floors
+from advpure.results import NATURAL, delete_units, metric_name, protocol, with_floors
 from advpure.results.report import ReportPlan
+from advpure.results.rundir import open_run_dir as open_rundir
 from advpure.runenv import redirect_writes_for
-from advpure.train import say, train, weights_path
-from advpure.trainer import build_trainer, launch_rank
+from advpure.train import train, weights_path
+from advpure.trainer import build_trainer, launch_rank, say, test_and_read_results
+from advpure.weights import file_sha256
 
 AMP = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -88,14 +87,6 @@ def load_ebm_field(cfg: DictConfig, spec):
     return load_energy_field(cfg.ebm.weights, ebm_arch(cfg, spec))
 
 
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 # 3 ------------------------------------------------------------------------------------------------
 def base_fingerprint(cfg: DictConfig) -> str:
     """What every block of records depends on (the test images, their batches, the protocols)."""
@@ -113,53 +104,24 @@ def base_fingerprint(cfg: DictConfig) -> str:
 
 
 def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
-    """Create or reopen the run dir. Refuses (changing nothing) when some of its blocks were made
-    by other settings, unless benchmark.overwrite=true, which deletes those blocks only (all of
-    them when the base settings changed)."""
-    run_dir = Path(cfg.benchmark.run_dir)
-    manifest_path = run_dir / "manifest.json"
-    weights = {"classifier": _file_hash(weights_path(cfg, "classifier"))}
-    for net in plan.nets - {"classifier"}:
-        weights[net] = _file_hash(weights_path(cfg, net))
+    """Create or reopen the run dir (`advpure.results.rundir.open_run_dir`): a run dir some of whose
+    blocks were made by other settings is refused, changing nothing, unless benchmark.overwrite=true,
+    which deletes those blocks only (all of them when the base settings changed)."""
+    weights = {net: file_sha256(weights_path(cfg, net))[:16] for net in {"classifier", *plan.nets}}
     units = {f"{d}/{NATURAL}": natural_fingerprint(plan, d, weights) for d in plan.defenses}
     units.update({u.key: unit_fingerprint(plan, u, weights) for u in plan.units})
-    manifest = {"base": base_fingerprint(cfg), "units": units}
-    if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text())
-            old_base, old_units = old["base"], old["units"]
-        except (ValueError, KeyError, TypeError):
-            raise RunDirError(
-                f"{manifest_path} is corrupt; delete the run dir or use benchmark.overwrite=true"
-            ) from None
-        changed = [k for k in units if k in old_units and old_units[k] != units[k]]
-        base_changed = old_base != manifest["base"]
-        if (changed or base_changed) and not cfg.benchmark.overwrite:
-            what = ["the base settings (data, images, batch size, protocols or seed)"] if base_changed else []
-            raise RunDirError(
-                f"{run_dir} holds results made with other settings ({'; '.join([*what, *changed][:4])}); "
-                "use benchmark.overwrite=true to discard those, or another benchmark.run_dir"
-            )
-        if base_changed or not cfg.benchmark.resume:
-            if launch_rank() == 0:
-                clear(run_dir)
-            old_units = {}
-        elif changed:
-            if launch_rank() == 0:
-                delete_units(run_dir, [tuple(k.split("/", 1)) for k in changed])
-        manifest["units"] = {**old_units, **units}
-    # A SIGUSR1 under SLURM left an hpc checkpoint here; under SLURM Lightning's test() would load
-    # it, but the nets come from the weights files and the records are what resumes. Every rank
-    # deletes it before its own test() picks a checkpoint (rank 0 alone would race the others).
-    for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
-        stale.unlink(missing_ok=True)
-    if launch_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return run_dir
+    return open_rundir(
+        cfg.benchmark.run_dir,
+        {"base": base_fingerprint(cfg), "units": units},
+        config_yaml=to_yaml(cfg),
+        section="benchmark",
+        things="results",
+        base_what="data, images, batch size, protocols or seed",
+        delete=lambda run_dir, keys: delete_units(run_dir, [tuple(k.split("/", 1)) for k in keys]),
+        resume=cfg.benchmark.resume,
+        overwrite=cfg.benchmark.overwrite,
+        rank=launch_rank(),
+    )
 
 
 def report_plan(plan: Plan) -> ReportPlan:
@@ -192,6 +154,12 @@ def unit_protocols(unit, protocols: list[str]) -> list[str]:
 
 # the command ---------------------------------------------------------------------------------------
 def benchmark(cfg: DictConfig) -> dict | None:
+    """Run `advpure benchmark` for the resolved config: train the missing nets (benchmark.train_missing),
+    open or resume the run dir, evaluate and attack every defense of the plan on the first
+    benchmark.n_images test images, and write results.{md,json,csv}, plots and W&B. Returns
+    results.json's content on rank 0 (None on other ranks). Raises ConfigError (bad settings,
+    refused before any work), RunDirError (a run dir made by other settings), CheckpointError
+    (missing or wrong weights) or NonFiniteError (a net produced NaN/inf)."""
     t0 = time.perf_counter()
     redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     if cfg.trainer.precision == "16-mixed":
@@ -268,9 +236,4 @@ def benchmark(cfg: DictConfig) -> dict | None:
         f"benchmark: {len(plan.defenses)} defense(s) x {len(plan.units)} attack run(s) on {bc.n_images} images "
         f"-> {run_dir}"
     )
-    trainer.test(module, datamodule=dm, verbose=False)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    say(f"benchmark finished in {time.perf_counter() - t0:.0f} s")
-    results = run_dir / "results.json"
-    return json.loads(results.read_text()) if results.exists() else None
+    return test_and_read_results(trainer, module, dm, run_dir, "benchmark", t0)

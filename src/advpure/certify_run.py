@@ -14,30 +14,29 @@ Reads top to bottom:
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
+from advpure.callbacks.report import RecordsReport
 from advpure.certify import build_base, check_sigma_covered, score_sigma_range
 from advpure.certify.bases import BASES
 from advpure.config import fingerprint, to_dict, to_yaml
 from advpure.data import ImageDataModule, get_spec
-from advpure.errors import CheckpointError, ConfigError, RunDirError
+from advpure.errors import CheckpointError, ConfigError
 from advpure.lit.certify import CertifyModule, unit_key
 from advpure.loggers import build_logger
 from advpure.nets import load_net_with_meta, load_nets
 from advpure.results.certify_report import radius_key, write_certify_report
-from advpure.results.rundir import clear, delete_certificate_units
-from advpure.train import say, train, train_classifier, weights_path
-from advpure.trainer import build_trainer, launch_rank, resolve_accelerator
-from advpure.weights import read_weights
+from advpure.results.rundir import delete_certificate_units
+from advpure.results.rundir import open_run_dir as open_rundir
+from advpure.runenv import redirect_writes_for
+from advpure.train import train, train_classifier, weights_path
+from advpure.trainer import build_trainer, launch_rank, resolve_accelerator, say, test_and_read_results
+from advpure.weights import file_sha256, read_weights
 
 ADP_KEYS = ("lam", "delta", "tau", "steps")
 PAPER = {"n0": 100, "n": 100_000, "alpha": 0.001, "n_images": 500}  # Cohen et al.'s CIFAR-10 protocol
@@ -131,14 +130,6 @@ def noise_config(cfg: DictConfig, sigma: float, path: Path) -> DictConfig:
 
 
 # 3 ------------------------------------------------------------------------------------------------
-def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def classifier_meta(path: Path) -> dict:
     try:
         return dict(read_weights(path).get("meta", {}))
@@ -156,13 +147,13 @@ def build_bases(cfg: DictConfig, plan: CertifyPlan, spec, classifier, score) -> 
     """({(base, sigma): module}, {unit key: weights hashes}, header lines naming each base's nets)."""
     main_path = weights_path(cfg, "classifier")
     main_meta = classifier_meta(main_path) if cfg.classifier.source != "robustbench" else {}
-    hashes = {"classifier": file_hash(main_path)}
+    hashes = {"classifier": file_sha256(main_path)[:16]}
     score_range = None
     lines = []
     if plan.needs_score:
         score_meta = read_weights(cfg.score.weights).get("meta", {})
         score_range = score_sigma_range(score_meta, cfg.score)
-        hashes["score"] = file_hash(cfg.score.weights)
+        hashes["score"] = file_sha256(cfg.score.weights)[:16]
     noisy_nets: dict[Path, tuple] = {}
     for path in plan.noisy_paths.values():
         if path == main_path:
@@ -175,7 +166,7 @@ def build_bases(cfg: DictConfig, plan: CertifyPlan, spec, classifier, score) -> 
                 raise CheckpointError(
                     f"{path}: a classifier of (channels, size, classes) {have}, the data needs {want}"
                 )
-            noisy_nets[path] = (net, meta, file_hash(path))
+            noisy_nets[path] = (net, meta, file_sha256(path)[:16])
     bases, unit_weights = {}, {}
     for name, sigma in plan.units:
         if name == "noisy":
@@ -248,51 +239,25 @@ def unit_fingerprints(plan: CertifyPlan, unit_weights: dict) -> dict[str, str]:
 
 
 def open_run_dir(cfg: DictConfig, units: dict[str, str]) -> Path:
-    """Create or reopen the run dir. Refuses (changing nothing) when some of its certificates were
-    made by other settings, unless certify.overwrite=true, which deletes those units only (all of
-    them when the base settings changed). certify.resume=false starts over."""
+    """Create or reopen the run dir (`advpure.results.rundir.open_run_dir`): refused, changing
+    nothing, when some of its certificates were made by other settings, unless certify.overwrite=true,
+    which deletes those units only (all of them when the base settings changed). certify.resume=false
+    starts over."""
     cc = cfg.certify
-    run_dir = Path(cc.run_dir)
-    manifest_path = run_dir / "manifest.json"
-    manifest = {"base": base_fingerprint(cfg), "units": units}
-    if manifest_path.exists():
-        try:
-            old = json.loads(manifest_path.read_text())
-            old_base, old_units = old["base"], old["units"]
-        except (ValueError, KeyError, TypeError):
-            raise RunDirError(
-                f"{manifest_path} is corrupt; delete the run dir or use certify.overwrite=true"
-            ) from None
-        changed = [k for k in units if k in old_units and old_units[k] != units[k]]
-        base_changed = old_base != manifest["base"]
-        if (changed or base_changed) and not cc.overwrite:
-            what = (
-                ["the base settings (data, seed, block, n0, n, alpha, device or precision)"]
-                if base_changed
-                else []
-            )
-            raise RunDirError(
-                f"{run_dir} holds certificates made with other settings ({'; '.join([*what, *changed][:4])}); "
-                "use certify.overwrite=true to discard those, or another certify.run_dir"
-            )
-        if base_changed or not cc.resume:
-            if launch_rank() == 0:
-                clear(run_dir)
-            old_units = {}
-        elif changed and launch_rank() == 0:
-            delete_certificate_units(
-                run_dir, [(k.rsplit("/s", 1)[0], float(k.rsplit("/s", 1)[1])) for k in changed]
-            )
-        manifest["units"] = {**old_units, **units}
-    for stale in run_dir.glob("hpc_ckpt_*.ckpt"):  # see advpure.benchmark.open_run_dir
-        stale.unlink(missing_ok=True)
-    if launch_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return run_dir
+    return open_rundir(
+        cc.run_dir,
+        {"base": base_fingerprint(cfg), "units": units},
+        config_yaml=to_yaml(cfg),
+        section="certify",
+        things="certificates",
+        base_what="data, seed, block, n0, n, alpha, device or precision",
+        delete=lambda run_dir, keys: delete_certificate_units(
+            run_dir, [(k.rsplit("/s", 1)[0], float(k.rsplit("/s", 1)[1])) for k in keys]
+        ),
+        resume=cc.resume,
+        overwrite=cc.overwrite,
+        rank=launch_rank(),
+    )
 
 
 def header_lines(cfg: DictConfig, indices: list[int], base_lines: list[str], max_batch: int) -> list[str]:
@@ -331,24 +296,19 @@ def header_lines(cfg: DictConfig, indices: list[int], base_lines: list[str], max
 
 
 # 6 ------------------------------------------------------------------------------------------------
-class CertifyReportCallback(Callback):
+class CertifyReportCallback(RecordsReport):
     """When the test loop ends, rank 0 turns all processes' certificates into the results files and
     the plot, prints the table and sends the same numbers, the table and the plot to W&B."""
 
     def __init__(self, run_dir, *, indices, units, radii, header_lines, meta):
-        self.run_dir, self.indices, self.units, self.radii = run_dir, indices, units, radii
+        super().__init__(run_dir)
+        self.indices, self.units, self.radii = indices, units, radii
         self.header_lines, self.meta = header_lines, meta
-        self.report: dict | None = None
         self.t0 = time.perf_counter()
 
-    def on_test_end(self, trainer, pl_module):
-        pl_module.store.close()  # flush this rank's store before rank 0 reads every store
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-        if not trainer.is_global_zero:
-            return
+    def write(self, trainer, pl_module) -> dict:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.report = write_certify_report(
+        return write_certify_report(
             self.run_dir,
             indices=self.indices,
             units=self.units,
@@ -361,15 +321,8 @@ class CertifyReportCallback(Callback):
                 "computed_rank0": pl_module.computed,
             },
         )
-        print("\n" + self.report["console"] + f"\n\nresults: {self.run_dir}/results.md", flush=True)
-        for logger in trainer.loggers:
-            if logger.__class__.__name__ == "WandbLogger":
-                self._to_wandb(logger.experiment)
 
-    def _to_wandb(self, run) -> None:
-        import wandb
-
-        rows = self.report["rows"]
+    def wandb_table(self, wandb):
         rcols = [radius_key(r) for r in self.radii]
         columns = [
             "base",
@@ -382,14 +335,8 @@ class CertifyReportCallback(Callback):
             "images_per_s",
             "overhead",
         ]
-        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-        payload = {"certify/results": table, **self.report["metrics"]}
-        for name, path in self.report["plots"].items():
-            payload[f"plots/{name}"] = wandb.Image(str(path))
-        run.log(payload)
-        for k, v in self.report["metrics"].items():
-            run.summary[k] = v
-        run.finish()  # in the process that owns the run (see advpure.callbacks.report)
+        data = [[r.get(c) for c in columns] for r in self.report["rows"]]
+        return "certify/results", wandb.Table(columns=columns, data=data)
 
 
 # the command ---------------------------------------------------------------------------------------
@@ -407,6 +354,7 @@ def test_indices(cfg: DictConfig, test_size: int) -> list[int]:
 
 def certify(cfg: DictConfig) -> dict | None:
     """Run `advpure certify` for the resolved config; returns results.json's content (rank 0)."""
+    redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     t0 = time.perf_counter()
     cc = cfg.certify
     plan = plan_units(cfg)
@@ -456,9 +404,4 @@ def certify(cfg: DictConfig) -> dict | None:
         f"certify: {len(plan.units)} (base, sigma) unit(s) x {len(indices)} images, n0={cc.n0}, n={cc.n}, "
         f"alpha={cc.alpha:g} -> {run_dir}"
     )
-    trainer.test(module, datamodule=dm, verbose=False)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    say(f"certify finished in {time.perf_counter() - t0:.0f} s")
-    results = run_dir / "results.json"
-    return json.loads(results.read_text()) if results.exists() else None
+    return test_and_read_results(trainer, module, dm, run_dir, "certify", t0)

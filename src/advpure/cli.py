@@ -65,16 +65,22 @@ def _run_config(args: list[str]) -> int:
     return 0
 
 
-def _run_train(args: list[str]) -> int:
-    from advpure.runenv import redirect_writes_for
+def _job(module: str, function: str) -> Callable[[list[str]], int]:
+    """A command that loads the config, sends library caches and temp files under paths.cache (before
+    torch, Lightning, matplotlib and W&B are imported), then runs `module.function(cfg)`."""
 
-    cfg = _load(args)
-    redirect_writes_for(cfg)  # before torch, Lightning, matplotlib and W&B are imported
-    _quiet_lightning()
-    from advpure.train import train
+    def run(args: list[str]) -> int:
+        import importlib
 
-    train(cfg)
-    return 0
+        from advpure.runenv import redirect_writes_for
+
+        cfg = _load(args)
+        redirect_writes_for(cfg)
+        _quiet_lightning()
+        getattr(importlib.import_module(module), function)(cfg)
+        return 0
+
+    return run
 
 
 def _run_import_weights(args: list[str]) -> int:
@@ -83,28 +89,9 @@ def _run_import_weights(args: list[str]) -> int:
     return import_weights(args)
 
 
-def _run_certify(args: list[str]) -> int:
-    from advpure.runenv import redirect_writes_for
-
-    cfg = _load(args)
-    redirect_writes_for(cfg)  # before torch, Lightning, matplotlib and W&B are imported
-    _quiet_lightning()
-    from advpure.certify_run import certify
-
-    certify(cfg)
-    return 0
-
-
-def _run_benchmark(args: list[str]) -> int:
-    from advpure.runenv import redirect_writes_for
-
-    cfg = _load(args)
-    redirect_writes_for(cfg)  # before torch, Lightning, matplotlib and W&B are imported
-    _quiet_lightning()
-    from advpure.benchmark import benchmark
-
-    benchmark(cfg)
-    return 0
+_run_train = _job("advpure.train", "train")
+_run_certify = _job("advpure.certify_run", "certify")
+_run_benchmark = _job("advpure.benchmark", "benchmark")
 
 
 _TRAIN_GROUPS = ("data", "classifier", "score", "trainer", "logger")

@@ -15,6 +15,10 @@ from torch import nn
 
 
 class EMA(nn.Module):
+    """A shadow copy of `model` (`shadow`, eval mode, frozen) updated by `update(model)` as
+    shadow <- decay * shadow + (1 - decay) * param (buffers copied); calling the EMA runs the
+    shadow. Saved in checkpoints as a submodule. Raises ValueError for decay outside [0, 1]."""
+
     def __init__(self, model: nn.Module, decay: float = 0.999):
         super().__init__()
         if not 0.0 <= decay <= 1.0:

@@ -101,36 +101,12 @@ def schema(cls: type) -> type:
     return cls
 
 
-def field_help(schema_cls: type) -> list[tuple[str, str, str]]:
-    """(name, default, constraint) rows of a schema, for `--help` and the README's reference."""
-    rows = []
-    for f in dataclasses.fields(schema_cls):
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
-        else:
-            default = "(required)"
-        meta = f.metadata
-        if "choices" in meta:
-            rule = "one of " + ", ".join(str(c) for c in meta["choices"])
-        elif "max" in meta:
-            rule = f"in {'(' if meta.get('strict') else '['}{meta['min']}, {meta['max']}]"
-        elif "min" in meta:
-            rule = f"{'>' if meta.get('strict') else '>='} {meta['min']}"
-        else:
-            rule = ""
-        rows.append((f.name, default, rule))
-    return rows
-
-
 __all__ = [
     "at_least",
     "between",
     "check_finite_tree",
     "check_value",
     "choice",
-    "field_help",
     "schema",
     "validate",
 ]

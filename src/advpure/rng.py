@@ -67,18 +67,28 @@ class SampleRNG:
         self.calls += 1
         return SampleRNG(key, self.index * copies, self.stream)
 
+    def _draw(self, d: int) -> int:
+        """Which draw's numbers draw `d` uses (all its own here; FrozenRNG repeats a period)."""
+        return d
+
     def _fill(self, draws: int, like: torch.Tensor, sample) -> torch.Tensor:
+        """(draws, B, *like.shape[1:]) numbers: row r of draw d from a generator seeded by
+        (this call's key, index[r], self._draw(d)). Raises ValueError when B != len(index)."""
         if like.shape[0] != len(self.index):
             raise ValueError(f"batch has {like.shape[0]} rows but the RNG has {len(self.index)} indices")
         key = mix(self.seed, self.stream, self.calls)
         self.calls += 1
         shape = tuple(like.shape[1:])
+        bank = {}  # rows with the same (index, draw) get the same numbers: drawn once
         out = torch.empty((draws, len(self.index), *shape), dtype=torch.float32)
         gen = torch.Generator()
         for d in range(draws):
+            dd = self._draw(d)
             for r, i in enumerate(self.index):
-                gen.manual_seed(mix(key, i, d))
-                out[d, r] = sample(shape, gen)
+                if (i, dd) not in bank:
+                    gen.manual_seed(mix(key, i, dd))
+                    bank[(i, dd)] = sample(shape, gen)
+                out[d, r] = bank[(i, dd)]
         return out.to(device=like.device, dtype=like.dtype)
 
     def normal(self, draws: int, like: torch.Tensor) -> torch.Tensor:
@@ -108,23 +118,8 @@ class FrozenRNG(SampleRNG):
             raise ValueError(f"period must be >= 1, got {period}")
         self.period = int(period)
 
-    def _fill(self, draws: int, like: torch.Tensor, sample) -> torch.Tensor:
-        if like.shape[0] != len(self.index):
-            raise ValueError(f"batch has {like.shape[0]} rows but the RNG has {len(self.index)} indices")
-        key = mix(self.seed, self.stream, self.calls)
-        self.calls += 1
-        shape = tuple(like.shape[1:])
-        bank = {}
-        out = torch.empty((draws, len(self.index), *shape), dtype=torch.float32)
-        gen = torch.Generator()
-        for d in range(draws):
-            for r, i in enumerate(self.index):
-                k = (i, d % self.period)
-                if k not in bank:
-                    gen.manual_seed(mix(key, i, d % self.period))
-                    bank[k] = sample(shape, gen)
-                out[d, r] = bank[k]
-        return out.to(device=like.device, dtype=like.dtype)
+    def _draw(self, d: int) -> int:
+        return d % self.period
 
 
 class GeneratorRNG:

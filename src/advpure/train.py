@@ -36,15 +36,10 @@ from advpure.nets.factory import classifier_arch, score_arch
 from advpure.rng import mix, stream_id
 from advpure.runenv import redirect_writes_for
 from advpure.safe_load import check_torch_file, describe_load_error
-from advpure.trainer import build_trainer, launch_rank
+from advpure.trainer import build_trainer, launch_rank, say
 from advpure.weights import save_weights
 
 STAGES = ("classifier", "score", "ebm")
-
-
-def say(msg: str) -> None:
-    if launch_rank() == 0:
-        print(f"[advpure] {msg}", flush=True)
 
 
 def weights_path(cfg: DictConfig, stage: str) -> Path:
@@ -214,6 +209,10 @@ def _export(cfg, stage, arch, net, meta) -> None:
 
 
 def train_classifier(cfg: DictConfig) -> dict:
+    """Train the classifier (`advpure.lit.classifier.ClassifierModule`) for trainer.max_epochs on
+    [0, 1] images (Gaussian noise augmentation at classifier.noise_sd when > 0), resuming from the
+    stage's last.ckpt; exports kind "classifier" weights. Returns their meta (test_acc in [0, 1],
+    seconds, images_per_s, ...)."""
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
@@ -228,14 +227,7 @@ def train_classifier(cfg: DictConfig) -> dict:
     )
     resume = prepare_stage_dir(cfg, "classifier")
     run_dir = stage_dir(cfg, "classifier")
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="epoch{epoch:03d}",
-        save_last=True,
-        save_top_k=1,
-        every_n_epochs=1,
-        auto_insert_metric_name=False,
-    )
+    ckpt = _checkpoints(run_dir, filename="epoch{epoch:03d}", every_n_epochs=1)
     trainer = build_trainer(
         cfg,
         max_epochs=cfg.trainer.max_epochs,
@@ -270,7 +262,36 @@ def train_classifier(cfg: DictConfig) -> dict:
     return meta
 
 
+def _checkpoints(run_dir: Path, **every) -> ModelCheckpoint:
+    """`last.ckpt` plus the newest numbered checkpoint under `run_dir/checkpoints` (resume reads them)."""
+    return ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=1, auto_insert_metric_name=False, **every
+    )
+
+
+def step_checkpoints(run_dir: Path, every_n_steps: int) -> ModelCheckpoint:
+    """A checkpoint every `every_n_steps` training steps, named `step<7 digits>.ckpt`."""
+    return _checkpoints(run_dir, filename="step{step:07d}", every_n_train_steps=every_n_steps)
+
+
+def _step_trainer(cfg: DictConfig, stage: str, run_dir: Path, ckpt: ModelCheckpoint, **options):
+    """A Trainer for a step-counted stage (score, ebm): its logger, `ckpt`, mid-epoch resume, the
+    last-good-checkpoint guard and the throughput meter; `options` (max_steps, ...) go to Lightning."""
+    return build_trainer(
+        cfg,
+        max_epochs=-1,
+        num_sanity_val_steps=0,
+        logger=build_logger(cfg, stage, run_dir),
+        callbacks=[ckpt, MidEpochResume(), LastGoodCheckpoint(ckpt), Throughput()],
+        default_root_dir=str(run_dir),
+        **options,
+    )
+
+
 def train_score(cfg: DictConfig) -> dict:
+    """Train the score net by DSM (`advpure.lit.score.ScoreModule`) for score.max_steps steps,
+    resuming from the stage's last.ckpt; exports the EMA weights as kind "score" with the DSM noise
+    levels (dsm_sigma_min/max, dsm_levels) in meta. Returns the meta."""
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)
     sc = cfg.score
@@ -296,26 +317,17 @@ def train_score(cfg: DictConfig) -> dict:
     )
     resume = prepare_stage_dir(cfg, "score")
     run_dir = stage_dir(cfg, "score")
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step:07d}",
-        save_last=True,
-        save_top_k=1,
-        every_n_train_steps=sc.ckpt_every_n_steps,
-        auto_insert_metric_name=False,
-    )
-    trainer = build_trainer(
+    ckpt = step_checkpoints(run_dir, sc.ckpt_every_n_steps)
+    trainer = _step_trainer(
         cfg,
+        "score",
+        run_dir,
+        ckpt,
         max_steps=sc.max_steps,
-        max_epochs=-1,
+        gradient_clip_val=sc.grad_clip,
         val_check_interval=sc.val_every_n_steps,
         check_val_every_n_epoch=None,
         limit_val_batches=sc.val_batches,
-        num_sanity_val_steps=0,
-        logger=build_logger(cfg, "score", run_dir),
-        callbacks=[ckpt, MidEpochResume(), LastGoodCheckpoint(ckpt), Throughput()],
-        default_root_dir=str(run_dir),
-        gradient_clip_val=sc.grad_clip,
     )
     say(
         f"score: training NCSNv2 (ngf {sc.ngf}) by DSM for {sc.max_steps} steps"
@@ -388,24 +400,9 @@ def train_ebm(cfg: DictConfig) -> dict:
         log_images=cfg.logger.log_images,
         sample_dir=str(run_dir / "samples"),
     )
-    ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="step{step:07d}",
-        save_last=True,
-        save_top_k=1,
-        every_n_train_steps=e.ckpt_every_n_steps,
-        auto_insert_metric_name=False,
-    )
-    trainer = build_trainer(
-        cfg,
-        max_steps=e.max_steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=build_logger(cfg, "ebm", run_dir),
-        callbacks=[ckpt, MidEpochResume(), LastGoodCheckpoint(ckpt), Throughput()],
-        default_root_dir=str(run_dir),
-        gradient_clip_val=e.grad_clip,
+    ckpt = step_checkpoints(run_dir, e.ckpt_every_n_steps)
+    trainer = _step_trainer(
+        cfg, "ebm", run_dir, ckpt, max_steps=e.max_steps, gradient_clip_val=e.grad_clip, limit_val_batches=0
     )
     say(
         f"ebm: training a {e.arch} EBM (nf {e.nf}, {e.activation}) by maximum likelihood with "

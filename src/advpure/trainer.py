@@ -21,6 +21,12 @@ def launch_rank() -> int:
     return 0
 
 
+def say(msg: str) -> None:
+    """Print `[advpure] msg` on the launch's rank 0 only."""
+    if launch_rank() == 0:
+        print(f"[advpure] {msg}", flush=True)
+
+
 def under_slurm() -> bool:
     return "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ
 
@@ -83,3 +89,19 @@ def build_trainer(cfg: DictConfig, **kwargs):
     )
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+def test_and_read_results(trainer, module, datamodule, run_dir, what: str, t0: float) -> dict | None:
+    """`trainer.test(module, datamodule)`, then a barrier, a "<what> finished in N s" line (N from
+    `t0`, a `time.perf_counter()` value) and rank 0's `run_dir/results.json` (None where it is not
+    written: ranks > 0, or a run that recorded nothing)."""
+    import json
+    import time
+    from pathlib import Path
+
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    say(f"{what} finished in {time.perf_counter() - t0:.0f} s")
+    results = Path(run_dir) / "results.json"
+    return json.loads(results.read_text()) if results.exists() else None

@@ -12,6 +12,7 @@ Loading checks kind and architecture first and says which one the file holds.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,16 @@ from advpure.errors import CheckpointError
 from advpure.safe_load import load_torch_file
 
 FORMAT = "advpure-weights/1"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 (64 characters) of a file's bytes, read in `chunk`-byte blocks.
+    Raises OSError when the file cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_weights(

@@ -118,6 +118,13 @@ class Attack:
     def run(
         cls, p: Any, defense, x: torch.Tensor, y: torch.Tensor, rng: RNG, *, eps, step, trace
     ) -> AttackResult:
+        """Attack `defense` (a `Defense`, or the undefended classifier wrapped as one) with params `p`.
+
+        x: (B, C, H, W) clean images in [0, 1]; y: (B,) int64 labels; rng: the per-image random
+        stream (children of it key the attack's own noise); eps, step: l_inf radius and step size in
+        the images' [0, 1] units (floats, or (B,) tensors); trace: the `Trace` that records losses,
+        gradients and the defense's correctness at each iterate (or None). Returns an AttackResult
+        whose x_adv (B, C, H, W) lies in [0, 1] and within eps of x."""
         raise NotImplementedError
 
 

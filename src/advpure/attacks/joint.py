@@ -5,7 +5,7 @@ also ascending the classifier loss, so that purification carries it towards the 
     joint (full):  x_{i+1} = project(x_i + step * (m * sign(mean_k f(x_i; n_k) - x_i) + (1 - m) * sign(d_i)))
 
 m = eps_mix, s the raw score network, f(.; n_k) K = eot purification draws, and d_i the
-classifier term: grad_x L(g(x), y) at x_i (`joint_grad=input`, the seed's formula), or the
+classifier term: grad_x L(g(x), y) at x_i (`joint_grad=input`, the ADP paper's formula), or the
 BPDA+EOT direction at purified points (`joint_grad=bpda`, the original code's variant; for joint
 (full) it uses the same K draws as the purifier term). The objective recorded per iterate is the
 classifier term's loss (L(g(x_i), y), or its EOT mean at the purified points for bpda).
@@ -90,7 +90,7 @@ def joint_attack(
 
 
 class _Joint(Attack):
-    """Shared by the two joint attacks of the seed's Table 1."""
+    """Shared by the two joint attacks of Table 1 of Yoon et al. 2021."""
 
     variant = "score"
 

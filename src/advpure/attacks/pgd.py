@@ -3,7 +3,7 @@
     x_{i+1} = project(x_i + step * sign(d_i)),   d_i = the ascent direction at x_i
 
 d_i comes from `eot_gradient` (advpure.attacks.objectives): `classifier` (preprocessor-blind,
-the seed's "Classifier PGD"), `bpda` (BPDA+EOT, Athalye et al. 2018, the seed's adaptive attack)
+the ADP paper's "Classifier PGD"), `bpda` (BPDA+EOT, Athalye et al. 2018, the ADP paper's adaptive attack)
 or `full` (exact gradients through every purification step, PGD-EOT as in Lee & Kim 2023).
 
 Arguments (config block `attacks.<name>`, kind `pgd`): iters, eps, step, loss (ce | dlr | cw),

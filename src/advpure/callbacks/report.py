@@ -1,5 +1,7 @@
-"""ReportCallback: when the test loop ends, rank 0 turns all processes' records into the results
-files and plots, prints the table, and sends the same numbers, the table and the plots to W&B."""
+"""Report callbacks: when the test loop ends, every rank flushes its store, rank 0 turns all
+processes' records into the results files and plots, prints the table, and sends the same numbers,
+the table and the plots to W&B. `ReportCallback` reports a benchmark; `advpure.certify_run` has the
+certification one; both are a `RecordsReport`."""
 
 from __future__ import annotations
 
@@ -10,13 +12,23 @@ from advpure.results import protocols_in
 from advpure.results.report import write_report
 
 
-class ReportCallback(Callback):
-    """Writes the report of `run_dir` on rank 0 after the test loop (see the module docstring)."""
+class RecordsReport(Callback):
+    """Base: `write(trainer, pl_module) -> report` on rank 0 after every rank's store is closed, then
+    the console table and, for each W&B logger, `wandb_table(wandb) -> (key, table)` logged with the
+    report's `metrics` (also set as summary) and `plots` (as images).
 
-    def __init__(self, run_dir, *, header_lines, labels, merge, plan, meta):
-        self.run_dir, self.header_lines, self.labels = run_dir, header_lines, labels
-        self.merge, self.plan, self.meta = merge, plan, meta
+    The report is the dict returned by `advpure.results.report.write_report` (or its certify
+    counterpart): at least "console", "metrics" {key: float}, "plots" {name: path}, "rows"."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
         self.report: dict | None = None
+
+    def write(self, trainer, pl_module) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def wandb_table(self, wandb):  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def on_test_end(self, trainer, pl_module):
         pl_module.store.close()  # flush this rank's store before rank 0 reads every store
@@ -24,14 +36,7 @@ class ReportCallback(Callback):
             dist.barrier()
         if not trainer.is_global_zero:
             return
-        self.report = write_report(
-            self.run_dir,
-            header_lines=self.header_lines,
-            labels=self.labels,
-            merge=self.merge,
-            plan=self.plan,
-            meta={**self.meta, "compile_seconds": getattr(pl_module, "compile_seconds", None)},
-        )
+        self.report = self.write(trainer, pl_module)
         print("\n" + self.report["console"] + f"\n\nresults: {self.run_dir}/results.md", flush=True)
         for logger in trainer.loggers:
             if logger.__class__.__name__ == "WandbLogger":
@@ -40,6 +45,37 @@ class ReportCallback(Callback):
     def _to_wandb(self, run) -> None:
         import wandb
 
+        key, table = self.wandb_table(wandb)
+        payload = {key: table, **self.report["metrics"]}
+        for name, path in self.report["plots"].items():
+            payload[f"plots/{name}"] = wandb.Image(str(path))
+        run.log(payload)
+        for k, v in self.report["metrics"].items():
+            run.summary[k] = v
+        # finish here, in the process that owns the run: a DDP child forked by Lightning exits
+        # without running atexit hooks, and the offline run file must be complete for `wandb sync`
+        run.finish()
+
+
+class ReportCallback(RecordsReport):
+    """The benchmark's report of `run_dir` (see the module docstring)."""
+
+    def __init__(self, run_dir, *, header_lines, labels, merge, plan, meta):
+        super().__init__(run_dir)
+        self.header_lines, self.labels = header_lines, labels
+        self.merge, self.plan, self.meta = merge, plan, meta
+
+    def write(self, trainer, pl_module) -> dict:
+        return write_report(
+            self.run_dir,
+            header_lines=self.header_lines,
+            labels=self.labels,
+            merge=self.merge,
+            plan=self.plan,
+            meta={**self.meta, "compile_seconds": getattr(pl_module, "compile_seconds", None)},
+        )
+
+    def wandb_table(self, wandb):
         rows = [r for r in self.report["rows"] if r["merge"] == self.merge]
         columns = [
             "defense",
@@ -52,16 +88,5 @@ class ReportCallback(Callback):
             "score_evals_per_img",
             "seconds_per_img",
         ]
-        table = wandb.Table(
-            columns=columns,
-            data=[[r["defense_label"], r["attack_label"], *(r.get(c) for c in columns[2:])] for r in rows],
-        )
-        payload = {"results": table, **self.report["metrics"]}
-        for name, path in self.report["plots"].items():
-            payload[f"plots/{name}"] = wandb.Image(str(path))
-        run.log(payload)
-        for k, v in self.report["metrics"].items():
-            run.summary[k] = v
-        # finish here, in the process that owns the run: a DDP child forked by Lightning exits
-        # without running atexit hooks, and the offline run file must be complete for `wandb sync`
-        run.finish()
+        data = [[r["defense_label"], r["attack_label"], *(r.get(c) for c in columns[2:])] for r in rows]
+        return "results", wandb.Table(columns=columns, data=data)

@@ -62,11 +62,6 @@ class CertifyResult:
     predict: int
     predict_pvalue: float
 
-    @property
-    def correct(self) -> bool:
-        """CERTIFY returned the true label (so did not abstain)."""
-        return self.prediction != ABSTAIN and self.prediction == self.label
-
     def as_record(self) -> dict:
         """Plain-Python fields (counts as lists) for a results store or JSON."""
         out = asdict(self)

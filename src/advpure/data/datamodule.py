@@ -354,9 +354,3 @@ class ImageDataModule(L.LightningDataModule):
         if self.hflip:
             x = random_hflip(x, generator)
         return x
-
-    @staticmethod
-    def to_device(batch: Batch, device: torch.device | str) -> Batch:
-        """For loops outside a Trainer: move a batch and convert it like `on_after_batch_transfer` (no augmentation)."""
-        x, y, idx = batch
-        return to_unit(x.to(device, non_blocking=True)), y.to(device), idx.to(device)

@@ -87,6 +87,30 @@ class DatasetSpec:
 _IDX_TRAIN = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 _IDX_TEST = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
+
+def _idx_spec(name, *, mean, std, class_names, base_url, md5, root_layout) -> DatasetSpec:
+    """A 28x28 grey, 10-class dataset in LeCun's IDX format (MNIST, Fashion-MNIST): 60,000 training
+    and 10,000 test images; `md5` of the four gzipped files in (train images, train labels, test
+    images, test labels) order."""
+    return DatasetSpec(
+        name=name,
+        format="idx",
+        channels=1,
+        image_size=28,
+        num_classes=10,
+        mean=(mean,),
+        std=(std,),
+        class_names=tuple(class_names),
+        train_files=_IDX_TRAIN,
+        test_files=_IDX_TEST,
+        base_url=base_url,
+        archives=tuple(zip((*_IDX_TRAIN, *_IDX_TEST), md5)),
+        train_size=60000,
+        test_size=10000,
+        root_layouts=(root_layout,),
+    )
+
+
 _CIFAR100_CLASSES = (
     "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly "
     "camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup "
@@ -99,51 +123,33 @@ _CIFAR100_CLASSES = (
 ).split()
 
 SPECS: dict[str, DatasetSpec] = {
-    "fmnist": DatasetSpec(
-        name="fmnist",
-        format="idx",
-        channels=1,
-        image_size=28,
-        num_classes=10,
-        mean=(0.2860,),
-        std=(0.3530,),
-        class_names=tuple(
-            "T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|Sneaker|Bag|Ankle boot".split("|")
-        ),
-        train_files=_IDX_TRAIN,
-        test_files=_IDX_TEST,
+    "fmnist": _idx_spec(
+        "fmnist",
+        mean=0.2860,
+        std=0.3530,
+        class_names="T-shirt/top|Trouser|Pullover|Dress|Coat|Sandal|Shirt|Sneaker|Bag|Ankle boot".split("|"),
         base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        archives=(
-            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
-            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        md5=(
+            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "25c81989df183df01b3e8a0aad5dffbe",
+            "bef4ecab320f06d8554ea6380940ec79",
+            "bb300cfdad3c16e7a12a480ee83cd310",
         ),
-        train_size=60000,
-        test_size=10000,
-        root_layouts=("FashionMNIST/raw",),
+        root_layout="FashionMNIST/raw",
     ),
-    "mnist": DatasetSpec(
-        name="mnist",
-        format="idx",
-        channels=1,
-        image_size=28,
-        num_classes=10,
-        mean=(0.1307,),
-        std=(0.3081,),
-        class_names=tuple(str(d) for d in range(10)),
-        train_files=_IDX_TRAIN,
-        test_files=_IDX_TEST,
+    "mnist": _idx_spec(
+        "mnist",
+        mean=0.1307,
+        std=0.3081,
+        class_names=[str(d) for d in range(10)],
         base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
-        archives=(
-            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
-            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        md5=(
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "d53e105ee54ea40749a09fcbcd1e9432",
+            "9fb629c4189551a2d022fa330f9573f3",
+            "ec29112dd5afa0611ce80d1b7f02629c",
         ),
-        train_size=60000,
-        test_size=10000,
-        root_layouts=("MNIST/raw",),
+        root_layout="MNIST/raw",
     ),
     "cifar10": DatasetSpec(
         name="cifar10",

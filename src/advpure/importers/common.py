@@ -1,25 +1,15 @@
-"""Helpers shared by the importers: prefixes, key/shape checks, file hashes."""
+"""Helpers shared by the importers: prefixes, key/shape checks (file hashes: `advpure.weights.file_sha256`)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from advpure.errors import CheckpointError
+from advpure.weights import file_sha256
 
 __all__ = ["file_sha256", "strip_prefixes", "check_state_dict"]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def strip_prefixes(state: Mapping[str, object], prefixes: tuple[str, ...]) -> dict[str, object]:

@@ -154,9 +154,9 @@ def import_ncsnv2(
         "element": info["element"],
         "epoch": info["epoch"],
         "step": info["step"],
-        "sigmas_num": int(sigmas.numel()),
-        "sigma_max": float(sigmas[0]),
-        "sigma_min": float(sigmas[-1]),
+        "dsm_levels": int(sigmas.numel()),  # the net's DSM noise levels (certification reads them)
+        "dsm_sigma_max": float(sigmas[0]),
+        "dsm_sigma_min": float(sigmas[-1]),
         "sigmas_cifar10": bool(is_cifar10),
         "output": "raw f_theta (not divided by sigma), as ADP uses it",
         "parameters": int(sum(p.numel() for p in net.parameters())),

@@ -13,6 +13,7 @@ from advpure.nets.factory import classifier_arch, make_classifier  # noqa: F401 
 
 
 def build_optimizer(params, oc) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov), Adam or AdamW from the classifier's `optim` config block."""
     if oc.name == "sgd":
         return torch.optim.SGD(
             params, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, weight_decay=oc.weight_decay
@@ -36,6 +37,10 @@ def build_schedule(opt, oc, total_steps: int):
 
 
 class ClassifierModule(L.LightningModule):
+    """Cross-entropy training of a classifier on (B, C, H, W) images in [0, 1], with optional
+    Gaussian noise augmentation (randomized smoothing's base classifier); logs train/val/test
+    accuracy (torchmetrics)."""
+
     def __init__(
         self,
         arch: dict,

@@ -33,6 +33,9 @@ def stage_error(e: NonFiniteError, stage: str, n: int) -> NonFiniteError:
 
 
 class DefendedClassifier(L.LightningModule):
+    """The benchmark's test loop over the plan's defenses (see the module docstring): batches of
+    (x (B, C, H, W) in [0, 1], y (B,), dataset indices (B,)); records go to this rank's store."""
+
     def __init__(
         self,
         defenses: dict[str, Defense],

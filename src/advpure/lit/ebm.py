@@ -33,7 +33,7 @@ import torch
 
 from advpure.errors import CheckpointError, TrainingError
 from advpure.mcmc import PersistentChains, langevin_sample, ml_loss
-from advpure.nets.ebm import build_energy_net
+from advpure.nets.ebm import energy_net_from_arch
 from advpure.rng import mix, stream_id
 
 CHAINS_KEY = "ebm_chains"
@@ -52,17 +52,6 @@ def ebm_arch(cfg, spec) -> dict:
         "in_channels": spec.channels,
         "image_size": spec.image_size,
     }
-
-
-def make_energy_net(arch: dict):
-    return build_energy_net(
-        arch["arch"],
-        in_channels=arch["in_channels"],
-        image_size=arch["image_size"],
-        nf=arch["nf"],
-        activation=arch["activation"],
-        leak=arch.get("leak", 0.05),
-    )
 
 
 def image_grid(x: torch.Tensor, columns: int = 8) -> torch.Tensor:
@@ -121,7 +110,7 @@ class EBMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.arch = arch
-        self.net = make_energy_net(arch)
+        self.net = energy_net_from_arch(arch)
         shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
         self.chains = PersistentChains(buffer_size, shape, reinit_prob=reinit_prob, init=init)
         self.noise_std = float(step_size**0.5 if noise_std is None else noise_std)

@@ -21,6 +21,10 @@ VAL_SIGMAS = (0.1, 0.25)
 
 
 class ScoreModule(L.LightningModule):
+    """Denoising score matching of an NCSNv2 (see the module docstring): batches (B, C, H, W) in
+    [0, 1], per-sample sigma from the geometric levels dsm_sigma_max -> dsm_sigma_min (or one fixed
+    level), the EMA copy validated by one-step denoising PSNR at sigma in VAL_SIGMAS."""
+
     def __init__(
         self,
         arch: dict,

@@ -48,6 +48,7 @@ __all__ = [
     "ConvEnergy",
     "EnergyField",
     "build_energy_net",
+    "energy_net_from_arch",
     "energy_field",
     "estimate_field_scale",
     "langevin_settings",
@@ -227,6 +228,19 @@ def langevin_settings(field_scale: float, step_size: float, noise_std: float) ->
     return {"eta": eta, "dsm_sigma": eta * field_scale / step_size}
 
 
+def energy_net_from_arch(arch: dict) -> nn.Module:
+    """`build_energy_net` from an architecture dict as stored in a weights file's `arch`
+    (keys arch, in_channels, image_size, nf, activation, leak)."""
+    return build_energy_net(
+        arch["arch"],
+        in_channels=arch["in_channels"],
+        image_size=arch["image_size"],
+        nf=arch["nf"],
+        activation=arch["activation"],
+        leak=arch.get("leak", 0.05),
+    )
+
+
 def load_energy_field(path: str | Path, arch: dict | None = None) -> EnergyField:
     """An `EnergyField` from an exported weights file (kind "ebm"), with the stored field scale.
 
@@ -238,14 +252,7 @@ def load_energy_field(path: str | Path, arch: dict | None = None) -> EnergyField
 
     if arch is None:
         arch = read_weights(path)["arch"]
-    net = build_energy_net(
-        arch["arch"],
-        in_channels=arch["in_channels"],
-        image_size=arch["image_size"],
-        nf=arch["nf"],
-        activation=arch["activation"],
-        leak=arch.get("leak", 0.05),
-    )
+    net = energy_net_from_arch(arch)
     meta = load_weights(path, "ebm", arch, net)
     if "field_scale" not in meta:
         raise CheckpointError(f"{path} has no field_scale in its meta; re-export it with `advpure train`")

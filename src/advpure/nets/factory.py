@@ -139,16 +139,3 @@ def load_defense(experiment: str = "fmnist", overrides=(), *, amp_dtype=None):
         image_size=spec.image_size,
         amp_dtype=amp_dtype,
     )
-
-
-__all__ = [
-    "classifier_arch",
-    "frozen",
-    "load_defense",
-    "load_net",
-    "load_net_with_meta",
-    "load_nets",
-    "make_classifier",
-    "make_score_net",
-    "score_arch",
-]

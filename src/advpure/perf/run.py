@@ -34,6 +34,7 @@ import torch
 from advpure.perf.harness import Ctx, experiment, load_sections, sizes_for
 from advpure.perf.memory import clean_heap
 from advpure.perf.report import Report, machine
+from advpure.runenv import redirect_writes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; 0 on success, 2 on a bad option (a one-line error on stderr)."""
     args = parse_args(argv)
+    # torch.compile's inductor/Triton and CUDA caches and temp files beside the report, not under $HOME
+    redirect_writes(Path(args.out).parent / "cache")
     sections, full_sections = load_sections()
     names = [s.name for s in sections]
     device = torch.device(args.device)

@@ -81,6 +81,9 @@ class Purifier(nn.Module):
 
     @classmethod
     def from_params(cls, p: Any, nets: dict[str, nn.Module | None]) -> Purifier:
+        """Build the purifier from its validated `Params` `p` and the loaded nets
+        ({"score": score net or None, "ebm": energy field or None}). Raises ConfigError for a
+        combination the kind cannot run (e.g. no net for its field)."""
         raise NotImplementedError
 
     @classmethod
@@ -103,6 +106,14 @@ class Purifier(nn.Module):
     def forward(
         self, x: torch.Tensor, rng: RNG, draws: int, score_fn, differentiable: bool = False
     ) -> PurifyResult:
+        """Purify `draws` independent chains of each image.
+
+        x: (B, C, H, W) images in [0, 1]; rng: the per-image keyed (`SampleRNG`) or batch
+        (`GeneratorRNG`) random stream every noise draw comes from; score_fn: rows -> field of the
+        same shape (the score net's raw output f, or None for kinds that need none);
+        differentiable: keep the autograd graph through every step (full-gradient attacks).
+        Returns a PurifyResult with x (draws * B, C, H, W) in [0, 1], draw-major (row d * B + i is
+        draw d of image i), and steps / score_evals (draws * B,) int64 per row."""
         raise NotImplementedError
 
 

@@ -181,16 +181,14 @@ class Defense(nn.Module):
     def chain_logits(
         self, x: torch.Tensor, rng: RNG, draws: int, differentiable: bool = False
     ) -> tuple[torch.Tensor, PurifyResult]:
-        """Classifier logits of `draws` purified chains per image: (draws, B, K)."""
-        if not self.stochastic:
-            # deterministic defense: every draw is the same; classify once
-            out = self.purifier(x, rng, 1, None)
-            logits = self.classify(out.x)
-            return logits.unsqueeze(0).expand(draws, *logits.shape), out
+        """Classifier logits of `draws` purified chains per image x (B, C, H, W) in [0, 1]:
+        (draws, B, K). A deterministic purifier runs once (the same score function, finiteness
+        check and gradient mode as the stochastic path) and its logits are repeated."""
+        runs = draws if self.stochastic else 1  # deterministic: every draw is the same; classify once
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-            out = self.purify(x, rng, draws, differentiable=differentiable)
-            logits = self.classify(out.x)
-        return logits.view(draws, x.shape[0], -1), out
+            out = self.purify(x, rng, runs, differentiable=differentiable)
+            logits = self.classify(out.x).view(runs, x.shape[0], -1)
+        return logits.expand(draws, *logits.shape[1:]), out
 
     def forward(self, x: torch.Tensor, rng: RNG, rule: str | None = None) -> torch.Tensor:
         """Defended prediction (B, K): S replicas merged by `rule` (default: the configured merge)."""

@@ -5,7 +5,7 @@
 
 `f_theta ~ sigma * grad log p_sigma` is the DSM-trained net ADP uses; dividing by the DSM noise
 level the chain runs at (`dsm_sigma`) gives the score of p at that level. This is the "ML" arm of
-the seed's Fig. 2 (stochastic, many steps) against ADP's "Det" arm (deterministic, adaptive, few
+Fig. 2 of Yoon et al. 2021 (ADP) (stochastic, many steps) against ADP's "Det" arm (deterministic, adaptive, few
 steps).
 """
 

@@ -237,6 +237,20 @@ def _paired_text(label_a: str, label_b: str, pr: Paired) -> str:
     )
 
 
+def _paired_verdict(
+    name: str, comparisons: list[tuple[str, Paired]], *, alpha: float, protocol: str, skip: str, warn: str
+) -> Check:
+    """The check `name` over `comparisons` [(text, paired comparison of a vs b)]: WARN (`warn`, then the
+    texts) when b broke significantly more images than a (one-sided p < alpha), SKIP (`skip`) when
+    there is nothing to compare, else PASS with every text."""
+    if not comparisons:
+        return Check(name, SKIP, skip)
+    bad = [t for t, pr in comparisons if pr.p_b_stronger < alpha and pr.robust_b < pr.robust_a]
+    if bad:
+        return Check(name, WARN, warn.format(head=f"({protocol}, p < {alpha:g}): {'; '.join(bad)}"))
+    return Check(name, PASS, f"({protocol}) " + "; ".join(t for t, _ in comparisons))
+
+
 def black_box_vs_white_box(
     records: Iterable[Sequence],
     black_box: str | Sequence[str],
@@ -259,7 +273,7 @@ def black_box_vs_white_box(
     bb = [black_box] if isinstance(black_box, str) else list(black_box)
     per = _per_image(records, protocol, merge)
     defenses = sorted({d for d, _ in per})
-    parts, bad = [], []
+    comparisons = []
     for defense in defenses:
         for b in bb:
             if (defense, b) not in per:
@@ -271,20 +285,15 @@ def black_box_vs_white_box(
             if not comps:
                 continue
             pr, w = min(comps, key=lambda c: (c[0].robust_a / c[0].n, c[1]))
-            text = f"{defense}: " + _paired_text(f"best white-box {w}", b, pr)
-            parts.append(text)
-            if pr.p_b_stronger < alpha and pr.robust_b < pr.robust_a:
-                bad.append(text)
-    if not parts:
-        return Check(name, SKIP, "no defense has both a black-box and a white-box attack on shared images")
-    if bad:
-        return Check(
-            name,
-            WARN,
-            f"black-box stronger than white-box ({protocol}, p < {alpha:g}): {'; '.join(bad)}; the white-box "
-            "gradients are likely masked",
-        )
-    return Check(name, PASS, f"({protocol}) " + "; ".join(parts))
+            comparisons.append((f"{defense}: " + _paired_text(f"best white-box {w}", b, pr), pr))
+    return _paired_verdict(
+        name,
+        comparisons,
+        alpha=alpha,
+        protocol=protocol,
+        skip="no defense has both a black-box and a white-box attack on shared images",
+        warn="black-box stronger than white-box {head}; the white-box gradients are likely masked",
+    )
 
 
 def more_budget(
@@ -307,7 +316,7 @@ def more_budget(
     name = "more_budget"
     labels = labels or {}
     per = _per_image(records, protocol, merge)
-    parts, bad = [], []
+    comparisons = []
     for defense in sorted({d for d, _ in per}):
         for base, strong in pairs:
             if (defense, base) not in per or (defense, strong) not in per:
@@ -316,19 +325,16 @@ def more_budget(
                 continue
             pr = paired_comparison(per[(defense, base)], per[(defense, strong)])
             text = f"{defense}: " + _paired_text(labels.get(base, base), labels.get(strong, strong), pr)
-            parts.append(text)
-            if pr.p_b_stronger < alpha and pr.robust_b < pr.robust_a:
-                bad.append(text)
-    if not parts:
-        return Check(name, SKIP, "no (base, stronger-budget) pair of units ran on shared images")
-    if bad:
-        return Check(
-            name,
-            WARN,
-            f"more budget lowers robust accuracy ({protocol}, p < {alpha:g}): {'; '.join(bad)}; the reported "
-            "numbers are upper bounds that a longer attack lowers",
-        )
-    return Check(name, PASS, f"({protocol}) " + "; ".join(parts))
+            comparisons.append((text, pr))
+    return _paired_verdict(
+        name,
+        comparisons,
+        alpha=alpha,
+        protocol=protocol,
+        skip="no (base, stronger-budget) pair of units ran on shared images",
+        warn="more budget lowers robust accuracy {head}; the reported numbers are upper bounds that a "
+        "longer attack lowers",
+    )
 
 
 # --- (d) monotone in eps ----------------------------------------------------------------------------

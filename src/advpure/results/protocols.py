@@ -127,6 +127,7 @@ def metric_name(defense: str, attack: str, protocol: str) -> str:
     legend="the final adversarial input classified once by the stochastic defense (the paper's protocol)",
 )
 def single(obs: Observations) -> torch.Tensor:
+    """(B,) bool: the first fresh classification of the final input, obs.final (N, B) row 0."""
     return obs.final[0]
 
 
@@ -147,6 +148,7 @@ def _mean_invariant(v: Mapping[str, float]) -> str | None:
     floor="worst_of_n_floor",
 )
 def worst_of_n(obs: Observations) -> torch.Tensor:
+    """(B,) bool: correct in all N fresh classifications of the final input (obs.final (N, B))."""
     return obs.final.all(dim=0)
 
 
@@ -157,6 +159,7 @@ def worst_of_n(obs: Observations) -> torch.Tensor:
     run="clean",
 )
 def worst_of_n_floor(obs: Observations) -> torch.Tensor:
+    """(B,) bool: correct in the first N fresh classifications of the clean input (obs.final (M, B))."""
     return obs.final[: obs.n].all(dim=0)
 
 
@@ -167,6 +170,7 @@ def worst_of_n_floor(obs: Observations) -> torch.Tensor:
     invariant=_mean_invariant,
 )
 def mean_of_n(obs: Observations) -> torch.Tensor:
+    """(B,) float in [0, 1]: the fraction of the N fresh classifications that are correct."""
     return obs.final.float().mean(dim=0)
 
 
@@ -179,6 +183,7 @@ def mean_of_n(obs: Observations) -> torch.Tensor:
     floor="ever_broken_floor",
 )
 def ever_broken(obs: Observations) -> torch.Tensor | None:
+    """(B,) bool: correct at all I iterates (obs.path (I, B)) and at the final input; None without a path."""
     if obs.path is None:
         return None
     return obs.path.all(dim=0) & obs.final[0]
@@ -191,6 +196,7 @@ def ever_broken(obs: Observations) -> torch.Tensor | None:
     run="clean",
 )
 def ever_broken_floor(obs: Observations) -> torch.Tensor:
+    """(B,) bool: correct in I + 1 fresh classifications of the clean input (as many as ever_broken makes)."""
     return obs.final[: obs.path_len + 1].all(dim=0)
 
 
@@ -204,6 +210,7 @@ def ever_broken_floor(obs: Observations) -> torch.Tensor:
     run="frozen",
 )
 def dwbox(obs: Observations) -> torch.Tensor:
+    """(B,) bool: the frozen defense's verdict on the input attacked through that frozen defense."""
     return obs.final[0]
 
 

@@ -129,7 +129,7 @@ def write_report(
         if points:
             plots["robust_vs_eps"] = plot_robust_vs_eps(points, pdir / "robust_vs_eps.png")
     purified = [d for d in dict.fromkeys(d for d, _ in plan.order) if d != "none"]
-    if len(purified) > 1:  # defenses side by side (the seed's Fig. 2): natural + each attack
+    if len(purified) > 1:  # defenses side by side (Fig. 2 of Yoon et al. 2021 (ADP)): natural + each attack
         bars = [
             (
                 r["defense_label"],

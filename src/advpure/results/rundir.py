@@ -1,5 +1,6 @@
 """A run directory's records: every rank's store file (`records/rank<r>.sqlite`, see
-`advpure.results.store`) merged and deduplicated by key, and deletion of blocks or everything.
+`advpure.results.store`) merged and deduplicated by key, deletion of blocks or everything, and the
+manifest that ties each block of records to the settings that made it (`open_run_dir`).
 
 The same key in two files with the same value is normal (a batch redone by another rank after a
 resume with a different world size); different values raise `RunDirError` naming the key.
@@ -7,13 +8,15 @@ resume with a different world size); different values raise `RunDirError` naming
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 
 from advpure.errors import RunDirError
 from advpure.results.store import Batch, Example, Record, RecordStore, records_dir
@@ -127,3 +130,64 @@ def delete_units(run_dir: str | Path, units: Iterable[tuple[str, str]]) -> None:
 def clear(run_dir: str | Path) -> None:
     """Delete the records folder (the user asked to overwrite a run dir)."""
     shutil.rmtree(records_dir(run_dir), ignore_errors=True)
+
+
+def open_run_dir(
+    run_dir: str | Path,
+    manifest: dict,
+    *,
+    config_yaml: str,
+    section: str,
+    things: str,
+    base_what: str,
+    delete: Callable[[Path, list[str]], None],
+    resume: bool,
+    overwrite: bool,
+    rank: int,
+) -> Path:
+    """Create or reopen `run_dir` for `manifest` = {"base": fingerprint, "units": {key: fingerprint}}.
+
+    A run dir whose manifest has another base fingerprint or another fingerprint for one of these
+    units is refused with RunDirError (changing nothing), unless `overwrite`: then the changed units
+    are deleted through `delete(run_dir, keys)` (everything when the base changed). `resume=False`
+    starts over. Units of the old manifest that this run does not name are kept. Rank 0 writes
+    `config.yaml` and `manifest.json`; every rank removes Lightning's stale `hpc_ckpt_*.ckpt`
+    (left by a SIGUSR1 under SLURM: the nets come from their weights files and the records are
+    what resumes, and Lightning's test() would otherwise load it) and then waits at a barrier.
+    `section` ("benchmark", "certify") and `things` ("results", "certificates") word the errors.
+    """
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    units = manifest["units"]
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+            old_base, old_units = old["base"], old["units"]
+        except (ValueError, KeyError, TypeError):
+            raise RunDirError(
+                f"{manifest_path} is corrupt; delete the run dir or use {section}.overwrite=true"
+            ) from None
+        changed = [k for k in units if k in old_units and old_units[k] != units[k]]
+        base_changed = old_base != manifest["base"]
+        if (changed or base_changed) and not overwrite:
+            what = [f"the base settings ({base_what})"] if base_changed else []
+            raise RunDirError(
+                f"{run_dir} holds {things} made with other settings ({'; '.join([*what, *changed][:4])}); "
+                f"use {section}.overwrite=true to discard those, or another {section}.run_dir"
+            )
+        if base_changed or not resume:
+            if rank == 0:
+                clear(run_dir)
+            old_units = {}
+        elif changed and rank == 0:
+            delete(run_dir, changed)
+        manifest = {**manifest, "units": {**old_units, **units}}
+    for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
+        stale.unlink(missing_ok=True)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return run_dir
