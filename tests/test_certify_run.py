@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.wandb_offline import find_run_files, read_run
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
@@ -24,6 +23,7 @@ from advpure.certify import ABSTAIN, certified_accuracy, lower_confidence_bound
 from advpure.errors import CheckpointError, ConfigError, RunDirError
 from advpure.results.rundir import load_certificates
 from conftest import TINY_TRAIN, needs_fmnist, tiny_overrides
+from helpers.wandb_offline import find_run_files, read_run
 
 pytestmark = needs_fmnist
 
