@@ -394,3 +394,18 @@ def test_pgd_l2_noise_is_keyed_per_image_not_per_batch_position():
     torch.testing.assert_close(together, reversed_.flip(0), rtol=0, atol=1e-6)
     other_key = smoothed_pgd_l2(base, x[2:], target[2:], idx=[10], **kw)
     assert not torch.allclose(other_key, alone)  # the index keys the noise
+
+
+def test_nan_logits_of_the_base_are_an_error_not_votes():
+    """argmax over NaN logits returns some class: counted, they would certify garbage."""
+    from advpure.errors import NonFiniteError
+
+    class Broken(nn.Module):
+        def forward(self, rows):
+            out = torch.zeros(rows.shape[0], 3)
+            out[::7] = float("nan")  # one row in seven, e.g. a score net that diverged on some inputs
+            return out
+
+    smooth = SmoothedClassifier(Broken(), 0.25, 3, seed=0, max_batch=16)
+    with pytest.raises(NonFiniteError, match=r"NaN or infinite logits for \d+ of 60 noisy rows"):
+        smooth.certify(torch.rand(2, 1, 4, 4), [0, 1], n0=10, n=20, alpha=0.01)

@@ -149,8 +149,8 @@ def test_worst_case_protocol_missing_from_an_attack_is_stated():
     # mean_of_n declares no bound: b is left out there
     assert row["mean_of_n"] == pytest.approx(3 / 4)
     assert check_consistency(wc.records) == 8
-    assert "ever_broken/softmax: b has no ever_broken record on 4 images (bounded by its single)" in wc.note
-    assert "mean_of_n/softmax: b has no mean_of_n record on 4 images (left out there)" in wc.note
+    assert "no ever_broken records for b (4 images): bounded by their single" in wc.note
+    assert "no mean_of_n records for b (4 images): left out of the mean_of_n worst case" in wc.note
 
 
 def test_worst_case_bad_input():

@@ -4,6 +4,7 @@ directories (read-only empty HOME), and `--help` after a command (issue 11)."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -259,3 +260,83 @@ def test_option_like_token_is_a_one_line_error():
     assert out.stderr.strip().splitlines() == [
         "advpure: error: unknown option '--n-images=3'; settings are key=value (see `advpure benchmark --help`)"
     ]
+
+
+# --- non-finite net outputs -------------------------------------------------------------------------
+def _poisoned_artifacts(tmp: Path, artifacts: Path, net: str) -> Path:
+    """A copy of the tiny artifacts whose `net` weights are all NaN (a diverged run, a bad conversion)."""
+    import shutil
+
+    out = tmp / "poisoned"
+    shutil.copytree(artifacts, out)
+    path = out / "fmnist" / f"{net}.pt"
+    w = torch.load(path, weights_only=True)
+    w["state_dict"] = {
+        k: v * float("nan") if v.is_floating_point() else v for k, v in w["state_dict"].items()
+    }
+    torch.save(w, path)
+    return out
+
+
+@needs_fmnist
+@pytest.mark.parametrize("net, names", [("score", "the score network"), ("classifier", "the classifier")])
+def test_nan_weights_stop_the_benchmark_naming_the_net_the_stage_and_the_images(
+    tmp_path, tiny_artifacts, net, names
+):
+    from advpure.benchmark import benchmark
+    from advpure.errors import NonFiniteError
+
+    art = _poisoned_artifacts(tmp_path, tiny_artifacts, net)
+    cfg = C.load("fmnist", tiny_bench(tmp_path, art))
+    with pytest.raises(NonFiniteError) as err:
+        benchmark(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and names in msg and "natural accuracy of" in msg and "batch 0" in msg
+    assert "(3 images)" in msg and re.search(
+        r"NaN or infinite values for \d+ of \d+ rows", msg
+    )  # batch_size 3
+    assert "nothing was recorded for this batch" in msg
+    run = Path(cfg.benchmark.run_dir)
+    assert not (run / "results.json").exists()  # no table of zeros
+    stored = {r.defense for r in load_records(run)}
+    assert "adp_s0.25" not in stored and (net == "score") == ("none" in stored)  # the bare classifier ran
+
+
+@needs_fmnist
+def test_nan_score_weights_are_one_line_and_exit_1_on_the_command_line(tmp_path, tiny_artifacts):
+    art = _poisoned_artifacts(tmp_path, tiny_artifacts, "score")
+    proc = subprocess.run(
+        [sys.executable, "-m", "advpure", "benchmark", *tiny_bench(tmp_path, art)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("advpure: error:")]
+    assert len(errors) == 1 and "the score network" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_a_nan_attack_gradient_is_an_error_not_a_silent_robust_image():
+    """Finite logits whose gradient is NaN (sqrt at 0): the attack stops instead of stepping by NaN
+    (a sign step of NaN would leave the image unchanged and count it as robust)."""
+    from advpure.attacks import attack_params, run_attack
+    from advpure.errors import NonFiniteError
+    from advpure.purify import Defense, IdentityPurifier
+    from advpure.rng import SampleRNG
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.lin(x) + 0.0 * torch.sqrt(0.0 * x[:, :1])  # value 0, gradient 0 / 0 = NaN
+
+    torch.manual_seed(0)
+    d = Defense(Masked(), IdentityPurifier(), replicas=1, channels=1, image_size=4)
+    x, y = torch.rand(2, 1, 4, 4), torch.tensor([0, 1])
+    p = attack_params("pgd", gradient="classifier", iters=2)
+    with pytest.raises(NonFiniteError, match="the attack gradient"):
+        run_attack(p, d, x, y, SampleRNG(0, [0, 1]), eps=0.1, step=0.05)

@@ -224,7 +224,7 @@ def header_lines(cfg: DictConfig, plan: Plan) -> list[str]:
     """The settings stated above every results table: data, threat model, each defense's own
     parameters (from its purifier's `settings`), protocols, and what is smaller than the paper."""
     bc = cfg.benchmark
-    eps = sorted({u.eps for u in plan.units if not u.sweep})
+    eps = sorted({u.eps for u in plan.units if not u.sweep and u.check is None})  # checks: own section
     lines = [
         f"{cfg.data.name}: first {bc.n_images} test images; l_inf eps {', '.join(f'{e:.4g}' for e in eps)} "
         f"(step {cfg.data.step:.4g}); experiment `{cfg.experiment}`; classifier {cfg.classifier.arch}",

@@ -29,7 +29,7 @@ from torch import nn
 
 from advpure.certify.noise import BLOCK, KeyedNormal, block_rows, num_blocks
 from advpure.certify.stats import ABSTAIN, certify_from_counts, check_alpha, predict_from_counts
-from advpure.errors import ConfigError
+from advpure.errors import ConfigError, NonFiniteError
 from advpure.purify.base import check_images
 
 
@@ -135,7 +135,8 @@ class SmoothedClassifier:
         x: (B, C, H, W) clean images in [0, 1] (used in fp32); idx: their B dataset indices (the noise keys);
         draws: [(stream, num), ...] e.g. [("select", n0), ("estimate", n)].
         Returns one (B, num_classes) int64 tensor per entry of `draws`, on x's device.
-        Raises ValueError for bad images, a wrong number of indices or logits of the wrong width.
+        Raises ValueError for bad images, a wrong number of indices or logits of the wrong width, and
+        NonFiniteError when the base produced NaN/inf logits (nothing is returned to be recorded).
         """
         check_images(x)
         # the noisy rows x + sigma n are formed in fp32 whatever x's dtype: a lower precision (autocast)
@@ -156,6 +157,7 @@ class SmoothedClassifier:
         slots = torch.empty(cap, dtype=torch.long, device=x.device)
         ones = torch.ones(cap, dtype=torch.long, device=x.device)
         noise = KeyedNormal(self.seed, x.device, self.block)
+        nonfinite = torch.zeros((), dtype=torch.long, device=x.device)
         fill = 0
 
         def flush(m: int) -> None:
@@ -164,6 +166,7 @@ class SmoothedClassifier:
                 raise ValueError(f"base classifier returned {tuple(logits.shape)}, expected ({m}, {k})")
             # scatter_add_ rather than bincount: bincount reads its input's max, a device sync on CUDA
             counts.scatter_add_(0, slots[:m] * k + logits.argmax(-1), ones[:m])
+            nonfinite.add_((~torch.isfinite(logits)).any(-1).sum())  # read once at the end (no sync)
 
         for i in range(b):
             for j, (stream, num) in enumerate(draws):
@@ -181,6 +184,11 @@ class SmoothedClassifier:
                             fill = 0
         if fill:
             flush(fill)
+        if int(nonfinite):  # an argmax over NaN logits would be counted as a vote for some class
+            raise NonFiniteError(
+                f"the {self.name} base classifier produced NaN or infinite logits for {int(nonfinite)} "
+                f"of {total} noisy rows"
+            )
         table = counts.view(b, r, k)
         return [table[:, j] for j in range(r)]
 

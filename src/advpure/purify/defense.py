@@ -152,7 +152,11 @@ class Defense(nn.Module):
         if self.score_net is None:
             raise ValueError(f"defense '{self.name}' has no score network")
         with torch.autocast(device_type=x.device.type, enabled=False), no_tf32(x.device):
-            return chunked(self.score_net, x, self.max_batch)
+            out = chunked(self.score_net, x, self.max_batch)
+        # checked at every evaluation: ADP's rows whose step size is NaN simply stop, so a NaN field
+        # would otherwise leave the screened image as the "purified" one, silently
+        check_finite(out, f"the score network of defense '{self.name}'")
+        return out
 
     @contextlib.contextmanager
     def frozen(self, seed: int):

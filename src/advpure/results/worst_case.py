@@ -201,13 +201,23 @@ def _note(
         missing = [labels.get(a, a) for a in attacks if a not in present]
         if missing:
             text += f"; not run on this defense: {', '.join(missing)}"
-        lacking = [
-            f"{name}/{merge}: {labels.get(a, a)} has no {name} record on {count} images ("
-            + (f"bounded by its {', '.join(sorted(used))}" if used else "left out there")
-            + ")"
-            for (d, merge, name, a), (count, used) in sorted(gaps.items())
-            if d == defense
-        ]
+        # one phrase per (protocol, how it entered), naming the attacks and, unless every merge rule
+        # is concerned alike, the merge rules
+        grouped: dict[tuple[str, tuple[str, ...]], dict[tuple[str, int], list[str]]] = {}
+        for (d, merge, name, a), (count, used) in sorted(gaps.items()):
+            if d == defense:
+                grouped.setdefault((name, tuple(sorted(used))), {}).setdefault((a, count), []).append(merge)
+        merges = {m for (d, m, _, _) in gaps if d == defense}
+        lacking = []
+        for (name, used), by_attack in grouped.items():
+            who = ", ".join(
+                f"{labels.get(a, a)} ({count} images"
+                + ("" if set(ms) == merges else f", merge {'/'.join(ms)}")
+                + ")"
+                for (a, count), ms in by_attack.items()
+            )
+            how = f"bounded by their {', '.join(used)}" if used else f"left out of the {name} worst case"
+            lacking.append(f"no {name} records for {who}: {how}")
         if lacking:
             text += "; " + "; ".join(lacking)
         parts.append(text)
