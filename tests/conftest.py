@@ -126,3 +126,13 @@ def tiny_artifacts(tmp_path_factory) -> Path:
     cfg = C.load("fmnist", tiny_overrides(tmp, **TINY_TRAIN))
     train(cfg)
     return tmp / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny nets: tiny convolutions are ~100x slower with 2 threads
+    on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

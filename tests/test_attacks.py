@@ -36,13 +36,7 @@ from advpure.rng import GeneratorRNG, SampleRNG
 EPS, STEP = 8 / 255, 2 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions are ~100x slower with 2 threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- tiny nets and defenses ---------------------------------------------------------------------

@@ -4,12 +4,8 @@ after kill -9, DDP = 1 rank, the sanity checks of a credible evaluation (Carlini
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from advpure import config as C
 from advpure.errors import CheckpointError, ConfigError, RunDirError
 from advpure.results import load_batches, load_records, read_csv, read_json
 from conftest import needs_fmnist, tiny_bench
+from helpers.kill import kill_9_after
 from helpers.wandb_offline import find_run_files, read_run
 
 pytestmark = needs_fmnist
@@ -188,22 +185,7 @@ def test_kill_9_then_rerun_gives_identical_results_without_redoing_batches(tmp_p
 
     work = tmp_path / "work"
     store = work / "runs/benchmark/fmnist/records/rank0.sqlite"
-    proc = subprocess.Popen(
-        _bench_cmd(work, tiny_artifacts, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-    def done_batches():
-        try:
-            with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1) as db:
-                return db.execute("select count(*) from batches").fetchone()[0]
-        except sqlite3.Error:
-            return 0
-
-    t0 = time.time()
-    while done_batches() < 4 and proc.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after(_bench_cmd(work, tiny_artifacts, **extra), store, "batches", 4, poll=0.05)
     assert not (work / "runs/benchmark/fmnist/results.json").exists(), "finished before the kill"
     before = {(b.defense, b.attack, b.batch): b for b in load_batches(work / "runs/benchmark/fmnist")}
     assert before

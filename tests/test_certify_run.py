@@ -5,12 +5,8 @@ by other settings refused, and sigma / weights mistakes refused before any work.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ from advpure.certify import ABSTAIN, certified_accuracy, lower_confidence_bound
 from advpure.errors import CheckpointError, ConfigError, RunDirError
 from advpure.results.rundir import load_certificates
 from conftest import TINY_TRAIN, needs_fmnist, tiny_overrides
+from helpers.kill import kill_9_after
 from helpers.wandb_offline import find_run_files, read_run
 
 pytestmark = needs_fmnist
@@ -187,20 +184,7 @@ def test_kill_9_then_rerun_gives_identical_records_without_redoing_stored_images
     cmd = [sys.executable, "-m", "advpure", "certify", *tiny_certify(tmp_path, tiny_artifacts, **extra)]
     work = tmp_path / "runs/certify/fmnist_certify"
     store = work / "records/rank0.sqlite"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stored():
-        try:
-            with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1) as db:
-                return db.execute("select count(*) from certificates").fetchone()[0]
-        except sqlite3.Error:
-            return 0
-
-    t0 = time.time()
-    while stored() < 8 and proc.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_after(cmd, store, "certificates", 8)
     assert not (work / "results.json").exists(), "finished before the kill"
     before = {k: r["seconds"] for k, r in by_key(load_certificates(work), drop=()).items()}
     assert 8 <= len(before) < 30

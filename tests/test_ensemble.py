@@ -39,12 +39,7 @@ from helpers.attack_models import Scaled, StartDecides, linear_net, prototypes_d
 EPS, STEP = 8 / 255, 2 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
