@@ -72,6 +72,14 @@ class LangevinPurifier(Purifier):
 
     label = "Langevin (ML)"
 
+    @classmethod
+    def settings(cls, p) -> str:
+        """The header line; a null eta / dsm_sigma says where the value comes from."""
+        line = super().settings(p)
+        return line.replace("eta=None", "eta=the EBM sampler's").replace(
+            "dsm_sigma=None", "dsm_sigma=the EBM sampler's"
+        )
+
     def __init__(self, score_net: torch.nn.Module, *, sigma=0.25, eta=1e-4, dsm_sigma=0.05, steps=100):
         super().__init__()
         if sigma < 0 or steps < 1:
