@@ -101,6 +101,19 @@ def describe_load_error(path: str | Path, exc: BaseException, what: str = "weigh
     return str(_truncated(path, what))
 
 
+def _kind(path: Path, what: str, hint: str | None) -> str:
+    """`sniff(path)` of an existing file that is not an HTML page; CheckpointError otherwise."""
+    if not path.is_file():
+        raise _not_found(path, what, hint)
+    try:
+        kind = sniff(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if kind == "html":
+        raise _html(path, what, hint)
+    return kind
+
+
 def load_torch_file(
     path: str | Path,
     *,
@@ -115,16 +128,9 @@ def load_torch_file(
     Raises CheckpointError: missing file, HTML page, truncated or non-PyTorch file, pickled code.
     """
     path = Path(path)
-    if not path.is_file():
-        if missing_message:
-            raise CheckpointError(missing_message)
-        raise _not_found(path, what, hint)
-    try:
-        kind = sniff(path)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if kind == "html":
-        raise _html(path, what, hint)
+    if not path.is_file() and missing_message:
+        raise CheckpointError(missing_message)
+    kind = _kind(path, what, hint)
     if kind == "empty":
         raise _truncated(path, what)
     if kind == "zip":
@@ -142,14 +148,7 @@ def check_torch_file(path: str | Path, *, what: str = "checkpoint", advice: str 
     ``torch.load`` itself (Lightning's resume). `advice` ends the truncated-file message.
     Raises CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise _not_found(path, what, None)
-    try:
-        kind = sniff(path)
-    except OSError as e:
-        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if kind == "html":
-        raise _html(path, what, None)
+    kind = _kind(path, what, None)
     if kind == "legacy":
         return
     if kind != "zip":
