@@ -6,7 +6,7 @@ File layout: a 7-byte header (":W&B", 2 magic bytes, 1 version byte), then Level
 FIRST=2, MIDDLE=3, LAST=4); a block tail shorter than a header is zero padding. Each assembled
 payload is a `wandb_internal_pb2.Record`. The checksum is zlib's CRC-32 of the type byte and the
 chunk (checked: the W&B service may still be appending when `run.finish()` has returned, so a
-torn tail is re-read, never parsed).
+torn tail is re-read, never parsed, and a file without the run's `exit` record yet is re-read too).
 """
 
 from __future__ import annotations
@@ -66,14 +66,27 @@ def _read_payloads(path: Path, wait_s: float = 30.0) -> list[bytes]:
             time.sleep(0.5)
 
 
-def read_run(path: str | Path) -> dict:
-    """{'history': [ {key: value} per logged step ], 'summary': {key: value}, 'config': {key: value}}."""
+def _finished_records(path: Path, wait_s: float = 60.0) -> list:
+    """The file's records once the run's `exit` record is in it: `run.finish()` can return before the
+    W&B service has written everything (seen on a loaded 2-core box), so re-read until it is."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = []
+        for payload in _read_payloads(path):
+            rec = pb.Record()
+            rec.ParseFromString(payload)
+            records.append(rec)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def read_run(path: str | Path) -> dict:
+    """{'history': [ {key: value} per logged step ], 'summary': {key: value}, 'config': {key: value}}."""
     out: dict = {"history": [], "summary": {}, "config": {}}
-    for payload in _read_payloads(Path(path)):
-        rec = pb.Record()
-        rec.ParseFromString(payload)
+    for rec in _finished_records(Path(path)):
         which = rec.WhichOneof("record_type")
         if which == "history":
             row = {}
