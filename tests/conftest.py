@@ -34,8 +34,8 @@ def _isolated_env(tmp_path_factory):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         os.environ[var] = str(base / var.lower())
         os.makedirs(os.environ[var], exist_ok=True)
-    # the other caches a run redirects (advpure.runenv): in-process runs then change nothing
-    from advpure.runenv import CACHE_VARS, CONFIG_VARS
+    # the other caches a run redirects (advpure.core.runtime): in-process runs then change nothing
+    from advpure.core.runtime import CACHE_VARS, CONFIG_VARS
 
     for var in [*CACHE_VARS, *CONFIG_VARS]:
         if var not in os.environ:
@@ -119,8 +119,8 @@ def tiny_bench(tmp: Path, artifacts: Path, **extra) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory) -> Path:
     """Classifier and score net trained for seconds on 2000 Fashion-MNIST images (shared by tests)."""
-    from advpure import config as C
-    from advpure.train import train
+    from advpure.config import compose as C
+    from advpure.jobs.train import train
 
     tmp = tmp_path_factory.mktemp("tiny")
     cfg = C.load("fmnist", tiny_overrides(tmp, **TINY_TRAIN))

@@ -30,8 +30,8 @@ from advpure.attacks import (
     spsa_attack,
     spsa_gradient,
 )
+from advpure.core.rng import GeneratorRNG, SampleRNG
 from advpure.purify import ADPPurifier, Defense
-from advpure.rng import GeneratorRNG, SampleRNG
 
 EPS, STEP = 8 / 255, 2 / 255
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from advpure import config as C
-from advpure.errors import CheckpointError, ConfigError, RunDirError
+from advpure.config import compose as C
+from advpure.core.errors import CheckpointError, ConfigError, RunDirError
 from advpure.results import load_batches, load_records, read_csv, read_json
 from conftest import needs_fmnist, tiny_bench
 from helpers.kill import kill_9_after
@@ -22,7 +22,7 @@ pytestmark = needs_fmnist
 
 
 def run_bench(tmp, artifacts, **extra):
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     cfg = C.load("fmnist", tiny_bench(tmp, artifacts, **extra))
     benchmark(cfg)
@@ -218,7 +218,7 @@ def test_two_ddp_ranks_equal_one_rank_on_an_odd_number_of_images(tmp_path, tiny_
 
 
 def test_bad_input_is_refused_before_anything_is_overwritten(tmp_path, tiny_artifacts):
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     # missing weights with training disabled
     cfg = C.load("fmnist", tiny_bench(tmp_path / "a", tmp_path / "nothing"))

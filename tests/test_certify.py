@@ -10,7 +10,6 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from advpure import config as C
 from advpure.certify import (
     ABSTAIN,
     BASES,
@@ -26,7 +25,8 @@ from advpure.certify import (
     smoothed_pgd_l2,
 )
 from advpure.certify.noise import block_rows, num_blocks
-from advpure.errors import ConfigError
+from advpure.config import compose as C
+from advpure.core.errors import ConfigError
 from advpure.nets import build_classifier, build_score_net, load_net_with_meta
 from conftest import FMNIST_DIR, needs_fmnist, tiny_overrides
 
@@ -341,7 +341,7 @@ def test_gaussian_noise_augmentation_has_the_std_and_is_off_at_zero():
 
 def test_classifier_training_batches_get_noise_and_evaluation_batches_do_not(tmp_path):
     from advpure.data.sources import get_spec
-    from advpure.lit.classifier import ClassifierModule, classifier_arch
+    from advpure.training.classifier import ClassifierModule, classifier_arch
 
     cfg = C.load("fmnist", tiny_overrides(tmp_path, **{"classifier.noise_sd": 0.3}))
     assert cfg.classifier.noise_sd == 0.3
@@ -373,7 +373,7 @@ def test_classifier_training_batches_get_noise_and_evaluation_batches_do_not(tmp
 
 
 def test_training_noise_is_part_of_the_classifier_fingerprint_only_when_set(tmp_path):
-    from advpure.train import stage_fingerprint
+    from advpure.jobs.train import stage_fingerprint
 
     base = C.load("fmnist", tiny_overrides(tmp_path))
     noisy = C.load("fmnist", tiny_overrides(tmp_path, **{"classifier.noise_sd": 0.25}))
@@ -398,7 +398,7 @@ def test_pgd_l2_noise_is_keyed_per_image_not_per_batch_position():
 
 def test_nan_logits_of_the_base_are_an_error_not_votes():
     """argmax over NaN logits returns some class: counted, they would certify garbage."""
-    from advpure.errors import NonFiniteError
+    from advpure.core.errors import NonFiniteError
 
     class Broken(nn.Module):
         def forward(self, rows):

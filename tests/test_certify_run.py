@@ -14,9 +14,9 @@ import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from advpure import config as C
 from advpure.certify import ABSTAIN, certified_accuracy, lower_confidence_bound
-from advpure.errors import CheckpointError, ConfigError, RunDirError
+from advpure.config import compose as C
+from advpure.core.errors import CheckpointError, ConfigError, RunDirError
 from advpure.results.rundir import load_certificates
 from conftest import TINY_TRAIN, needs_fmnist, tiny_overrides
 from helpers.kill import kill_9_after
@@ -54,7 +54,7 @@ def tiny_certify(tmp: Path, artifacts: Path, **extra) -> list[str]:
 
 
 def run_certify(tmp, artifacts, **extra):
-    from advpure.certify_run import certify
+    from advpure.jobs.certify import certify
 
     cfg = C.load(None, tiny_certify(tmp, artifacts, **extra))
     certify(cfg)
@@ -77,7 +77,7 @@ def reference(tiny_artifacts, tmp_path_factory):
     `classifier_noise{sigma}.pt`: at 0.25 the tiny classifier re-saved with noise_sd = 0.25 in its meta
     (a stand-in for a noise-trained one), at 0.5 a plain copy; the header must say which is which."""
     from advpure.nets import load_net_with_meta
-    from advpure.weights import save_weights
+    from advpure.nets.weights import save_weights
 
     tmp = tmp_path_factory.mktemp("certref")
     net, arch, meta = load_net_with_meta(tiny_artifacts / "fmnist" / "classifier.pt", "classifier")
@@ -229,7 +229,7 @@ def test_a_run_dir_made_by_other_settings_is_refused_and_overwrite_redoes_only_t
 def test_sigma_outside_the_dsm_range_and_missing_weights_are_one_line_errors_before_any_work(
     tiny_artifacts, tmp_path
 ):
-    from advpure.certify_run import certify
+    from advpure.jobs.certify import certify
 
     # 0.75 > the score net's largest DSM level (0.5): refused before training or touching a run dir
     for artifacts in (tiny_artifacts, tmp_path / "nothing"):  # from the weights' meta / from the config
@@ -246,7 +246,7 @@ def test_sigma_outside_the_dsm_range_and_missing_weights_are_one_line_errors_bef
         assert "\n" not in str(e.value)
         assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing").exists()
     # the bare classifier needs no score net: sigma 0.75 is fine for it alone
-    from advpure.certify_run import plan_units
+    from advpure.jobs.certify import plan_units
 
     cfg = C.load(
         None,

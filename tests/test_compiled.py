@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from advpure.errors import CompileError
+from advpure.core.errors import CompileError
 from advpure.nets import build_score_net
 from advpure.nets.compiled import AGREE_RTOL, compile_net, has_cpp_compiler, warm_up
 

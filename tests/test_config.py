@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from advpure import config as C
-from advpure.errors import ConfigError
+from advpure.config import compose as C
+from advpure.core.errors import ConfigError
 
 
 def test_experiment_composes_groups_and_deltas():
@@ -188,7 +188,7 @@ def test_experiment_attack_deltas_apply_only_to_selected_attacks(tmp_path, monke
 
 
 def test_eps_sweep_units_scale_the_step_with_eps():
-    from advpure.plan import build_plan
+    from advpure.jobs.plan import build_plan
 
     cfg = C.load("fmnist_sweep")
     sweep = {u.eps: u.step for u in build_plan(cfg).units if u.sweep and u.defense == "adp_s0.1"}
@@ -202,7 +202,7 @@ def test_every_experiment_composes_and_plans(name):
     """Each shipped experiment loads, validates and builds its benchmark plan (no nets needed):
     a typo in an experiment file, a defense option that does not exist or an attack that is not
     selected fails here, not hours into a cluster job."""
-    from advpure.plan import build_plan
+    from advpure.jobs.plan import build_plan
 
     cfg = C.load(name)
     plan = build_plan(cfg)

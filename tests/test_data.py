@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from advpure.config import DataConfig, PathsConfig
+from advpure.config.compose import DataConfig, PathsConfig
+from advpure.core.errors import DataError
 from advpure.data import (
     ImageDataModule,
     crop_at,
@@ -37,7 +38,6 @@ from advpure.data import (
     sources,
     to_unit,
 )
-from advpure.errors import DataError
 from conftest import needs_fmnist
 
 IDX_FILES = (

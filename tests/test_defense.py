@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from advpure.core.rng import GeneratorRNG, SampleRNG
 from advpure.purify import (
     ADPPurifier,
     Defense,
@@ -14,7 +15,6 @@ from advpure.purify import (
     merge_predict,
     merge_scores,
 )
-from advpure.rng import GeneratorRNG, SampleRNG
 
 
 def tiny_nets(seed=0):

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from advpure import config as C
-from advpure.errors import CheckpointError, ConfigError, TrainingError
-from advpure.mcmc import PersistentChains, langevin_sample, ml_loss
+from advpure.config import compose as C
+from advpure.core.errors import CheckpointError, ConfigError, TrainingError
 from advpure.nets.ebm import (
     ConvEnergy,
     EnergyField,
@@ -21,8 +20,9 @@ from advpure.nets.ebm import (
     langevin_settings,
     load_energy_field,
 )
+from advpure.nets.weights import read_weights
 from advpure.purify.adp import step_size
-from advpure.weights import read_weights
+from advpure.training.mcmc import PersistentChains, langevin_sample, ml_loss
 from conftest import needs_fmnist, tiny_overrides
 from helpers.ebm_toy import mixture_moments, train_toy
 
@@ -337,7 +337,7 @@ def ebm_overrides(tmp, **extra):
 
 @needs_fmnist
 def test_ebm_stage_exports_the_field_and_resume_continues_the_same_chains(tmp_path):
-    from advpure.train import stage_dir, train
+    from advpure.jobs.train import stage_dir, train
 
     straight = C.load("fmnist", ebm_overrides(tmp_path / "straight"))
     meta = train(straight)["ebm"]
@@ -392,7 +392,7 @@ def test_ebm_stage_exports_the_field_and_resume_continues_the_same_chains(tmp_pa
     ],
 )
 def test_a_diverging_ebm_run_stops_naming_the_step(tmp_path, extra, match):
-    from advpure.train import train
+    from advpure.jobs.train import train
 
     cfg = C.load("fmnist", ebm_overrides(tmp_path, **{"ebm.max_steps": 20, **extra}))
     with pytest.raises(TrainingError, match=match):
@@ -403,7 +403,8 @@ def test_a_diverging_ebm_run_stops_naming_the_step(tmp_path, extra, match):
 @needs_fmnist
 def test_a_nan_energy_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     from advpure.lit import ebm as ebm_mod
-    from advpure.train import train
+
+    from advpure.jobs.train import train
 
     original = ebm_mod.ml_loss
     calls = {"n": 0}
@@ -427,9 +428,9 @@ def test_a_nan_energy_names_the_step_and_the_last_good_checkpoint(tmp_path, monk
 def test_two_ddp_ranks_update_one_shared_replay_buffer(tmp_path):
     """Each rank runs its own B chains; all 2B updated chains land in the (identical) buffer that
     rank 0 checkpoints: exactly the rows the shared stream picked, and nothing else."""
-    from advpure.lit.ebm import _INIT, _SHARED
-    from advpure.rng import mix
-    from advpure.train import stage_dir, train
+    from advpure.core.rng import mix
+    from advpure.jobs.train import stage_dir, train
+    from advpure.training.ebm import _INIT, _SHARED
 
     extra = {
         "ebm.max_steps": 1,

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from advpure import config as C
 from advpure.attacks import (
     ATTACKS,
     PGD,
@@ -31,9 +30,10 @@ from advpure.attacks import (
     target_classes,
 )
 from advpure.attacks.base import AttackResult, Trace
-from advpure.errors import ConfigError
+from advpure.config import compose as C
+from advpure.core.errors import ConfigError
+from advpure.core.rng import SampleRNG
 from advpure.purify import ADPPurifier, Defense
-from advpure.rng import SampleRNG
 from helpers.attack_models import Scaled, StartDecides, linear_net, prototypes_data, trained_mlp
 
 EPS, STEP = 8 / 255, 2 / 255

@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from advpure import config as C
+from advpure.config import compose as C
 from advpure.results import RecordStore, load_records, read_json
 from conftest import ROOT, needs_fmnist, tiny_bench
 
@@ -28,7 +28,7 @@ def _ranks(**extra) -> dict:
 @pytest.mark.ddp
 def test_benchmark_with_more_ranks_than_batches_equals_one_rank(tmp_path, tiny_artifacts):
     """3 images in one batch on 2 ranks: rank 1 idles (no records) and the table is the 1-rank one."""
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     extra = {
         "benchmark.n_images": 3,
@@ -66,8 +66,8 @@ def test_training_evaluation_with_more_ranks_than_batches_equals_one_rank(tmp_pa
     """Classifier validation / test and score-net validation with one batch on 2 ranks: no
     'zero length' error and no hang, and the synced metrics are the 1-rank ones."""
     from advpure.data import ImageDataModule, get_spec
-    from advpure.lit.classifier import ClassifierModule
-    from advpure.lit.score import ScoreModule
+    from advpure.training.classifier import ClassifierModule
+    from advpure.training.score import ScoreModule
 
     cfg = C.load("fmnist", [f"paths.data={tmp_path}/data", "data.val_size=40", "data.eval_batch_size=64"])
     spec = get_spec("fmnist")
@@ -152,7 +152,7 @@ def test_train_and_benchmark_leave_a_read_only_empty_home_empty(tmp_path):
 
 
 def test_redirect_writes_never_overrides_a_users_setting(tmp_path, monkeypatch):
-    from advpure.runenv import CACHE_VARS, CONFIG_VARS, redirect_writes
+    from advpure.core.runtime import CACHE_VARS, CONFIG_VARS, redirect_writes
 
     for var in [*CACHE_VARS, *CONFIG_VARS, "XDG_CONFIG_HOME"]:
         monkeypatch.delenv(var, raising=False)
@@ -233,8 +233,9 @@ def test_benchmark_help_lists_groups_options_and_schema_defaults():
 def test_help_keys_are_generated_from_the_dataclasses():
     import dataclasses
 
-    from advpure.cli_help import schema_rows
-    from advpure.params import at_least, choice
+    from advpure.config.compose.help import schema_rows
+
+    from advpure.core.params import at_least, choice
 
     @dataclasses.dataclass
     class Probe:
@@ -283,8 +284,8 @@ def _poisoned_artifacts(tmp: Path, artifacts: Path, net: str) -> Path:
 def test_nan_weights_stop_the_benchmark_naming_the_net_the_stage_and_the_images(
     tmp_path, tiny_artifacts, net, names
 ):
-    from advpure.benchmark import benchmark
-    from advpure.errors import NonFiniteError
+    from advpure.core.errors import NonFiniteError
+    from advpure.jobs.benchmark import benchmark
 
     art = _poisoned_artifacts(tmp_path, tiny_artifacts, net)
     cfg = C.load("fmnist", tiny_bench(tmp_path, art))
@@ -321,9 +322,9 @@ def test_a_nan_attack_gradient_is_an_error_not_a_silent_robust_image():
     """Finite logits whose gradient is NaN (sqrt at 0): the attack stops instead of stepping by NaN
     (a sign step of NaN would leave the image unchanged and count it as robust)."""
     from advpure.attacks import attack_params, run_attack
-    from advpure.errors import NonFiniteError
+    from advpure.core.errors import NonFiniteError
+    from advpure.core.rng import SampleRNG
     from advpure.purify import Defense, IdentityPurifier
-    from advpure.rng import SampleRNG
 
     class Masked(torch.nn.Module):
         def __init__(self):

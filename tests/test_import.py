@@ -14,18 +14,18 @@ import pytest
 import torch
 
 from advpure import cli
-from advpure import config as C
 from advpure.certify import score_sigma_range
+from advpure.config import compose as C
+from advpure.core.errors import CheckpointError, ConfigError
+from advpure.core.safe_load import check_torch_file
 from advpure.data import get_spec
-from advpure.errors import CheckpointError, ConfigError
 from advpure.importers import robustbench as rb
 from advpure.importers.ncsnv2 import import_ncsnv2
 from advpure.importers.robustbench import RobustBenchModel, RobustBenchWideResNet, load_robustbench_classifier
-from advpure.lit.score import make_score_net, score_arch
-from advpure.losses import geometric_sigmas
 from advpure.nets import count_parameters
-from advpure.safe_load import check_torch_file
-from advpure.weights import load_weights, read_weights, save_weights
+from advpure.nets.weights import load_weights, read_weights, save_weights
+from advpure.training.losses import geometric_sigmas
+from advpure.training.score import make_score_net, score_arch
 from conftest import needs_fmnist, tiny_overrides
 from helpers.reference_nets import (
     ncsnv2_forward,
@@ -367,7 +367,7 @@ def test_robustbench_errors(tmp_path, monkeypatch):
 # --- Lightning resume ---------------------------------------------------------------------------------
 @needs_fmnist
 def test_corrupt_resume_checkpoint_is_a_one_line_error(tmp_path):
-    from advpure.train import train
+    from advpure.jobs.train import train
 
     over = tiny_overrides(
         tmp_path,

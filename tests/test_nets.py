@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 from advpure.nets import (
     InstanceNormPlusPlus2d,
     NCSNv2,

@@ -13,16 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from advpure import config as C
 from advpure.attacks import attack_params, eot_gradient, run_attack
-from advpure.config import load as load_config
+from advpure.config import compose as C
+from advpure.config.compose import load as load_config
+from advpure.core.rng import GeneratorRNG
 from advpure.nets import build_classifier, build_score_net
 from advpure.perf.reference import (
     reference_adp_purify,
     reference_bpda_eot_attack,
 )
 from advpure.purify import ADPPurifier, Defense
-from advpure.rng import GeneratorRNG
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from advpure import config as C
-from advpure.errors import ConfigError, RunDirError
+from advpure.config import compose as C
+from advpure.core.errors import ConfigError, RunDirError
 from advpure.results import load_records, read_csv
 from conftest import ROOT, needs_fmnist, tiny_bench
 
@@ -32,7 +32,7 @@ def user_root(tmp_path, monkeypatch) -> Path:
 
 
 def test_user_purifier_attack_and_protocol_run_end_to_end(tmp_path, tiny_artifacts, user_root):
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     protocols = "[single,worst_of_n,mean_of_n,ever_broken,helpers.toy_plugins:majority_of_n]"
     over = tiny_bench(
@@ -90,7 +90,7 @@ def test_unknown_user_kinds_are_one_line_errors(user_root):
 
 
 def test_changing_one_attack_keeps_the_other_blocks(tmp_path, tiny_artifacts):
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     base = {"attack": "[pgd40_blind,bpda40_eot15]", "benchmark.undefended": "false", "benchmark.n_images": 4}
     cfg = C.load("fmnist", tiny_bench(tmp_path, tiny_artifacts, **base))
@@ -108,7 +108,7 @@ def test_changing_one_attack_keeps_the_other_blocks(tmp_path, tiny_artifacts):
     cfg = C.load("fmnist", tiny_bench(tmp_path, tiny_artifacts, **changed, **{"benchmark.overwrite": "true"}))
     kept: dict = {}
 
-    import advpure.lit.defended as defended
+    import advpure.jobs.bench_loop as defended
 
     real = defended.DefendedClassifier.replay
 

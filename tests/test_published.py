@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from advpure import cli
-from advpure import config as C
-from advpure.errors import CheckpointError
-from advpure.losses import geometric_sigmas
+from advpure.config import compose as C
+from advpure.core.errors import CheckpointError
 from advpure.results import load_records, read_csv
+from advpure.training.losses import geometric_sigmas
 from conftest import tiny_overrides
 from helpers.reference_nets import ncsnv2_shapes, random_state, random_wrn_state, wrn_shapes
 
@@ -71,7 +71,7 @@ def croce_overrides(tmp: Path, **extra) -> list[str]:
 
 
 def test_missing_published_files_are_listed_with_how_to_get_them(tmp_path):
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     with pytest.raises(CheckpointError) as e:
         benchmark(C.load("cifar10_croce2022", croce_overrides(tmp_path)))
@@ -83,7 +83,7 @@ def test_missing_published_files_are_listed_with_how_to_get_them(tmp_path):
 
 
 def test_croce_setting_runs_from_imported_weights(tmp_path, capsys):
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     write_cifar10(tmp_path / "cifar")
     ckpt = write_official_ncsnv2(tmp_path / "checkpoint.pth")

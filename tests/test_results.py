@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from advpure.errors import RunDirError
+from advpure.core.errors import RunDirError
 from advpure.results import (
     CITED_HEADING,
     Example,

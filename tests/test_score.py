@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from advpure import config as C
-from advpure.ema import EMA
-from advpure.errors import ConfigError, TrainingError
-from advpure.losses import dsm_loss, geometric_sigmas, psnr
-from advpure.weights import read_weights
+from advpure.config import compose as C
+from advpure.core.errors import ConfigError, TrainingError
+from advpure.nets.weights import read_weights
+from advpure.training.ema import EMA
+from advpure.training.losses import dsm_loss, geometric_sigmas, psnr
 from conftest import needs_fmnist, tiny_overrides
 
 
@@ -137,8 +137,8 @@ def score_overrides(tmp, **extra):
 @needs_fmnist
 def test_short_real_training_denoises_and_exports_the_ema(tmp_path):
     from advpure.data import ImageDataModule
-    from advpure.lit.score import make_score_net
-    from advpure.train import train
+    from advpure.jobs.train import train
+    from advpure.training.score import make_score_net
 
     cfg = C.load(
         "fmnist", score_overrides(tmp_path, **{"score.max_steps": 100, "score.val_every_n_steps": 100})
@@ -209,7 +209,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
 @needs_fmnist
 def test_nan_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     from advpure.lit import score as score_mod
-    from advpure.train import train
+
+    from advpure.jobs.train import train
 
     original = score_mod.dsm_loss
     calls = {"n": 0}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from advpure import config as C
+from advpure.config import compose as C
+from advpure.nets.weights import read_weights
 from advpure.results import load_records, read_json
-from advpure.weights import read_weights
 from conftest import needs_fmnist, tiny_overrides
 
 pytestmark = [pytest.mark.slow, needs_fmnist]
@@ -24,7 +24,7 @@ def default_artifacts(tmp_path_factory) -> Path:
     given = os.environ.get("ADVPURE_TEST_ARTIFACTS")
     if given:
         return Path(given)
-    from advpure.train import train
+    from advpure.jobs.train import train
 
     tmp = tmp_path_factory.mktemp("default")
     train(C.load("fmnist", tiny_overrides(tmp)))  # the embedded default, outputs under tmp
@@ -39,7 +39,7 @@ def test_default_classifier_reaches_90_percent_and_the_score_net_denoises(defaul
 
 
 def _bench(tmp, artifacts, **extra):
-    from advpure.benchmark import benchmark
+    from advpure.jobs.benchmark import benchmark
 
     over = {"paths.artifacts": artifacts, "benchmark.train_missing": "false", **extra}
     cfg = C.load("fmnist", tiny_overrides(tmp, **over))

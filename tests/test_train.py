@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from advpure import config as C
+from advpure.config import compose as C
+from advpure.core.errors import CheckpointError, ConfigError
 from advpure.data import get_spec
-from advpure.errors import CheckpointError, ConfigError
-from advpure.lit.classifier import ClassifierModule, build_optimizer, classifier_arch, make_classifier
-from advpure.weights import load_weights, read_weights, save_weights
+from advpure.nets.weights import load_weights, read_weights, save_weights
+from advpure.training.classifier import ClassifierModule, build_optimizer, classifier_arch, make_classifier
 from conftest import REAL_HOME, ROOT, needs_fmnist, tiny_overrides
 from helpers.wandb_offline import find_run_files, read_run
 
@@ -85,7 +85,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
 
 @needs_fmnist
 def test_train_classifier_logs_to_offline_wandb_and_exports(tmp_path):
-    from advpure.train import train
+    from advpure.jobs.train import train
 
     def home_files():
         return {
@@ -131,7 +131,7 @@ def test_train_classifier_logs_to_offline_wandb_and_exports(tmp_path):
 
 
 def test_devices_beyond_the_machine_is_a_clear_error(tmp_path):
-    from advpure.trainer import check_devices
+    from advpure.jobs.trainer import check_devices
 
     cfg = C.load("fmnist", tiny_overrides(tmp_path, **{"trainer.devices": 512}))
     with pytest.raises(ConfigError, match="trainer.devices=512 but this machine has"):

@@ -8,13 +8,13 @@ import sys
 
 import torch
 
-from advpure import config as C
+from advpure.config import compose as C
 from advpure.data import ImageDataModule
-from advpure.losses import psnr
 from advpure.nets import make_score_net, score_arch
 from advpure.nets.ebm import load_energy_field
+from advpure.nets.weights import load_weights
 from advpure.purify.adp import adp_chain, screen, step_size
-from advpure.weights import load_weights
+from advpure.training.losses import psnr
 
 art = sys.argv[1]
 cfg = C.load("fmnist", [f"paths.artifacts={art}"])

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from advpure.errors import AdvpureError, ConfigError
+from advpure.core.errors import AdvpureError, ConfigError
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -39,7 +39,7 @@ class Command:
     raw: bool = False  # `run` parses its own arguments (argparse), --help included
 
     def help(self) -> str:
-        from advpure.cli_help import command_help
+        from advpure.config.compose.help import command_help
 
         return command_help(
             self.name,
@@ -53,13 +53,13 @@ class Command:
 
 
 def _load(args: list[str]):
-    from advpure import config as C
+    from advpure.config import compose as C
 
     return C.load(None, args)
 
 
 def _run_config(args: list[str]) -> int:
-    from advpure import config as C
+    from advpure.config import compose as C
 
     print(C.to_yaml(_load(args)), end="")
     return 0
@@ -72,7 +72,7 @@ def _job(module: str, function: str) -> Callable[[list[str]], int]:
     def run(args: list[str]) -> int:
         import importlib
 
-        from advpure.runenv import redirect_writes_for
+        from advpure.core.runtime import redirect_writes_for
 
         cfg = _load(args)
         redirect_writes_for(cfg)
@@ -89,9 +89,9 @@ def _run_import_weights(args: list[str]) -> int:
     return import_weights(args)
 
 
-_run_train = _job("advpure.train", "train")
-_run_certify = _job("advpure.certify_run", "certify")
-_run_benchmark = _job("advpure.benchmark", "benchmark")
+_run_train = _job("advpure.jobs.train", "train")
+_run_certify = _job("advpure.jobs.certify", "certify")
+_run_benchmark = _job("advpure.jobs.benchmark", "benchmark")
 
 
 _TRAIN_GROUPS = ("data", "classifier", "score", "trainer", "logger")
@@ -187,7 +187,7 @@ examples:
 
 
 def _usage() -> str:
-    from advpure.config import experiment_names
+    from advpure.config.compose import experiment_names
 
     width = max(len(c) for c in COMMANDS)
     lines = "\n".join(f"  {c.name:<{width}} {c.summary}" for c in COMMANDS.values())

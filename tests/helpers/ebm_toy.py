@@ -1,5 +1,5 @@
 """A 2-D toy for maximum-likelihood EBM training: a Gaussian mixture on the unit square, a small MLP
-energy, and a training loop made of the same functions `advpure.lit.ebm.EBMModule` calls
+energy, and a training loop made of the same functions `advpure.training.ebm.EBMModule` calls
 (`PersistentChains`, `langevin_sample`, `ml_loss`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advpure.mcmc import PersistentChains, langevin_sample, ml_loss
+from advpure.training.mcmc import PersistentChains, langevin_sample, ml_loss
 
 MEANS = torch.tensor([[0.4, 0.45], [0.6, 0.55]], dtype=torch.float64)
 STD = 0.1

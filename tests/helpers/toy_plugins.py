@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from advpure.attacks import Attack, AttackParams, classifier_objective, project
-from advpure.params import at_least
+from advpure.core.params import at_least
 from advpure.purify import DefenseParams, Purifier, PurifyResult, rows
 from advpure.results import register_protocol
 

@@ -50,8 +50,8 @@ from advpure.attacks.objectives import AGGREGATES, GRADIENTS, eot_gradient
 from advpure.attacks.pgd import check_vote
 from advpure.attacks.projection import project, start_point
 from advpure.attacks.restarts import with_restarts
-from advpure.params import at_least, between, choice
-from advpure.rng import RNG
+from advpure.core.params import at_least, between, choice
+from advpure.core.rng import RNG
 
 
 def apgd_checkpoints(iters: int) -> list[int]:

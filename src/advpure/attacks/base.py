@@ -39,11 +39,11 @@ from typing import Any
 import torch
 
 from advpure.attacks.losses import LOSSES
-from advpure.errors import ConfigError
-from advpure.params import at_least, between, choice, validate
+from advpure.core.errors import ConfigError
+from advpure.core.params import at_least, between, choice, validate
+from advpure.core.registry import Registry
+from advpure.core.rng import RNG
 from advpure.purify.merge import MERGE_RULES, correct_by_merge
-from advpure.registry import Registry
-from advpure.rng import RNG
 
 Progress = Callable[[int], None]
 Observer = Callable[[int, torch.Tensor], None]

@@ -47,7 +47,7 @@ from advpure.attacks.apgd import APGD, apgd_run, target_classes
 from advpure.attacks.base import Attack, AttackParams, AttackResult, register_attack
 from advpure.attacks.objectives import GRADIENTS
 from advpure.attacks.restarts import Run, concatenated_losses, run_on_unbroken
-from advpure.params import at_least, choice
+from advpure.core.params import at_least, choice
 
 
 def stage_names(n_target_classes: int, classes: int | None = None) -> list[str]:

@@ -21,8 +21,8 @@ from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwar
 from advpure.attacks.objectives import AGGREGATES, bpda_objective, classifier_objective, effective_draws
 from advpure.attacks.pgd import check_vote
 from advpure.attacks.projection import project, start_point
-from advpure.params import at_least, between, choice
-from advpure.rng import RNG
+from advpure.core.params import at_least, between, choice
+from advpure.core.rng import RNG
 
 JOINT_KINDS = ("score", "full")
 JOINT_GRADS = ("input", "bpda")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from advpure.attacks.losses import draw_losses
-from advpure.errors import check_finite
-from advpure.rng import RNG
+from advpure.core.errors import check_finite
+from advpure.core.rng import RNG
 
 GRADIENTS = ("classifier", "full", "bpda")
 AGGREGATES = ("mean", "vote")

@@ -26,8 +26,8 @@ from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwar
 from advpure.attacks.objectives import AGGREGATES, GRADIENTS, eot_gradient
 from advpure.attacks.projection import project, start_point
 from advpure.attacks.restarts import with_restarts
-from advpure.params import at_least, choice
-from advpure.rng import RNG
+from advpure.core.params import at_least, choice
+from advpure.core.rng import RNG
 
 
 def pgd_attack(

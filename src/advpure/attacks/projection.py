@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from advpure.rng import RNG
+from advpure.core.rng import RNG
 
 
 def project(x: torch.Tensor, x_orig: torch.Tensor, eps: float) -> torch.Tensor:

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 
 from advpure.attacks.base import AttackResult, Trace
+from advpure.core.rng import RNG
 from advpure.purify.merge import MERGE_RULES, merge_predict, merge_scores
-from advpure.rng import RNG
 
 RunFn = Callable[[torch.Tensor, torch.Tensor, RNG, Trace, torch.Tensor], AttackResult]
 """fn(x_rows, y_rows, rng_rows, trace_rows, rows) -> the AttackResult on those rows; `rows` (R,)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from advpure.attacks.base import AttackResult, Observer, Progress, Trace, attack_class
-from advpure.errors import ConfigError
-from advpure.params import validate
-from advpure.rng import RNG
+from advpure.core.errors import ConfigError
+from advpure.core.params import validate
+from advpure.core.rng import RNG
 
 
 def check_attack(p, defense, eps: float | None, step: float | None) -> None:

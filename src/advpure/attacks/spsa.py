@@ -28,9 +28,9 @@ import torch
 from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
 from advpure.attacks.losses import defended_loss
 from advpure.attacks.projection import project, start_point
-from advpure.params import at_least
+from advpure.core.params import at_least
+from advpure.core.rng import RNG
 from advpure.purify.merge import merge_scores
-from advpure.rng import RNG
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 

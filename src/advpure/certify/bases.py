@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 from advpure.purify.adp import adp_chain
 
 SIGMA_RTOL = 1e-6  # sigma == sigma_max written as 0.5 vs 0.50000001 is covered

@@ -4,7 +4,7 @@ The `num` noise samples of test image `idx` in a named stream ("select" for CERT
 selection draws, "estimate" for its n estimation draws, "predict" for PREDICT) are cut into
 blocks of a FIXED size `block` (default `BLOCK` = 1000 rows; the last block may be shorter).
 Block `k` holds samples [k * block, min((k + 1) * block, num)) and is drawn by one
-`torch.randn` call from a generator seeded with `advpure.rng.mix(seed, idx, stream_id(stream), k)`.
+`torch.randn` call from a generator seeded with `advpure.core.rng.mix(seed, idx, stream_id(stream), k)`.
 So the noise an image sees is a function of (seed, idx, stream, k, block, num) only: the same for
 any images-per-batch, any rows-per-forward (`max_batch`), any DDP sharding and after a resume.
 `block` is part of the key: changing it changes every draw (record it with the results).
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from advpure.rng import mix, stream_id
+from advpure.core.rng import mix, stream_id
 
 BLOCK = 1000  # rows per keyed block: n = 100,000 is 100 blocks, n0 = 100 one (shorter) block
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from advpure.certify.noise import BLOCK, KeyedNormal, block_rows, num_blocks
 from advpure.certify.stats import ABSTAIN, certify_from_counts, check_alpha, predict_from_counts
-from advpure.errors import ConfigError, NonFiniteError
+from advpure.core.errors import ConfigError, NonFiniteError
 from advpure.purify.base import check_images
 
 

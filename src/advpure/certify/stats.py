@@ -21,7 +21,7 @@ import numpy as np
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import proportion_confint
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 ABSTAIN = -1  # the prediction of an abstaining smoothed classifier
 

@@ -6,7 +6,7 @@ Design:
     than per-sample `__getitem__` + collate.
   * Batches are `(x_uint8, y_int64, idx_int64)`; `idx` are dataset indices (train-set indices for
     the train and validation splits, test-set indices for the test split). The per-sample random
-    streams of the defense (`advpure.rng.SampleRNG`) are keyed by them.
+    streams of the defense (`advpure.core.rng.SampleRNG`) are keyed by them.
   * Conversion to float [0, 1] and augmentation happen after the transfer, on the device
     (`on_after_batch_transfer`). Per-dataset normalization is the classifier's job, because
     attacks and the purifier work in [0, 1] pixel space.
@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from advpure.core.errors import DataError
+from advpure.core.rng import mix
 from advpure.data.augment import random_crop, random_hflip, to_unit
 from advpure.data.sources import get_spec, load_arrays, resolve
-from advpure.errors import DataError
-from advpure.rng import mix
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

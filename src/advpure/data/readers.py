@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advpure.errors import DataError
+from advpure.core.errors import DataError
 
 # --- IDX ----------------------------------------------------------------------------------------
 IDX_UINT8 = 0x08  # the only element type the datasets use; others are refused rather than guessed

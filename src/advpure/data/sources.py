@@ -37,8 +37,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from advpure.core.errors import DataError
 from advpure.data.readers import read_cifar_batch, read_idx
-from advpure.errors import DataError
 
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # module constant: tests patch it
 DOWNLOAD_TIMEOUT_S = 60.0

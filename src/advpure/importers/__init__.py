@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 __all__ = ["main"]
 
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Run `advpure import-weights` with the arguments after the command; returns the exit code.
 
-    Errors are raised as `advpure.errors` exceptions (the CLI prints them as one line): ConfigError for
+    Errors are raised as `advpure.core.errors` exceptions (the CLI prints them as one line): ConfigError for
     a usage mistake, CheckpointError for a bad input file."""
     try:
         args = _parser().parse_args(argv)

@@ -1,4 +1,4 @@
-"""Helpers shared by the importers: prefixes, key/shape checks (file hashes: `advpure.weights.file_sha256`)."""
+"""Helpers shared by the importers: prefixes, key/shape checks (file hashes: `advpure.nets.weights.file_sha256`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from advpure.errors import CheckpointError
-from advpure.weights import file_sha256
+from advpure.core.errors import CheckpointError
+from advpure.nets.weights import file_sha256
 
 __all__ = ["file_sha256", "strip_prefixes", "check_state_dict"]
 

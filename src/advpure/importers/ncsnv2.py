@@ -13,7 +13,7 @@ takes the shadow instead.
 `import_ncsnv2` reads the file with ``torch.load(weights_only=True)`` (never unpickling code), checks
 every key, shape and value against `advpure.nets.NCSNv2` (32x32, the reference architecture), and
 writes an advpure weights file (kind "score", the arch dict ``advpure.nets.score_arch`` makes for
-``score=ncsnv2_cifar10``) that the normal path (`advpure.weights.load_weights` into
+``score=ncsnv2_cifar10``) that the normal path (`advpure.nets.weights.load_weights` into
 ``make_score_net(arch)``) loads. The ``sigmas`` buffer is not a part of the advpure net (its output is
 the raw f_theta, which ADP uses, not f_theta / sigma_label): it is checked against the CIFAR-10
 schedule and recorded in the file's ``meta``.
@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from advpure.errors import CheckpointError
+from advpure.core.errors import CheckpointError
+from advpure.core.safe_load import load_torch_file
 from advpure.importers.common import check_state_dict, file_sha256, strip_prefixes
-from advpure.losses import geometric_sigmas
 from advpure.nets.ncsnv2 import NCSNv2
-from advpure.safe_load import load_torch_file
-from advpure.weights import save_weights
+from advpure.nets.weights import save_weights
+from advpure.training.losses import geometric_sigmas
 
 __all__ = ["SOURCE", "CIFAR10_SIGMAS", "read_ncsnv2_checkpoint", "import_ncsnv2"]
 

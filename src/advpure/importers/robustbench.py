@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpure.errors import CheckpointError, ConfigError
+from advpure.core.errors import CheckpointError, ConfigError
+from advpure.core.safe_load import load_torch_file
 from advpure.importers.common import check_state_dict, strip_prefixes
-from advpure.safe_load import load_torch_file
 
 __all__ = [
     "RobustBenchWideResNet",

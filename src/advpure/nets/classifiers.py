@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 __all__ = [
     "CLASSIFIER_ARCHS",

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from advpure.errors import CompileError
+from advpure.core.errors import CompileError
 
 # relative to the largest |value| of the eager result; fp32 reorderings stay far below this
 AGREE_RTOL = 1e-3

@@ -3,7 +3,7 @@
 An EBM defines the density p_phi(x) ∝ exp(-E_phi(x)); trained by maximum likelihood with Langevin
 MCMC (Nijkamp, Hill, Zhu & Wu, NeurIPS 2019 "Learning non-convergent non-persistent short-run MCMC
 toward energy-based model" / AAAI 2020 "On the anatomy of MCMC-based maximum likelihood learning of
-energy-based models"; Hill, Mitchell & Zhu, ICLR 2021 "Stochastic Security"; see `advpure.mcmc`),
+energy-based models"; Hill, Mitchell & Zhu, ICLR 2021 "Stochastic Security"; see `advpure.training.mcmc`),
 its field -grad_x E_phi(x) plays the role of the DSM score net f_theta ~ sigma * grad log p_sigma in
 the purifiers (ADP's deterministic updates, Langevin purification).
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 __all__ = [
     "EBM_ACTIVATIONS",
@@ -247,8 +247,8 @@ def load_energy_field(path: str | Path, arch: dict | None = None) -> EnergyField
     `arch` (the config's architecture dict) is checked against the file when given; otherwise the
     file's own is used. The net is in eval mode with frozen parameters. Raises CheckpointError.
     """
-    from advpure.errors import CheckpointError
-    from advpure.weights import load_weights, read_weights
+    from advpure.core.errors import CheckpointError
+    from advpure.nets.weights import load_weights, read_weights
 
     if arch is None:
         arch = read_weights(path)["arch"]

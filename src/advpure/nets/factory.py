@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from advpure.errors import CheckpointError
+from advpure.core.errors import CheckpointError
 from advpure.nets.classifiers import build_classifier
 from advpure.nets.ncsnv2 import build_score_net
-from advpure.weights import load_weights, read_weights
+from advpure.nets.weights import load_weights, read_weights
 
 
 def classifier_arch(cfg, spec) -> dict:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 __all__ = [
     "SCORE_IMAGE_SIZES",

@@ -61,7 +61,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def experiment_setup(args, device: torch.device):
     """(classifier, score net, images (B, C, H, W) in [0, 1], their test indices, classes, ADP parameters)
     of an experiment: its trained weights and its certified test images."""
-    from advpure import config as C
+    from advpure.config import compose as C
     from advpure.data import ImageDataModule
     from advpure.data.augment import to_unit
     from advpure.nets import load_nets

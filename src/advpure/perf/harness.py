@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from advpure.attacks import attack_params
-from advpure.config import load as load_config
+from advpure.config.compose import load as load_config
+from advpure.core.rng import GeneratorRNG
 from advpure.nets import build_classifier, build_score_net
 from advpure.perf.report import Report
 from advpure.purify import ADPPurifier, Defense
-from advpure.rng import GeneratorRNG
 
 
 @dataclass

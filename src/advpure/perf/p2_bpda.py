@@ -11,11 +11,11 @@ import copy
 import torch
 
 from advpure.attacks import attack_params, run_attack
+from advpure.core.rng import SampleRNG
 from advpure.perf.harness import Counter, Ctx, adp_defense, grng, images, make_nets, section
 from advpure.perf.reference import reference_bpda_eot_attack
 from advpure.perf.report import fmt
 from advpure.perf.timing import interleaved, med, paired_ratio
-from advpure.rng import SampleRNG
 
 
 def bpda_spec(iters: int, eot: int):

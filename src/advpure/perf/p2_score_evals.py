@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from advpure.attacks import run_attack
-from advpure.config import attack_eps_step
-from advpure.config import load as load_config
+from advpure.config.compose import attack_eps_step
+from advpure.config.compose import load as load_config
+from advpure.core.rng import SampleRNG
 from advpure.perf.harness import Ctx, Sizes, fmnist_attacks, images, section
 from advpure.purify.defense import build_defense
-from advpure.rng import SampleRNG
 
 
 class LinearScore(nn.Module):

@@ -16,7 +16,7 @@ from advpure.perf.timing import interleaved, med, paired_ratio
 @section("P4", order=40)
 def p4_dsm(ctx: Ctx) -> None:
     """The full DSM step / the bare step, paired; checks one EMA update per step."""
-    from advpure.lit.score import ScoreModule
+    from advpure.training.score import ScoreModule
 
     dev, rep, sz = ctx.device, ctx.report, ctx.sz
     torch.manual_seed(0)

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
+from advpure.core.runtime import redirect_writes
 from advpure.perf.harness import Ctx, experiment, load_sections, sizes_for
 from advpure.perf.memory import clean_heap
 from advpure.perf.report import Report, machine
-from advpure.runenv import redirect_writes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,12 +10,12 @@ import dataclasses
 import torch
 
 from advpure.attacks import run_attack
-from advpure.config import attack_eps_step
-from advpure.config import load as load_config
+from advpure.config.compose import attack_eps_step
+from advpure.config.compose import load as load_config
+from advpure.core.rng import SampleRNG
 from advpure.perf.harness import Ctx, adp_defense, fmnist_attacks, grng, images, make_nets, section
 from advpure.perf.report import fmt
 from advpure.perf.timing import interleaved, med
-from advpure.rng import SampleRNG
 
 
 @section("train", order=50)
@@ -24,7 +24,7 @@ def classifier_train(ctx: Ctx) -> None:
     from omegaconf import OmegaConf
 
     from advpure.data import SPECS
-    from advpure.lit.classifier import ClassifierModule, build_optimizer
+    from advpure.training.classifier import ClassifierModule, build_optimizer
 
     dev, rep = ctx.device, ctx.report
     torch.manual_seed(0)

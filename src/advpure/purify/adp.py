@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from advpure.params import at_least, choice
+from advpure.core.params import at_least, choice
+from advpure.core.rng import RNG, GeneratorRNG
 from advpure.purify.base import (
     NOISE_TYPES,
     DefenseParams,
@@ -41,7 +42,6 @@ from advpure.purify.base import (
     register_purifier,
     screened_rows,
 )
-from advpure.rng import RNG, GeneratorRNG
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpure.params import at_least, choice, schema
+from advpure.core.params import at_least, choice, schema
+from advpure.core.registry import Registry
+from advpure.core.rng import RNG
 from advpure.purify.merge import MERGE_RULES
-from advpure.registry import Registry
-from advpure.rng import RNG
 
 NOISE_TYPES = ("gaussian", "rademacher")
 FIELDS = ("dsm", "ebm")

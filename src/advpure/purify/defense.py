@@ -9,7 +9,7 @@
 
 Images are (B, C, H, W) in [0, 1]. Replicas and EOT draws are rows of one batch (draw-major: row
 d*B + i is draw d of image i); nets see them in chunks of at most `max_batch` rows, the memory
-budget. Every stochastic call takes an RNG (`advpure.rng`), so results are reproducible and
+budget. Every stochastic call takes an RNG (`advpure.core.rng`), so results are reproducible and
 independent of batch layout.
 
 A Defense is an evaluation object: its nets are always in eval mode (BatchNorm statistics frozen,
@@ -25,10 +25,10 @@ import contextlib
 import torch
 from torch import nn
 
-from advpure.errors import check_finite
+from advpure.core.errors import check_finite
+from advpure.core.rng import RNG, FrozenRNG
 from advpure.purify.base import IdentityPurifier, Purifier, PurifyResult, check_images, purifier_class
 from advpure.purify.merge import MERGE_RULES, correct_by_merge, merge_scores
-from advpure.rng import RNG, FrozenRNG
 
 
 class Counted(nn.Module):
@@ -217,7 +217,7 @@ def build_defense(
     amp_dtype=None,
     name=None,
 ) -> Defense:
-    """A `Defense` from a typed defense block (see `advpure.config`): the purifier registered as
+    """A `Defense` from a typed defense block (see `advpure.config.compose`): the purifier registered as
     `params.kind` built by its `from_params`. `nets`: {"score": score net} (or the score net).
     Raises ValueError when the purifier needs a score network and none is given."""
     cls = purifier_class(params.kind)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from advpure.params import at_least
+from advpure.core.params import at_least
+from advpure.core.rng import GeneratorRNG
 from advpure.purify.adp import checkpointed
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows, screened_rows
-from advpure.rng import GeneratorRNG
 
 NoiseFn = Callable[[], torch.Tensor]
 

@@ -14,7 +14,7 @@ Every number is recomputed from the records of all rank files (`load_certificate
   for the others, averaged over all images;
 * images/s: images / the summed per-image certification seconds (per process), and its physical
   limit (n0 + n) x the batched forward rate of the base classifier (denoiser + classifier), rows/s
-  of its own forwards timed inside the same run on the same rows (`advpure.lit.certify.TimedBase`);
+  of its own forwards timed inside the same run on the same rows (`advpure.jobs.certify_loop.TimedBase`);
   overhead = certification time / that limit's time (goal <= 1.10).
 """
 
@@ -67,7 +67,7 @@ def radius_key(r: float) -> str:
 def _limits(run_dir: Path, units: Sequence[tuple[str, float]], keep: set) -> dict[tuple[str, float], dict]:
     """Per unit: certification seconds and images of each rank file, paired with the forward rate that
     the same process measured; summed into the time the base alone would have taken."""
-    from advpure.lit.certify import unit_key
+    from advpure.jobs.certify_loop import unit_key
 
     out: dict[tuple[str, float], dict] = {}
     for path in rank_files(run_dir):

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from advpure.core.registry import Registry
 from advpure.purify.merge import MERGE_RULES
-from advpure.registry import Registry
 from advpure.results.store import NATURAL, Record
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from advpure.errors import RunDirError
+from advpure.core.errors import RunDirError
 from advpure.results.store import Batch, Example, Record, RecordStore, records_dir
 
 

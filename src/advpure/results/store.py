@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from advpure.errors import RunDirError
+from advpure.core.errors import RunDirError
 from advpure.purify.merge import MERGE_RULES
 
 NATURAL = "natural"  # the attack name of clean-accuracy records

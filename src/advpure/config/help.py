@@ -2,7 +2,7 @@
 
 A command's help lists what it does, its config groups with the options found in `conf/<group>/`,
 the experiments, the keys of the schema sections it reads with their schema defaults, types,
-allowed values or ranges and the comment written next to the field in `advpure.config`, and
+allowed values or ranges and the comment written next to the field in `advpure.config.compose`, and
 examples. The sections come from `help_sections()`, the one place to change when the schema
 changes shape (e.g. per-kind defense / attack blocks taken from registries).
 """
@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
-from advpure import config as C
-from advpure.errors import AdvpureError
+from advpure.config import compose as C
+from advpure.core.errors import AdvpureError
 
 
 def help_sections(names: Iterable[str] | None = None) -> list[tuple[str, type]]:
@@ -66,7 +66,7 @@ _COMMON = _common_keys()
 
 
 def _schema_type(f: dataclasses.Field) -> type | None:
-    from advpure.params import _dataclass_type
+    from advpure.core.params import _dataclass_type
 
     return _dataclass_type(f)
 

@@ -2,7 +2,7 @@
 
 test_step (per batch, for every defense): natural accuracy of `worst_of_n` independent defended
 predictions (and, for the DW-box protocol, of the frozen defense), every merge rule, written as
-per-sample records to this process's store. The attack callbacks (`advpure.callbacks.attack`)
+per-sample records to this process's store. The attack callbacks (`advpure.jobs.attack_runner`)
 then attack the same batch. Batches already in the store (a resumed run) are not recomputed:
 their records re-feed the metrics.
 
@@ -19,12 +19,12 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advpure.core.errors import NonFiniteError
+from advpure.core.rng import SampleRNG, mix, stream_id
 from advpure.data.datamodule import is_empty_batch
-from advpure.errors import NonFiniteError
 from advpure.nets.compiled import eager_of, warm_up
 from advpure.purify.defense import Defense
 from advpure.results import NATURAL, RecordStore, metric_name, protocol, protocol_records, records_for
-from advpure.rng import SampleRNG, mix, stream_id
 
 
 def stage_error(e: NonFiniteError, stage: str, n: int) -> NonFiniteError:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpure.errors import CheckpointError
-from advpure.safe_load import load_torch_file
+from advpure.core.errors import CheckpointError
+from advpure.core.safe_load import load_torch_file
 
 FORMAT = "advpure-weights/1"
 
@@ -66,7 +66,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     """The payload of an advpure weights file (see the module docstring), read with weights_only=True.
 
     Raises CheckpointError (one line): missing file, HTML page, truncated / corrupt / non-PyTorch file,
-    pickled code (see `advpure.safe_load`), or a file that is not in the advpure weights format."""
+    pickled code (see `advpure.core.safe_load`), or a file that is not in the advpure weights format."""
     path = Path(path)
     payload = load_torch_file(
         path,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from advpure.config import to_dict
-from advpure.runenv import redirect_writes_for
+from advpure.config.compose import to_dict
+from advpure.core.runtime import redirect_writes_for
 
 
 def _has_wandb_key() -> bool:
@@ -41,7 +41,7 @@ def build_logger(cfg: DictConfig, stage: str, save_dir: str | Path):
     """A Lightning logger for one stage (classifier / score / benchmark), or False for none.
 
     W&B's caches, logs and staging go under `paths.cache` unless their variables are set
-    (`advpure.runenv.redirect_writes`); its run files go to `save_dir`.
+    (`advpure.core.runtime.redirect_writes`); its run files go to `save_dir`.
     """
     redirect_writes_for(cfg)
     lc = cfg.logger

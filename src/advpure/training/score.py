@@ -11,11 +11,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from advpure.ema import EMA
-from advpure.errors import TrainingError
-from advpure.losses import dsm_loss, geometric_sigmas, one_step_denoise, psnr
+from advpure.core.errors import TrainingError
+from advpure.core.rng import mix
 from advpure.nets.factory import make_score_net, score_arch  # noqa: F401 (re-exported)
-from advpure.rng import mix
+from advpure.training.ema import EMA
+from advpure.training.losses import dsm_loss, geometric_sigmas, one_step_denoise, psnr
 
 VAL_SIGMAS = (0.1, 0.25)
 

@@ -22,7 +22,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 
 class Registry:

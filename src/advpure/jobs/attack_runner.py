@@ -20,12 +20,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from advpure.attacks import attack_class, run_attack
+from advpure.core.errors import NonFiniteError
+from advpure.core.rng import SampleRNG
 from advpure.data.datamodule import is_empty_batch
-from advpure.errors import NonFiniteError
-from advpure.lit.defended import stage_error
-from advpure.plan import Unit
+from advpure.jobs.bench_loop import stage_error
+from advpure.jobs.plan import Unit
 from advpure.results import Observations, protocol, protocol_records
-from advpure.rng import SampleRNG
 
 
 class AttackCallback(Callback):

@@ -1,8 +1,8 @@
 """Parameter schemas: dataclass fields whose metadata states the allowed values, and the one
 validator that turns a wrong value into a one-line `ConfigError` naming the key.
 
-Every config block (the fixed groups in `advpure.config`, and the per-kind blocks of purifiers and
-attacks registered in `advpure.registry`) is a dataclass built from these helpers:
+Every config block (the fixed groups in `advpure.config.compose`, and the per-kind blocks of purifiers and
+attacks registered in `advpure.core.registry`) is a dataclass built from these helpers:
 
     @dataclass
     class Params:
@@ -22,7 +22,7 @@ import math
 from dataclasses import field
 from typing import Any
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 
 def choice(default: Any, *choices: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from advpure.errors import CheckpointError
+from advpure.core.errors import CheckpointError
 
 __all__ = ["load_torch_file", "check_torch_file", "describe_load_error", "sniff"]
 

@@ -3,7 +3,7 @@ classifier and report natural and robust accuracy under every protocol.
 
 Reads top to bottom:
   1. ensure_weights   exported classifier / score weights exist (or train them)
-  2. build_plan       defenses x attacks (advpure.plan), validated before any work
+  2. build_plan       defenses x attacks (advpure.jobs.plan), validated before any work
   3. open_run_dir     resolved config + manifest; refuse a run dir made by other settings
   4. trainer.test     DefendedClassifier (natural accuracy) + one AttackCallback per unit,
                       per-sample records stored per process, resumable batch by batch
@@ -19,24 +19,24 @@ import torch
 from omegaconf import DictConfig
 
 from advpure.attacks import check_attack
-from advpure.callbacks.attack import AttackCallback
-from advpure.callbacks.report import ReportCallback
-from advpure.config import fingerprint, to_dict, to_yaml
+from advpure.config.compose import fingerprint, to_dict, to_yaml
+from advpure.core.errors import CheckpointError, ConfigError
+from advpure.core.runtime import redirect_writes_for
 from advpure.data import ImageDataModule
-from advpure.errors import CheckpointError, ConfigError
-from advpure.lit.defended import DefendedClassifier
-from advpure.loggers import build_logger
+from advpure.jobs.attack_runner import AttackCallback
+from advpure.jobs.bench_loop import DefendedClassifier
+from advpure.jobs.loggers import build_logger
+from advpure.jobs.plan import Plan, build_plan, header_lines, natural_fingerprint, unit_fingerprint
+from advpure.jobs.report import ReportCallback
+from advpure.jobs.train import train, weights_path
+from advpure.jobs.trainer import build_trainer, launch_rank, say, test_and_read_results
 from advpure.nets import load_nets
 from advpure.nets.compiled import compile_net
-from advpure.plan import Plan, build_plan, header_lines, natural_fingerprint, unit_fingerprint
+from advpure.nets.weights import file_sha256
 from advpure.purify.defense import build_defense
 from advpure.results import NATURAL, delete_units, metric_name, protocol, with_floors
 from advpure.results.report import ReportPlan
 from advpure.results.rundir import open_run_dir as open_rundir
-from advpure.runenv import redirect_writes_for
-from advpure.train import train, weights_path
-from advpure.trainer import build_trainer, launch_rank, say, test_and_read_results
-from advpure.weights import file_sha256
 
 AMP = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -81,8 +81,8 @@ def ensure_weights(cfg: DictConfig, plan: Plan) -> None:
 
 def load_ebm_field(cfg: DictConfig, spec):
     """The EBM's rescaled field c * (-grad E) (`ebm.weights`), called like the DSM score net."""
-    from advpure.lit.ebm import ebm_arch
     from advpure.nets.ebm import load_energy_field
+    from advpure.training.ebm import ebm_arch
 
     return load_energy_field(cfg.ebm.weights, ebm_arch(cfg, spec))
 

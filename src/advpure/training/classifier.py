@@ -7,8 +7,8 @@ import torch
 import torchmetrics
 from torch import nn
 
+from advpure.core.errors import TrainingError
 from advpure.data.augment import gaussian_noise
-from advpure.errors import TrainingError
 from advpure.nets.factory import classifier_arch, make_classifier  # noqa: F401 (re-exported)
 
 

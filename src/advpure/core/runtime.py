@@ -12,7 +12,7 @@ that only hold the user's settings (`~/.config/wandb`, `~/.config/matplotlib`) a
 only when they do not exist, so existing settings are still read and nothing is created there.
 
 Every entry point calls it: the CLI before it imports torch, Lightning, matplotlib or W&B;
-`advpure.train.train`, `advpure.benchmark.benchmark`, `advpure.certify_run.certify`, `advpure.perf`
+`advpure.jobs.train.train`, `advpure.jobs.benchmark.benchmark`, `advpure.jobs.certify.certify`, `advpure.perf`
 and the logger builder for users of the
 Python API (who should call it before importing Lightning, as matplotlib fixes its folders at
 import time). Nothing secret is read or written: only directory names go into the environment.

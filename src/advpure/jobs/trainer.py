@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from advpure.errors import ConfigError
+from advpure.core.errors import ConfigError
 
 
 def launch_rank() -> int:

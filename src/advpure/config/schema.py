@@ -1,7 +1,7 @@
 """The config schema: one dataclass per fixed config group (data, classifier, score, ebm,
 trainer, logger, train, benchmark, certify, paths) and the root `Config`.
 
-Field metadata (`advpure.params`: choice / at_least / between) states the allowed values and the
+Field metadata (`advpure.core.params`: choice / at_least / between) states the allowed values and the
 comment next to a field is its `--help` text. The `defense` block and the `attacks.<name>` blocks
 are not here: they are typed by their kind's `Params` (`advpure.purify`, `advpure.attacks`).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advpure.attacks.base import EPS_HINT
-from advpure.params import at_least, between, choice, schema
+from advpure.core.params import at_least, between, choice, schema
 
 
 @schema
@@ -22,7 +22,7 @@ class PathsConfig:
     runs: str = "runs"  # checkpoints, logs, benchmark run directories
     data: str = "data"  # download cache (searched when data.root is unset)
     models: str = "models"  # RobustBench's model directory: <models>/<dataset>/<threat_model>/<name>.pt
-    cache: str = "${paths.runs}/cache"  # library caches, logs and temp files of a run (advpure.runenv)
+    cache: str = "${paths.runs}/cache"  # library caches, logs and temp files of a run (advpure.core.runtime)
 
 
 @schema

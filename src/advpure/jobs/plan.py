@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from advpure.attacks.base import attack_class, display_label
-from advpure.config import attack_eps_step, defense_option, fingerprint, to_dict, typed_block
-from advpure.errors import ConfigError
+from advpure.config.compose import attack_eps_step, defense_option, fingerprint, to_dict, typed_block
+from advpure.core.errors import ConfigError
 from advpure.purify.base import IdentityPurifier, purifier_class
 from advpure.purify.defense import defense_label, defense_name
 from advpure.results.protocols import protocol

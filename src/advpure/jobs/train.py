@@ -24,20 +24,20 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
 
-from advpure.config import fingerprint, to_dict
+from advpure.config.compose import fingerprint, to_dict
+from advpure.core.errors import CheckpointError, ConfigError, RunDirError
+from advpure.core.rng import mix, stream_id
+from advpure.core.runtime import redirect_writes_for
+from advpure.core.safe_load import check_torch_file, describe_load_error
 from advpure.data import ImageDataModule
-from advpure.errors import CheckpointError, ConfigError, RunDirError
-from advpure.lit.classifier import ClassifierModule
-from advpure.lit.ebm import EBMModule, ebm_arch
-from advpure.lit.score import ScoreModule
-from advpure.loggers import build_logger
+from advpure.jobs.loggers import build_logger
+from advpure.jobs.trainer import build_trainer, launch_rank, say
 from advpure.nets.ebm import estimate_field_scale
 from advpure.nets.factory import classifier_arch, score_arch
-from advpure.rng import mix, stream_id
-from advpure.runenv import redirect_writes_for
-from advpure.safe_load import check_torch_file, describe_load_error
-from advpure.trainer import build_trainer, launch_rank, say
-from advpure.weights import save_weights
+from advpure.nets.weights import save_weights
+from advpure.training.classifier import ClassifierModule
+from advpure.training.ebm import EBMModule, ebm_arch
+from advpure.training.score import ScoreModule
 
 STAGES = ("classifier", "score", "ebm")
 
@@ -209,7 +209,7 @@ def _export(cfg, stage, arch, net, meta) -> None:
 
 
 def train_classifier(cfg: DictConfig) -> dict:
-    """Train the classifier (`advpure.lit.classifier.ClassifierModule`) for trainer.max_epochs on
+    """Train the classifier (`advpure.training.classifier.ClassifierModule`) for trainer.max_epochs on
     [0, 1] images (Gaussian noise augmentation at classifier.noise_sd when > 0), resuming from the
     stage's last.ckpt; exports kind "classifier" weights. Returns their meta (test_acc in [0, 1],
     seconds, images_per_s, ...)."""
@@ -289,7 +289,7 @@ def _step_trainer(cfg: DictConfig, stage: str, run_dir: Path, ckpt: ModelCheckpo
 
 
 def train_score(cfg: DictConfig) -> dict:
-    """Train the score net by DSM (`advpure.lit.score.ScoreModule`) for score.max_steps steps,
+    """Train the score net by DSM (`advpure.training.score.ScoreModule`) for score.max_steps steps,
     resuming from the stage's last.ckpt; exports the EMA weights as kind "score" with the DSM noise
     levels (dsm_sigma_min/max, dsm_levels) in meta. Returns the meta."""
     t0 = time.perf_counter()
@@ -368,7 +368,7 @@ def field_scale_of(cfg: DictConfig, dm: ImageDataModule, net) -> dict:
 
 
 def train_ebm(cfg: DictConfig) -> dict:
-    """Maximum-likelihood EBM (`advpure.lit.ebm.EBMModule`); exports kind "ebm" weights whose meta
+    """Maximum-likelihood EBM (`advpure.training.ebm.EBMModule`); exports kind "ebm" weights whose meta
     holds the field scale ("field_scale") and the training sampler's settings."""
     t0 = time.perf_counter()
     L.seed_everything(cfg.seed, verbose=False)

@@ -10,7 +10,7 @@ One step, on a data batch x (images in [0, 1]):
   4. stop       TrainingError naming the step and the last good checkpoint when the loss or a
                 chain is non-finite or max |E| exceeds `energy_bound`.
 
-Randomness is keyed by (seed, global step, rank) (`advpure.rng.mix`) and the buffer is saved in
+Randomness is keyed by (seed, global step, rank) (`advpure.core.rng.mix`) and the buffer is saved in
 every checkpoint (key "ebm_chains"), so a run killed and resumed from its last step checkpoint
 continues the same chains with the same noise as an uninterrupted run. Under DDP every rank holds
 the whole buffer: the rows of a step are drawn from a stream shared by all ranks (each rank takes
@@ -31,10 +31,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from advpure.errors import CheckpointError, TrainingError
-from advpure.mcmc import PersistentChains, langevin_sample, ml_loss
+from advpure.core.errors import CheckpointError, TrainingError
+from advpure.core.rng import mix, stream_id
 from advpure.nets.ebm import energy_net_from_arch
-from advpure.rng import mix, stream_id
+from advpure.training.mcmc import PersistentChains, langevin_sample, ml_loss
 
 CHAINS_KEY = "ebm_chains"
 _SHARED = stream_id("ebm/shared")

@@ -1,6 +1,6 @@
 """Maximum-likelihood learning of an energy-based model with persistent short-run Langevin MCMC.
 
-Plain torch (no Lightning): `advpure.lit.ebm.EBMModule` wires these into a training loop, and the
+Plain torch (no Lightning): `advpure.training.ebm.EBMModule` wires these into a training loop, and the
 tests train a 2-D toy energy with the very same functions.
 
 Model p_phi(x) ∝ exp(-E_phi(x)). The maximum-likelihood gradient is (Nijkamp et al. 2019/2020;

@@ -1,6 +1,6 @@
 """Report callbacks: when the test loop ends, every rank flushes its store, rank 0 turns all
 processes' records into the results files and plots, prints the table, and sends the same numbers,
-the table and the plots to W&B. `ReportCallback` reports a benchmark; `advpure.certify_run` has the
+the table and the plots to W&B. `ReportCallback` reports a benchmark; `advpure.jobs.certify` has the
 certification one; both are a `RecordsReport`."""
 
 from __future__ import annotations

@@ -21,22 +21,22 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from advpure.callbacks.report import RecordsReport
 from advpure.certify import build_base, check_sigma_covered, score_sigma_range
 from advpure.certify.bases import BASES
-from advpure.config import fingerprint, to_dict, to_yaml
+from advpure.config.compose import fingerprint, to_dict, to_yaml
+from advpure.core.errors import CheckpointError, ConfigError
+from advpure.core.runtime import redirect_writes_for
 from advpure.data import ImageDataModule, get_spec
-from advpure.errors import CheckpointError, ConfigError
-from advpure.lit.certify import CertifyModule, unit_key
-from advpure.loggers import build_logger
+from advpure.jobs.certify_loop import CertifyModule, unit_key
+from advpure.jobs.loggers import build_logger
+from advpure.jobs.report import RecordsReport
+from advpure.jobs.train import train, train_classifier, weights_path
+from advpure.jobs.trainer import build_trainer, launch_rank, resolve_accelerator, say, test_and_read_results
 from advpure.nets import load_net_with_meta, load_nets
+from advpure.nets.weights import file_sha256, read_weights
 from advpure.results.certify_report import radius_key, write_certify_report
 from advpure.results.rundir import delete_certificate_units
 from advpure.results.rundir import open_run_dir as open_rundir
-from advpure.runenv import redirect_writes_for
-from advpure.train import train, train_classifier, weights_path
-from advpure.trainer import build_trainer, launch_rank, resolve_accelerator, say, test_and_read_results
-from advpure.weights import file_sha256, read_weights
 
 ADP_KEYS = ("lam", "delta", "tau", "steps")
 PAPER = {"n0": 100, "n": 100_000, "alpha": 0.001, "n_images": 500}  # Cohen et al.'s CIFAR-10 protocol
@@ -95,7 +95,7 @@ def ensure_weights(cfg: DictConfig, plan: CertifyPlan) -> None:
     """Every weights file exists, or is trained now (certify.train_missing): the classifier, the score
     net, and each noisy-base classifier (trained with Gaussian noise of its sigma, classifier.noise_sd,
     Cohen et al. 2019). Otherwise a one-line CheckpointError lists what is missing."""
-    from advpure.benchmark import how_to_get
+    from advpure.jobs.benchmark import how_to_get
 
     stages = ["classifier"] + (["score"] if plan.needs_score else [])
     missing = [s for s in stages if not weights_path(cfg, s).exists()]

@@ -30,12 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from advpure.attacks.base import EPS_HINT, attack_class
-from advpure.errors import ConfigError
-from advpure.params import check_finite_tree
-from advpure.params import validate as validate_fields
-from advpure.purify.base import purifier_class
-from advpure.results.protocols import PROTOCOLS
-from advpure.schema import (  # noqa: F401 (the schema, re-exported: `config.Config`, ...)
+from advpure.config.schema import (  # noqa: F401 (the schema, re-exported: `config.Config`, ...)
     BenchmarkConfig,
     CertifyConfig,
     ClassifierConfig,
@@ -49,6 +44,11 @@ from advpure.schema import (  # noqa: F401 (the schema, re-exported: `config.Con
     TrainConfig,
     TrainerConfig,
 )
+from advpure.core.errors import ConfigError
+from advpure.core.params import check_finite_tree
+from advpure.core.params import validate as validate_fields
+from advpure.purify.base import purifier_class
+from advpure.results.protocols import PROTOCOLS
 
 GROUPS = ("data", "classifier", "score", "defense", "attack", "trainer", "logger", "ebm")
 KIND_GROUPS = ("defense", "attack")  # blocks typed by their `kind` (registries)
