@@ -290,7 +290,8 @@ def test_image_grid_without_classes_or_eps_scales_to_the_largest_change():
     assert outside_figure(fig) == []
     deltas = [ax for ax in fig.axes if ax.images and ax.images[0].get_cmap().name == P.PERTURBATION_CMAP]
     assert deltas[0].images[0].get_clim() == pytest.approx((-0.1, 0.1))
-    assert not any(t.get_text().startswith("pred:") for ax in fig.axes for t in ax.texts)
+    under = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "#0" in under and not any("true:" in t or t.startswith("pred:") for t in under)
 
 
 def test_sample_grid_title_wraps_inside_and_clear_of_the_samples():
@@ -348,7 +349,7 @@ def test_report_captions_carry_the_full_descriptions(tmp_path, monkeypatch):
     assert full in report["captions"]["defenses"] and "ADP σ=0.25: T=10" in report["captions"]["defenses"]
     md = (run / "results.md").read_text()
     assert "| DSM + Det (ADP) | standard_rand |" in md  # table rows: the short labels of the plots
-    assert f"**Labels.** standard_rand = {full}." in md
+    assert f"**Labels.** {full}." in md
     assert "![defenses](plots/defenses.png)" in md and f"*{report['captions']['defenses']}*" in md
     # W&B: the same PNGs, each with its caption
     logged = {}

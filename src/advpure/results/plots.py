@@ -272,9 +272,8 @@ def grid_inches(block_rows: Sequence[int]) -> tuple[float, float]:
     return width, 2 * GRID_MARGIN_INCHES + len(block_rows) * GRID_HEADER_INCHES + rows
 
 
-def _class_name(names: Sequence[str] | None, k: int | None) -> str:
-    if k is None:
-        return "?"
+def _class_name(names: Sequence[str] | None, k: int) -> str:
+    """Class k's name (its index without `names`), at most 16 characters."""
     name = names[k] if names is not None and 0 <= k < len(names) else str(k)
     return name if len(name) <= 16 else name[:15] + "…"
 
@@ -297,17 +296,14 @@ def _block_eps(block: Sequence[Any], eps: float | Mapping[str, float] | None) ->
     return peak if peak > 0 else 1.0
 
 
-def _draw_block(
-    fig: Figure,
-    block: Sequence[Any],
-    top: float,
-    *,
-    eps: float,
-    labels: Mapping[str, str],
-    class_names: Sequence[str] | None,
-) -> float:
-    """Draw one (defense, attack) block with its top at `top` inches from the figure's bottom;
-    return the bottom of the block (inches)."""
+def _axes_at(fig: Figure, left: float, bottom: float, width: float, height: float) -> Any:
+    """New axes at a rectangle given in inches from the figure's lower left corner."""
+    w, h = fig.get_size_inches()
+    return fig.add_axes((left / w, bottom / h, width / w, height / h))
+
+
+def _header(fig: Figure, block: Sequence[Any], top: float, eps: float, labels: Mapping[str, str]) -> None:
+    """The block's one header line (wrapped to the figure's width), its top at `top` inches."""
     width, height = fig.get_size_inches()
     defense, attack = str(block[0][0]), str(block[0][1])
     idx = [int(e[2]) for e in block]
@@ -325,51 +321,58 @@ def _draw_block(
         fontsize=9,
         fontweight="bold",
     )
+
+
+def _row(axes: Sequence[Any], example: Sequence[Any], eps: float, class_names: Sequence[str] | None) -> Any:
+    """One example on its 4 axes with the lines under them; returns the perturbation's image."""
+    _, _, i, clean, adv, purified, *classes = example
+    label, prediction = _pad(classes, 2)[:2]
+    for ax, img in zip(axes, (clean, adv, purified)):
+        _show(ax, img)
+    image = axes[3].imshow(
+        signed_perturbation(clean, adv), cmap=PERTURBATION_CMAP, vmin=-eps, vmax=eps, interpolation="nearest"
+    )
+    axes[3].set_xticks([])
+    axes[3].set_yticks([])
+    _under(axes[0], f"#{int(i)}" + ("" if label is None else f" · true: {_class_name(class_names, label)}"))
+    linf = float(np.abs(np.asarray(adv, np.float32) - np.asarray(clean, np.float32)).max())
+    _under(axes[1], f"max |adv − clean| = {linf:.3g}")
+    if prediction is not None:
+        ok = label is not None and int(prediction) == int(label)
+        mark = "✓" if ok else "✗"
+        _under(axes[2], f"pred: {_class_name(class_names, prediction)} {mark}", RIGHT if ok else WRONG)
+    return image
+
+
+def _draw_block(
+    fig: Figure,
+    block: Sequence[Any],
+    top: float,
+    *,
+    eps: float,
+    labels: Mapping[str, str],
+    class_names: Sequence[str] | None,
+) -> float:
+    """Draw one (defense, attack) block (header, column titles, rows, colorbar) with its top at
+    `top` inches from the figure's bottom; return the block's bottom (inches)."""
+    _header(fig, block, top, eps, labels)
     rgb = np.asarray(block[0][3]).shape[0] == 3
     titles = (*GRID_COLUMNS[:3], GRID_COLUMNS[3] + (" (RGB mean)" if rgb else ""))
-    y = top - GRID_HEADER_INCHES
-    image = None
+    rows_top = y = top - GRID_HEADER_INCHES
+    step = GRID_CELL_INCHES + GRID_GAP_INCHES
     for r, example in enumerate(block):
-        _, _, i, clean, adv, purified, *classes = example
-        label, prediction = (_pad(classes, 2))[:2]
         y -= GRID_CELL_INCHES
         axes = [
-            fig.add_axes(
-                (
-                    (GRID_MARGIN_INCHES + c * (GRID_CELL_INCHES + GRID_GAP_INCHES)) / width,
-                    y / height,
-                    GRID_CELL_INCHES / width,
-                    GRID_CELL_INCHES / height,
-                )
-            )
+            _axes_at(fig, GRID_MARGIN_INCHES + c * step, y, GRID_CELL_INCHES, GRID_CELL_INCHES)
             for c in range(4)
         ]
-        for ax, img in zip(axes, (clean, adv, purified)):
-            _show(ax, img)
-        delta = signed_perturbation(clean, adv)
-        image = axes[3].imshow(delta, cmap=PERTURBATION_CMAP, vmin=-eps, vmax=eps, interpolation="nearest")
-        axes[3].set_xticks([])
-        axes[3].set_yticks([])
+        image = _row(axes, example, eps, class_names)
         if r == 0:
             for ax, t in zip(axes, titles):
                 ax.set_title(t, fontsize=8, pad=3)
-        _under(axes[0], f"#{int(i)} · true: {_class_name(class_names, label)}")
-        linf = float(np.abs(np.asarray(adv, np.float32) - np.asarray(clean, np.float32)).max())
-        _under(axes[1], f"max |adv − clean| = {linf:.3g}")
-        if prediction is not None:
-            ok = label is not None and int(prediction) == int(label)
-            mark = "✓" if ok else "✗"
-            _under(axes[2], f"pred: {_class_name(class_names, prediction)} {mark}", RIGHT if ok else WRONG)
         y -= GRID_TEXT_INCHES
-    rows_top = top - GRID_HEADER_INCHES
-    left = GRID_MARGIN_INCHES + 4 * GRID_CELL_INCHES + 3 * GRID_GAP_INCHES + 0.12
-    cax = fig.add_axes(
-        (
-            left / width,
-            (y + GRID_TEXT_INCHES) / height,
-            0.12 / width,
-            (rows_top - y - GRID_TEXT_INCHES) / height,
-        )
+    cax = _axes_at(
+        fig, GRID_MARGIN_INCHES + 4 * step + 0.04, y + GRID_TEXT_INCHES, 0.12, rows_top - y - GRID_TEXT_INCHES
     )
     bar = fig.colorbar(image, cax=cax, ticks=[-eps, 0.0, eps])
     bar.ax.set_yticklabels([f"−{eps_text(eps)}", "0", f"+{eps_text(eps)}"], fontsize=7)

@@ -52,18 +52,22 @@ CAPTIONS = {
 }
 
 
+def explained(keys: Iterable[str], labels: Mapping[str, str], descriptions: Mapping[str, str]) -> list[str]:
+    """The full description of each label of `keys` that has more to say than its short label, led
+    by that label ("standard_rand (APGD-CE, ...)", "DSM + Det (ADP) = ADP σ=0.25: T=10, ...")."""
+    out = []
+    for k in dict.fromkeys(keys):
+        short, full = labels.get(k, k), descriptions.get(k)
+        if full and full != short:
+            out.append(full if full.startswith(short) else f"{short} = {full}")
+    return out
+
+
 def caption(
     text: str, keys: Iterable[str], labels: Mapping[str, str], descriptions: Mapping[str, str]
 ) -> str:
-    """`text`, then "short = full description" for each label of `keys` whose description says more."""
-    said = [
-        f"{labels.get(k, k)}: {descriptions[k]}"
-        if not descriptions[k].startswith(labels.get(k, k))
-        else descriptions[k]
-        for k in dict.fromkeys(keys)
-        if descriptions.get(k) and descriptions[k] != labels.get(k, k)
-    ]
-    return " ".join([text, *(f"{line}." for line in said)])
+    """`text`, then the full description of each label of `keys` the figure shows (`explained`)."""
+    return " ".join([text, *(f"{line}." for line in explained(keys, labels, descriptions))])
 
 
 def figures_markdown(plots: Mapping[str, Path], captions: Mapping[str, str], run_dir: Path) -> str:
@@ -75,12 +79,8 @@ def figures_markdown(plots: Mapping[str, Path], captions: Mapping[str, str], run
 
 
 def labels_markdown(keys: Iterable[str], labels: Mapping[str, str], descriptions: Mapping[str, str]) -> str:
-    """ "**Labels.** short = full; ..." for the table's attacks whose row label is short ("" if none)."""
-    said = [
-        f"{labels.get(k, k)} = {descriptions[k]}"
-        for k in dict.fromkeys(keys)
-        if descriptions.get(k) and descriptions[k] != labels.get(k, k)
-    ]
+    """'**Labels.** <full description>; ...' for the table's attacks whose row label is short ("" if none)."""
+    said = explained(keys, labels, descriptions)
     return "**Labels.** " + "; ".join(said) + "." if said else ""
 
 
