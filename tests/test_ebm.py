@@ -402,9 +402,8 @@ def test_a_diverging_ebm_run_stops_naming_the_step(tmp_path, extra, match):
 
 @needs_fmnist
 def test_a_nan_energy_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from advpure.lit import ebm as ebm_mod
-
     from advpure.jobs.train import train
+    from advpure.training import ebm as ebm_mod
 
     original = ebm_mod.ml_loss
     calls = {"n": 0}

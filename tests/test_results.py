@@ -39,7 +39,7 @@ from advpure.results import (
     to_markdown,
     wilson,
 )
-from advpure.results.plots import DPI, GRID_CELL_INCHES
+from advpure.results.plots import DPI, grid_inches
 
 
 def _batch_records(first: int, n: int, value: float = 1.0) -> list[tuple]:
@@ -393,7 +393,8 @@ def test_plots_write_valid_pngs(tmp_path):
             out.append(Example("adp", "pgd", i, clean, adv, clean))
         return out
 
-    cell = round(GRID_CELL_INCHES * DPI)
     grey = _png(plot_image_grid(examples(2, 1), tmp_path / "grid2.png"))
     rgb = _png(plot_image_grid(examples(4, 3), tmp_path / "grid4.png"))
-    assert grey.size == (4 * cell, 2 * cell) and rgb.size == (4 * cell, 4 * cell)
+    for img, rows in ((grey, 2), (rgb, 4)):  # one block: its header, then the rows
+        w, h = grid_inches([rows])
+        assert img.size == (round(w * DPI), round(h * DPI))

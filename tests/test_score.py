@@ -208,9 +208,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
 
 @needs_fmnist
 def test_nan_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from advpure.lit import score as score_mod
-
     from advpure.jobs.train import train
+    from advpure.training import score as score_mod
 
     original = score_mod.dsm_loss
     calls = {"n": 0}

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from advpure.config import compose as C
+from advpure.config.compose import compose as C
 from advpure.data import ImageDataModule
 from advpure.nets import make_score_net, score_arch
 from advpure.nets.ebm import load_energy_field

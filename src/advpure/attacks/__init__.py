@@ -21,6 +21,7 @@ from advpure.attacks.base import (
     display_label,
     path_correct,
     register_attack,
+    short_display_label,
 )
 from advpure.attacks.ensemble import StandardRand
 from advpure.attacks.joint import JointFull, JointScore, joint_attack
@@ -88,6 +89,7 @@ __all__ = [
     "per_sample_loss",
     "pgd_attack",
     "project",
+    "short_display_label",
     "random_start",
     "register_attack",
     "run_attack",

@@ -99,6 +99,12 @@ class Attack:
         return f"{cls.name}{p.iters}"
 
     @classmethod
+    def short_label(cls, p: Any) -> str:
+        """The attack's name in plots and table rows, a few words (default: `label`); an attack whose
+        `label` is a description overrides it (the description goes to captions)."""
+        return cls.label(p)
+
+    @classmethod
     def total_iters(cls, p: Any, classes: int | None = None) -> int:
         """Iterations the attack runs per image, all restarts and stages together: the number of
         `progress` calls and of `path_correct` rows. `classes`: the number of classes, for
@@ -157,20 +163,31 @@ def kwargs_of(p: Any, *names: str) -> dict[str, Any]:
     return {n: getattr(p, n) for n in names}
 
 
-def display_label(p: Any, eps: float | None = None) -> str:
-    """The table label of attack parameters `p`, with the option suffixes shared by all kinds: a loss
-    other than CE ("BPDA40+EOT15 CW loss"), "vote", "x3 restarts (random starts)" or "rs"."""
-    base = attack_class(p.kind).label(p)
+def _with_options(base: str, p: Any, eps: float | None, restarts_text: str) -> str:
+    """`base` with the option suffixes shared by all kinds (loss, vote, restarts, eps)."""
     if p.loss != "ce" and p.loss.upper() not in base:  # APGD's label names its loss itself
         base += f" {p.loss.upper()} loss"
     if getattr(p, "eot_aggregate", "mean") == "vote":
         base += " vote"
     restarts = int(getattr(p, "restarts", 1))
     if restarts > 1:
-        base += f" x{restarts} restarts (random starts)"  # every restart starts at random
+        base += f" x{restarts} {restarts_text}"
     elif p.random_start:
         base += " rs"
     return base if eps is None else f"{base} @ ε={eps:.4g}"
+
+
+def display_label(p: Any, eps: float | None = None) -> str:
+    """The full description of attack parameters `p`, with the option suffixes shared by all kinds: a
+    loss other than CE ("BPDA40+EOT15 CW loss"), "vote", "x3 restarts (random starts)" or "rs"."""
+    # every restart starts at random
+    return _with_options(attack_class(p.kind).label(p), p, eps, "restarts (random starts)")
+
+
+def short_display_label(p: Any, eps: float | None = None) -> str:
+    """The short name of attack parameters `p` (plots, table rows): `Attack.short_label` with the
+    same option suffixes as `display_label` ("x3 restarts" without the explanation)."""
+    return _with_options(attack_class(p.kind).short_label(p), p, eps, "restarts")
 
 
 # --- per-iterate bookkeeping -----------------------------------------------------------------------
@@ -269,6 +286,7 @@ __all__ = [
     "attack_class",
     "attack_params",
     "display_label",
+    "short_display_label",
     "kwargs_of",
     "path_correct",
     "register_attack",

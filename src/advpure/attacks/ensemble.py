@@ -80,6 +80,11 @@ class StandardRand(Attack):
         )
 
     @classmethod
+    def short_label(cls, p) -> str:
+        src = {"full": "", "bpda": " (BPDA)", "classifier": " (classifier)"}[p.gradient]
+        return f"standard_rand{src}"
+
+    @classmethod
     def total_iters(cls, p, classes: int | None = None) -> int:
         return len(stage_names(p.n_target_classes, classes)) * p.iters * p.restarts
 

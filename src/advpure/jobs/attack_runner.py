@@ -26,6 +26,7 @@ from advpure.data.datamodule import is_empty_batch
 from advpure.jobs.bench_loop import stage_error
 from advpure.jobs.plan import Unit
 from advpure.results import Observations, protocol, protocol_records
+from advpure.results.store import EXAMPLE_LABEL, EXAMPLE_PREDICTION
 
 
 class AttackCallback(Callback):
@@ -109,11 +110,11 @@ class AttackCallback(Callback):
             )
             for m, c in final.items()
         }
-        examples = self._examples(defense, x, result.x_adv, idx, rng)
+        examples, classes = self._examples(defense, x, y, result.x_adv, idx, rng)
         traces = {int(i): result.losses[:, k].float().cpu().numpy() for k, i in enumerate(idx.tolist())}
-        stats = None
+        stats = dict(classes)
         if result.zero_grad is not None:
-            stats = {"zero_grad": dict(zip(idx.tolist(), result.zero_grad.float().tolist()))}
+            stats["zero_grad"] = dict(zip(idx.tolist(), result.zero_grad.float().tolist()))
         pl_module.write(
             u.defense,
             u.attack,
@@ -123,17 +124,20 @@ class AttackCallback(Callback):
             seconds=time.perf_counter() - t0,
             traces=traces,
             examples=examples,
-            stats=stats,
+            stats=stats or None,
         )
 
-    def _examples(self, defense, x, x_adv, idx, rng):
-        """Clean / adversarial / purified (one purification draw) for the first images of the run."""
+    def _examples(self, defense, x, y, x_adv, idx, rng):
+        """Clean / adversarial / purified (one purification draw) for the first images of the run,
+        and as per-sample stats their true class and the classifier's class of that purified image
+        (`EXAMPLE_LABEL`, `EXAMPLE_PREDICTION`): ([(idx, clean, adv, purified)], {name: {idx: class}})."""
         sel = (idx < self.image_grid).nonzero().squeeze(1)
         if sel.numel() == 0 or self.unit.sweep or self.unit.check is not None:
-            return None
+            return None, {}
         with torch.no_grad():
             purified = defense.purify(x_adv[sel], rng.child("grid").subset(sel), draws=1).x
-        return [
+            predicted = defense.classify(purified).argmax(dim=-1)
+        examples = [
             (
                 int(idx[s]),
                 x[s].float().cpu().numpy(),
@@ -142,6 +146,12 @@ class AttackCallback(Callback):
             )
             for k, s in enumerate(sel.tolist())
         ]
+        chosen = idx[sel].tolist()
+        classes = {
+            EXAMPLE_LABEL: dict(zip(chosen, y[sel].tolist())),
+            EXAMPLE_PREDICTION: dict(zip(chosen, predicted.tolist())),
+        }
+        return examples, classes
 
     def _bar(self, trainer, b):
         if not self.progress or not trainer.is_global_zero or trainer.progress_bar_callback is None:

@@ -22,7 +22,7 @@ from advpure.attacks import check_attack
 from advpure.config.compose import fingerprint, to_dict, to_yaml
 from advpure.core.errors import CheckpointError, ConfigError
 from advpure.core.runtime import redirect_writes_for
-from advpure.data import ImageDataModule
+from advpure.data import ImageDataModule, get_spec
 from advpure.jobs.attack_runner import AttackCallback
 from advpure.jobs.bench_loop import DefendedClassifier
 from advpure.jobs.loggers import build_logger
@@ -124,8 +124,9 @@ def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
     )
 
 
-def report_plan(plan: Plan) -> ReportPlan:
-    """What the report needs to know about the plan's units (table order, worst case, checks)."""
+def report_plan(plan: Plan, class_names: tuple[str, ...] | None = None) -> ReportPlan:
+    """What the report needs to know about the plan's units (table order, worst case, checks, the
+    labels' descriptions and budgets for the figures); `class_names` label the example grid."""
     main = list(dict.fromkeys(u.attack for u in plan.table_units))
     kinds = {u.attack: u.spec for u in plan.table_units}
     return ReportPlan(
@@ -140,6 +141,9 @@ def report_plan(plan: Plan) -> ReportPlan:
         ),
         black_box=[a for a in main if kinds[a].kind == "spsa"],
         white_box=[a for a in main if kinds[a].get("gradient") in ("full", "bpda")],
+        descriptions=dict(plan.descriptions),
+        eps={u.attack: u.eps for u in plan.units},
+        class_names=class_names,
     )
 
 
@@ -216,7 +220,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
         header_lines=header_lines(cfg, plan),
         labels=plan.labels,
         merge=cfg.defense.merge,
-        plan=report_plan(plan),
+        plan=report_plan(plan, get_spec(cfg.data.name).class_names),
         meta={"config": to_dict(cfg)},
     )
     callbacks = [

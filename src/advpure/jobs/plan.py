@@ -10,15 +10,17 @@ run, and changing one unit never invalidates another unit's records.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from advpure.attacks.base import attack_class, display_label
+from advpure.attacks.base import attack_class
 from advpure.config.compose import attack_eps_step, defense_option, fingerprint, to_dict, typed_block
 from advpure.core.errors import ConfigError
 from advpure.purify.base import IdentityPurifier, purifier_class
-from advpure.purify.defense import defense_label, defense_name
+from advpure.purify.defense import defense_name
+from advpure.results.labels import Label, attack_label, defense_labels
 from advpure.results.protocols import protocol
 
 # defense keys that change how results are computed or shown, not what they are
@@ -32,7 +34,7 @@ class Unit:
     spec: DictConfig  # the attack's typed block
     eps: float
     step: float
-    label: str
+    label: str  # the short label (`advpure.results.labels`)
     sweep: bool = False  # part of the robust-vs-eps sweep
     check: str | None = None  # a gradient-masking check run ("unbounded", "budget"), not a table row
 
@@ -45,7 +47,10 @@ class Unit:
 class Plan:
     defenses: dict[str, DictConfig]  # name -> typed defense block (sigma resolved)
     units: list[Unit]
+    # defense names and attack keys -> short labels (table rows, plots) and full descriptions
+    # (settings, captions): one `advpure.results.labels.Label` each, split for the report
     labels: dict[str, str] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
 
     def units_of(self, defense: str) -> list[Unit]:
         return [u for u in self.units if u.defense == defense]
@@ -113,13 +118,13 @@ def build_plan(cfg: DictConfig) -> Plan:
         plan = {"none": names, **plan}
 
     units: list[Unit] = []
-    labels: dict[str, str] = {name: defense_label(d) for name, d in defenses.items()}
+    named: dict[str, Label] = dict(defense_labels(defenses))
     for dname, names in plan.items():
         for n in names:
             spec = attacks[n]
             eps, step = attack_eps_step(cfg, spec)
-            units.append(Unit(dname, n, spec, eps, step, display_label(spec)))
-            labels[n] = display_label(spec)
+            named[n] = attack_label(spec)
+            units.append(Unit(dname, n, spec, eps, step, named[n].short))
     if bc.eps_sweep:
         sweep = bc.sweep_attack or next(iter(attacks), None)
         if sweep not in attacks:
@@ -136,14 +141,25 @@ def build_plan(cfg: DictConfig) -> Plan:
                 # iterations could not even reach the larger balls
                 step = base_step * e / base_eps if base_eps > 0 and e > 0 else base_step
                 key = f"{sweep}@eps{e:.4g}"
-                label = display_label(spec, float(e))
-                units.append(Unit(dname, key, spec, float(e), step, label, sweep=True))
-                labels[key] = label
+                named[key] = attack_label(spec, float(e))
+                units.append(Unit(dname, key, spec, float(e), step, named[key].short, sweep=True))
     if bc.checks:
         for u in check_units(cfg, attacks, plan, {n: d.kind for n, d in defenses.items()}):
             units.append(u)
-            labels[u.attack] = u.label
-    return Plan(defenses, units, labels)
+            named[u.attack] = Label(u.label, u.label)
+    named = _distinct_attack_labels(named, set(defenses))
+    for u in units:
+        u.label = named[u.attack].short
+    labels = {k: v.short for k, v in named.items()}
+    return Plan(defenses, units, labels, {k: v.full for k, v in named.items()})
+
+
+def _distinct_attack_labels(named: dict[str, Label], defenses: set[str]) -> dict[str, Label]:
+    """Attacks whose short labels coincide (two budgets of standard_rand) are shown by their full one."""
+    count = Counter(v.short for k, v in named.items() if k not in defenses)
+    return {
+        k: Label(v.full, v.full) if k not in defenses and count[v.short] > 1 else v for k, v in named.items()
+    }
 
 
 def check_attack_name(cfg: DictConfig, attacks) -> str | None:
@@ -181,7 +197,7 @@ def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]], kinds: dic
         wide = copy.deepcopy(spec)
         wide.max_images = n
         ratio_step = min(1.0, step / eps) if eps > 0 else step
-        label = f"{display_label(spec)} @ ε=1 (check)"
+        label = f"{attack_label(spec).short} @ ε=1 (check)"
         out.append(Unit(dname, f"{name}@unbounded", wide, 1.0, ratio_step, label, check="unbounded"))
         if purifier_class(kinds[dname]).stochastic:
             more = copy.deepcopy(spec)
@@ -189,7 +205,7 @@ def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]], kinds: dic
             more.iters = int(spec.iters) * 2
             if "eot" in more:
                 more.eot = int(spec.eot) * 2
-            label = f"{display_label(more)} (check: 2x budget)"
+            label = f"{attack_label(more).short} (check: 2x budget)"
             out.append(Unit(dname, f"{name}@2x", more, eps, step, label, check="budget"))
     return out
 
@@ -229,11 +245,9 @@ def header_lines(cfg: DictConfig, plan: Plan) -> list[str]:
         f"{cfg.data.name}: first {bc.n_images} test images; l_inf eps {', '.join(f'{e:.4g}' for e in eps)} "
         f"(step {cfg.data.step:.4g}); experiment `{cfg.experiment}`; classifier {cfg.classifier.arch}",
     ]
-    seen: set[str] = set()
-    for d in plan.defenses.values():
-        line = purifier_class(d.kind).settings(d)
-        if d.kind != "none" and line not in seen:
-            seen.add(line)
+    for name, d in plan.defenses.items():
+        line = plan.descriptions.get(name) or purifier_class(d.kind).settings(d)
+        if d.kind != "none" and line not in lines:
             lines.append(line)
     names = ", ".join(protocol(p).label for p in bc.protocols)
     lines.append(f"protocols: {names} (N={bc.worst_of_n})")

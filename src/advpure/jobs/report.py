@@ -18,7 +18,8 @@ class RecordsReport(Callback):
     report's `metrics` (also set as summary) and `plots` (as images).
 
     The report is the dict returned by `advpure.results.report.write_report` (or its certify
-    counterpart): at least "console", "metrics" {key: float}, "plots" {name: path}, "rows"."""
+    counterpart): at least "console", "metrics" {key: float}, "plots" {name: path}, "rows", and
+    optionally "captions" {name: caption} (the text under each figure in results.md)."""
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
@@ -47,8 +48,11 @@ class RecordsReport(Callback):
 
         key, table = self.wandb_table(wandb)
         payload = {key: table, **self.report["metrics"]}
-        for name, path in self.report["plots"].items():
-            payload[f"plots/{name}"] = wandb.Image(str(path))
+        captions = self.report.get("captions", {})
+        for name, path in self.report[
+            "plots"
+        ].items():  # the PNGs of the run dir, their captions as in results.md
+            payload[f"plots/{name}"] = wandb.Image(str(path), caption=captions.get(name))
         run.log(payload)
         for k, v in self.report["metrics"].items():
             run.summary[k] = v

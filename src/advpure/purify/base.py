@@ -88,10 +88,11 @@ class Purifier(nn.Module):
 
     @classmethod
     def describe(cls, p: Any) -> str:
-        """Row label of a defense in tables, e.g. "ADP σ=0.25" ("..., EBM field" for field=ebm)."""
+        """The purifier and its parameters, e.g. "ADP σ=0.25" ("..., ML-EBM field" for field=ebm); the
+        row label of a lone defense (`advpure.results.labels` names the ADP paper's Fig. 2 arms)."""
         label = cls.label or cls.name
         label = f"{label} σ={p.sigma:g}" if hasattr(p, "sigma") else label
-        return f"{label}, EBM field" if getattr(p, "field", "dsm") == "ebm" else label
+        return f"{label}, ML-EBM field" if getattr(p, "field", "dsm") == "ebm" else label
 
     @classmethod
     def settings(cls, p: Any) -> str:

@@ -70,7 +70,7 @@ class LangevinPurifier(Purifier):
         eta: float | None = at_least(1e-4, 0.0, strict=True)
         dsm_sigma: float | None = at_least(0.05, 0.0, strict=True)
 
-    label = "Langevin (ML)"
+    label = "Langevin"
 
     @classmethod
     def settings(cls, p) -> str:

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from statsmodels.stats.proportion import proportion_confint
 
 from advpure.certify.stats import ABSTAIN, certified_accuracy
+from advpure.results import plots
 from advpure.results.rundir import load_certificates, rank_files
 from advpure.results.store import RecordStore
 
@@ -265,18 +265,20 @@ def to_csv(rows: Sequence[Mapping], path: Path) -> None:
             w.writerow({k: ("" if r.get(k) is None else r[k]) for k in keys})
 
 
-def plot_certified_accuracy(
-    records: Sequence[Mapping], units: Sequence[tuple[str, float]], path: Path, radii: Sequence[float]
-) -> Path:
+def certified_accuracy_figure(
+    records: Sequence[Mapping], units: Sequence[tuple[str, float]], radii: Sequence[float]
+) -> Figure:
     """Certified accuracy (%) against the l2 radius: one thin curve per (base, sigma) (line style per
-    sigma, colour per base) and each base's envelope over sigma as a thick line."""
-    fig = Figure(figsize=(7.0, 4.5), dpi=100)
+    sigma, colour per base) and each base's envelope over sigma as a thick line; the legend right of
+    the axes, n (images) in the y label."""
+    fig = plots.new_figure(6.0, 4.2)
     ax = fig.add_subplot()
     top = max([float(r["radius"]) for r in records] + [float(max(radii))])
     grid = np.linspace(0.0, 1.05 * top, 400)
     styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
     sigmas = list(dict.fromkeys(s for _, s in units))
     colours = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(b for b, _ in units))}
+    ns = []
     for base in colours:
         curves = []
         for b, sigma in units:
@@ -285,6 +287,7 @@ def plot_certified_accuracy(
             mine = [r for r in records if r["base"] == b and float(r["sigma"]) == float(sigma)]
             if not mine:
                 continue
+            ns.append(len(mine))
             acc = certified_accuracy(mine, grid)
             y = 100 * np.array([acc[float(g)] for g in grid])
             curves.append(y)
@@ -305,18 +308,26 @@ def plot_certified_accuracy(
                 alpha=0.6,
                 label=f"{base}, best σ",
             )
-    ax.set_xlabel("l2 radius r ([0, 1] pixel scale)")
-    ax.set_ylabel("certified accuracy (%)")
+    ax.set_xlabel("ℓ2 radius r ([0, 1] pixel scale)")
+    ax.set_ylabel(f"certified accuracy (%, {plots.n_text(ns)})")
     ax.set_ylim(0, 100)
     ax.set_xlim(0, grid[-1])
     ax.grid(alpha=0.3)
-    if records:
-        ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, format="png")
-    return path
+    plots.legend_outside(fig, ax, title="base, σ")
+    return fig
+
+
+def plot_certified_accuracy(
+    records: Sequence[Mapping], units: Sequence[tuple[str, float]], path: Path, radii: Sequence[float]
+) -> Path:
+    """`certified_accuracy_figure` saved as a PNG at `path`."""
+    return plots.save(certified_accuracy_figure(records, units, radii), path)
+
+
+CERTIFY_CAPTION = (
+    "Certified accuracy (%) of randomized smoothing (CERTIFY, Cohen et al. 2019) against the ℓ2 radius r "
+    "(images in [0, 1]): thin lines one (base, σ), thick lines each base's best σ per radius."
+)
 
 
 def write_certify_report(
@@ -360,6 +371,7 @@ def write_certify_report(
         "envelope": env,
         "metrics": metric_values(rows, radii),
         "plots": {"certified_accuracy": plot},
+        "captions": {"certified_accuracy": CERTIFY_CAPTION},
         "console": console,
         "records": records,
     }

@@ -133,13 +133,20 @@ class Batch(NamedTuple):
     seconds: float
 
 
+# per-sample stats (the `stats` table) written with the examples: the true class and the class the
+# classifier gives the stored purified image (`Example.label` / `.prediction`, joined by the report)
+EXAMPLE_LABEL, EXAMPLE_PREDICTION = "example_label", "example_prediction"
+
+
 class Example(NamedTuple):
     defense: str
     attack: str
     idx: int
     clean: np.ndarray  # (C, H, W) float32 in [0, 1]
     adversarial: np.ndarray
-    purified: np.ndarray
+    purified: np.ndarray  # one purification draw of `adversarial`
+    label: int | None = None  # true class (stats EXAMPLE_LABEL)
+    prediction: int | None = None  # the classifier's class of `purified` (stats EXAMPLE_PREDICTION)
 
 
 def _corrupt(path: Path, why: str) -> RunDirError:

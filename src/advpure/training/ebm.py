@@ -19,8 +19,8 @@ The MCMC runs in fp32 whatever `trainer.precision` says.
 
 Logged: train/loss, train/energy_data, train/energy_model, train/energy_gap (= E_data - E_model,
 Nijkamp et al.'s d_{s_t}), train/langevin_grad_norm (their r_{s_t}), and every
-`sample_every_n_steps` a grid of MCMC samples (W&B image "train/mcmc_samples", and a PNG in
-`sample_dir` when set).
+`sample_every_n_steps` a titled grid of MCMC samples (`samples_title`; W&B image
+"train/mcmc_samples", and the same figure as a PNG in `sample_dir` when set).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
 from advpure.core.errors import CheckpointError, TrainingError
@@ -54,30 +53,12 @@ def ebm_arch(cfg, spec) -> dict:
     }
 
 
-def image_grid(x: torch.Tensor, columns: int = 8) -> torch.Tensor:
-    """(N, C, H, W) images in [0, 1] -> one (C, rows*H, columns*W) tile, float in [0, 1] on the CPU
-    (missing cells black)."""
-    x = x.detach().float().clamp(0, 1).cpu()
-    n, c, h, w = x.shape
-    rows = -(-n // columns)
-    grid = torch.zeros(c, rows * h, columns * w)
-    for i in range(n):
-        r, k = divmod(i, columns)
-        grid[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = x[i]
-    return grid
-
-
-def save_grid_png(x: torch.Tensor, path: str | Path, columns: int = 8, zoom: int = 3) -> Path:
-    """Write a tile of images in [0, 1] (N, C, H, W) as a PNG (nearest-neighbour zoom); returns the path."""
-    from PIL import Image
-
-    tile = (image_grid(x, columns).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    img = Image.fromarray(tile[..., 0] if tile.shape[-1] == 1 else tile)
-    img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+def samples_title(n: int, mcmc_steps: int, step: int) -> str:
+    """The line above (and the W&B caption of) a grid of the EBM's MCMC samples."""
+    return (
+        f"ML-EBM samples: {n} persistent Langevin chains after {mcmc_steps} steps each "
+        f"(training step {step}; images in [0, 1])"
+    )
 
 
 class EBMModule(L.LightningModule):
@@ -189,15 +170,19 @@ class EBMModule(L.LightningModule):
         if self.global_rank != 0:
             return
         hp = self.hparams
-        if hp.sample_dir:
-            save_grid_png(x, Path(hp.sample_dir) / f"mcmc_step{step:07d}.png")
+        title = samples_title(x.shape[0], hp.mcmc_steps, step)
         logger = self.logger
-        if hp.log_images and logger is not None and hasattr(logger, "log_image"):
+        to_wandb = hp.log_images and logger is not None and hasattr(logger, "log_image")
+        if not (hp.sample_dir or to_wandb):
+            return
+        from advpure.results.plots import figure_rgb, sample_grid_figure, save
+
+        fig = sample_grid_figure(x.detach().float().clamp(0, 1).cpu().numpy(), title)
+        if hp.sample_dir:
+            save(fig, Path(hp.sample_dir) / f"mcmc_step{step:07d}.png")
+        if to_wandb:  # the same figure as the PNG, its title as the caption
             logger.log_image(
-                key="train/mcmc_samples",
-                images=[image_grid(x)],
-                caption=[f"persistent Langevin chains after {hp.mcmc_steps} steps (training step {step})"],
-                step=self.global_step,
+                key="train/mcmc_samples", images=[figure_rgb(fig)], caption=[title], step=self.global_step
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
