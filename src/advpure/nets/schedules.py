@@ -89,7 +89,8 @@ class DiscreteSchedule(NoiseSchedule):
                 f"need steps >= 1 and 0 < beta_start <= beta_end < 1, got {steps}, {beta_start}, {beta_end}"
             )
         self.steps, self.beta_start, self.beta_end = int(steps), float(beta_start), float(beta_end)
-        self.betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+        # on the CPU even when built under a meta / CUDA default device (nets are described on "meta")
+        self.betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64, device="cpu")
         self.alpha_bars = torch.cumprod(1.0 - self.betas, 0)
 
     def index(self, t: torch.Tensor) -> torch.Tensor:
