@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from advpure.nets.schedules import DiscreteSchedule, VPSchedule
+from advpure.perf.memory import clean_heap, cpu_peak_supported, peak_memory
 from advpure.purify.diffpure import DiffPureChain, DiffPurePurifier, diffpure_times, diffusion_alpha_bar
 from advpure.purify.gdmp import (
     GDMPPurifier,
@@ -143,6 +144,7 @@ def all_purifiers(dtype=torch.float32, **kw):
         (DiffPurePurifier(eps.schedule, t_star=0.01, mode="ode", **kw), {"eps": eps}),
         (GDMPPurifier(DiscreteSchedule(), rounds=2, steps=4, **kw), {"eps": eps}),
         (GDMPPurifier(DiscreteSchedule(), rounds=1, steps=6, respace=3, guide="ssim", **kw), {"eps": eps}),
+        (GDMPPurifier(DiscreteSchedule(), rounds=2, steps=3, guide="none", **kw), {"eps": eps}),
         (ReverseVEPurifier(1.0, 0.01, 12, sigma_star=0.2, **kw), {"score": field}),
         (
             ReverseVEPurifier(1.0, 0.01, 12, sigma_star=0.2, sampler="langevin", langevin_steps=2, **kw),
@@ -151,7 +153,10 @@ def all_purifiers(dtype=torch.float32, **kw):
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+CASES = range(len(all_purifiers()))
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_noise_is_keyed_per_image_not_per_batch(case):
     p, fns = all_purifiers()[case]
     x = images(4)
@@ -162,7 +167,7 @@ def test_noise_is_keyed_per_image_not_per_batch(case):
     assert not torch.equal(whole[0], whole[1])  # draws are independent chains
 
 
-@pytest.mark.parametrize("case", [0, 2, 4])
+@pytest.mark.parametrize("case", [0, 2, 5])
 def test_frozen_noise_is_per_image_and_repeats_across_calls(case):
     p, fns = all_purifiers()[case]
     x = images(1).expand(2, *SHAPE)  # two copies of one image under two indices
@@ -224,7 +229,7 @@ def grad_of(p, fns, x, rng_fn):
     return out.detach(), g
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", CASES)
 def test_replayed_gradient_equals_autograd_and_checkpoint(case):
     x = images(2, dtype=torch.float64)
     rng_fn = lambda: SampleRNG(4, [3, 8])  # noqa: E731
@@ -242,7 +247,7 @@ def test_replayed_gradient_equals_autograd_and_checkpoint(case):
         )
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", CASES)
 def test_replayed_gradient_matches_finite_differences(case):
     """An independent check (replay and autograd could share a mistake, e.g. a detached guidance):
     the directional derivative along a random v by central differences, float64, same keyed noise."""
@@ -282,6 +287,41 @@ def test_replay_check_catches_a_step_that_does_not_replay():
     out = p(xx, SampleRNG(0, [0, 1]), 1, {"eps": net}, differentiable=True).x
     with pytest.raises(ReplayMismatch, match="replay of step"):
         out.sum().backward()
+
+
+def test_replay_leaves_the_nets_frozen():
+    p, fns = all_purifiers(torch.float64)[2]
+    xx = images(2, dtype=torch.float64).requires_grad_(True)
+    p(xx, SampleRNG(0, [0, 1]), 1, fns, differentiable=True).x.sum().backward()
+    assert xx.grad is not None and all(q.grad is None for q in fns["eps"].parameters())
+
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs glibc mallinfo2 to read the CPU heap")
+def test_replay_memory_grows_only_by_the_stored_states():
+    """Peak memory of one exact gradient at N = 100 vs N = 10 steps: replay adds the 90 stored states
+    (plus a little), plain autograd adds 90 step graphs. `python -m advpure.perf._replay_bench` times it."""
+    torch.manual_seed(0)
+    net = TinyEps(channels=3, width=32).requires_grad_(False)
+    x = images(1).new_empty(2, 3, 16, 16).uniform_(0.2, 0.8)
+
+    def peak(t_star, mode):
+        p = DiffPurePurifier(net.schedule, t_star=t_star, gradient_mode=mode)
+
+        def fn():
+            xx = x.clone().requires_grad_(True)
+            out = p(xx, SampleRNG(0, [0, 1]), 1, {"eps": net}, differentiable=True).x
+            torch.autograd.grad(out.sum(), xx)
+
+        fn()
+        clean_heap()
+        return peak_memory(fn)
+
+    peak(0.01, "replay")  # the first measurement in a process carries one-time allocations
+    state, act = x.numel() * 4, 2 * 32 * 16 * 16 * 4  # bytes of one state / one activation map
+    grow_replay = peak(0.1, "replay") - peak(0.01, "replay")
+    grow_autograd = peak(0.04, "autograd") - peak(0.01, "autograd")
+    assert grow_replay < 90 * state + 4 * act, (grow_replay, 90 * state)
+    assert grow_autograd > 30 * act, grow_autograd  # 30 more steps, each keeping > one map
 
 
 def test_no_graph_without_differentiable():
