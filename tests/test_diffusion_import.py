@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from advpure.errors import CheckpointError
+from advpure.core.errors import CheckpointError
 from advpure.importers.adm import read_adm_checkpoint
 from advpure.importers.ddpm import read_ddpm_checkpoint
 from advpure.importers.score_sde import read_score_sde_checkpoint
 from advpure.nets.adm import build_adm
 from advpure.nets.ddpm import build_ddpm
 from advpure.nets.ncsnpp import build_ncsnpp
-from advpure.weights import file_sha256
+from advpure.nets.weights import file_sha256
 from helpers import reference_adm as RA
 from helpers import reference_diffusion as R
 

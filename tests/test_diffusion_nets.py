@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from advpure.losses_diffusion import sample_times, vp_dsm_loss
 from advpure.nets.adm import ADM_CONFIGS, ADMUNet
 from advpure.nets.ddpm import DDPM_CONFIGS, DDPMUNet
 from advpure.nets.diffusion import DiffusionNet, diffuse, eps_to_score, score_to_eps
 from advpure.nets.ncsnpp import NCSNPP_CONFIGS, NCSNpp
 from advpure.nets.schedules import DiscreteSchedule, VPSchedule
+from advpure.training.losses_diffusion import sample_times, vp_dsm_loss
 from helpers import reference_adm as RA
 from helpers import reference_diffusion as R
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from advpure.core.rng import FrozenRNG, GeneratorRNG, SampleRNG
 from advpure.nets.schedules import DiscreteSchedule, VPSchedule
 from advpure.perf.memory import clean_heap, cpu_peak_supported, peak_memory
 from advpure.purify.diffpure import DiffPureChain, DiffPurePurifier, diffpure_times, diffusion_alpha_bar
@@ -21,7 +22,6 @@ from advpure.purify.gdmp import (
 )
 from advpure.purify.replay import NoiseStream, ReplayMismatch, run_chain
 from advpure.purify.reverse_ve import ReverseVEPurifier, sigma_grid, walk
-from advpure.rng import FrozenRNG, GeneratorRNG, SampleRNG
 from helpers.diffusion_toys import GaussianEps, TinyEps, TinyField
 
 SHAPE = (2, 5, 5)

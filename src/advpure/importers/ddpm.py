@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from advpure.errors import CheckpointError
+from advpure.core.errors import CheckpointError
 from advpure.importers.diffusion_common import (
     checked_float32,
     file_digests,

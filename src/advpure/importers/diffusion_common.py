@@ -1,6 +1,6 @@
 """Helpers shared by the diffusion-net importers (`advpure.importers.score_sde`, `.ddpm`, `.adm`).
 
-Each importer reads a published file with `advpure.safe_load.load_torch_file` (``torch.load(weights_only=True)``:
+Each importer reads a published file with `advpure.core.safe_load.load_torch_file` (``torch.load(weights_only=True)``:
 tensors and plain containers only), compares every tensor with the state dict of the advpure net built on
 the meta device (nothing allocated, so the 553 M-parameter ADM costs nothing to describe), and returns the
 state dict in float32 plus a meta dict of provenance. Nothing is loaded with ``strict=False``: every key of
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpure.errors import CheckpointError
+from advpure.core.errors import CheckpointError
+from advpure.core.safe_load import load_torch_file
 from advpure.importers.common import check_state_dict, strip_prefixes
-from advpure.safe_load import load_torch_file
 
 __all__ = [
     "meta_net",

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from advpure.errors import CheckpointError
+from advpure.core.errors import CheckpointError
+from advpure.core.safe_load import load_torch_file
 from advpure.importers.diffusion_common import (
     checked_float32,
     file_digests,
@@ -38,7 +39,6 @@ from advpure.importers.diffusion_common import (
     unprefixed_state_dict,
 )
 from advpure.nets.ncsnpp import NCSNPP_CONFIGS, NCSNpp
-from advpure.safe_load import load_torch_file
 
 __all__ = ["SOURCE", "OFFICIAL_PARAMETERS", "OFFICIAL_TENSORS", "VE_SIGMAS", "read_score_sde_checkpoint"]
 

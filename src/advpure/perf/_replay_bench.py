@@ -28,11 +28,11 @@ import time
 import torch
 from torch import nn
 
+from advpure.core.rng import SampleRNG
 from advpure.nets.schedules import VPSchedule
 from advpure.perf.memory import clean_heap, cpu_peak_supported, peak_memory
 from advpure.purify.diffpure import DiffPureChain, DiffPurePurifier
 from advpure.purify.replay import NoiseStream
-from advpure.rng import SampleRNG
 
 
 class SmallEps(nn.Module):

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from advpure.core.params import at_least, between, choice
 from advpure.nets.schedules import DiscreteSchedule, NoiseSchedule, VPSchedule
-from advpure.params import at_least, between, choice
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
 from advpure.purify.replay import GRADIENT_MODES, NOISE_KEYS, NoiseStream, run_chain
 from advpure.purify.vp import (

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from advpure.core.params import at_least, choice
 from advpure.nets.schedules import NoiseSchedule
-from advpure.params import at_least, choice
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
 from advpure.purify.replay import GRADIENT_MODES, NOISE_KEYS, NoiseStream, run_chain
 from advpure.purify.vp import EpsFn, discrete_alpha_bars, time_rows, to_diffusion, to_image

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from advpure.rng import GeneratorRNG, SampleRNG
+from advpure.core.rng import GeneratorRNG, SampleRNG
 
 GRADIENT_MODES = ("replay", "autograd", "checkpoint")
 NOISE_KEYS = ("key", "stored")

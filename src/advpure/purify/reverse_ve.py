@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from advpure.params import at_least, choice
+from advpure.core.params import at_least, choice
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
 from advpure.purify.replay import GRADIENT_MODES, NOISE_KEYS, NoiseStream, run_chain
 
