@@ -381,7 +381,7 @@ def test_examples_get_their_stored_classes():
 
 def test_attack_callback_stores_true_and_predicted_class_of_the_purified_example():
     from advpure.core.rng import SampleRNG
-    from advpure.jobs.attack_runner import AttackCallback
+    from advpure.jobs.bench_loop import AttackCallback
     from advpure.jobs.plan import Unit
     from advpure.purify.defense import Defense
 

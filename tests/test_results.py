@@ -102,7 +102,7 @@ def test_write_batch_rejects_bad_records(tmp_path):
         for bad in (
             [("single", "softmax", 0, 1.5)],  # value outside [0, 1]
             [("single", "softmax", 0, float("nan"))],
-            [("best_of_n", "softmax", 0, 1.0)],  # unknown protocol
+            [("", "softmax", 0, 1.0)],  # no protocol name (names are checked at config time)
             [("single", "median", 0, 1.0)],  # unknown merge
             [("single", "softmax", 9, 1.0)],  # outside the batch's index range
             [Record("other", "pgd", "single", "softmax", 0, 1.0)],  # another defense

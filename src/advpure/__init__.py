@@ -1,10 +1,14 @@
-"""advpure: train and benchmark adversarial purification with score-based generative models."""
+"""advpure: train and benchmark adversarial purification with score-based generative models.
 
-import os
+Importing advpure changes no process setting. The commands (`advpure ...`, `python -m advpure`) make
+theirs once (`advpure.core.runtime.configure`); Python-API users call that function first.
+"""
 
-# OpenMP threads that spin while waiting make torch on a small, shared CPU box extremely slow
-# when anything else runs (measured: a DSM step 7.6 s instead of 0.36 s with 2 threads on 2 busy
-# cores). Passive waiting avoids that; it must be set before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import sys as _sys
 
 __version__ = "0.1.0"
+
+if "torch" in _sys.modules:  # imported after torch: OpenMP's wait policy can no longer be set
+    from advpure.core.runtime import warn_if_spinning as _warn
+
+    _warn()

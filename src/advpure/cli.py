@@ -11,6 +11,7 @@ A command is one `Command` entry in `COMMANDS`: its `run` gets the arguments aft
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ class Command:
     """One `advpure <name>` command: what it runs and what its `--help` shows.
 
     `groups` are the config groups it reads, `sections` the top-level config keys whose schema
-    keys its help lists (None: all), `usage` replaces the default key=value usage line.
+    keys its help lists (None: all); KINDS in either stands for every registered network kind
+    (their blocks and groups: classifier, score, ebm, ...). `usage` replaces the default key=value
+    usage line.
     """
 
     name: str
@@ -39,15 +42,15 @@ class Command:
     raw: bool = False  # `run` parses its own arguments (argparse), --help included
 
     def help(self) -> str:
-        from advpure.config.compose.help import command_help
+        from advpure.config.help import command_help
 
         return command_help(
             self.name,
             summary=self.summary,
             description=self.description,
             usage=self.usage,
-            groups=self.groups,
-            sections=self.sections,
+            groups=_expand(self.groups),
+            sections=None if self.sections is None else _expand(self.sections),
             examples=self.examples,
         )
 
@@ -66,16 +69,17 @@ def _run_config(args: list[str]) -> int:
 
 
 def _job(module: str, function: str) -> Callable[[list[str]], int]:
-    """A command that loads the config, sends library caches and temp files under paths.cache (before
-    torch, Lightning, matplotlib and W&B are imported), then runs `module.function(cfg)`."""
+    """A command that loads the config, makes the process settings (`advpure.core.runtime.configure`:
+    library caches and temp files under paths.cache before torch, Lightning, matplotlib and W&B are
+    imported; torch threads), then runs `module.function(cfg)`."""
 
     def run(args: list[str]) -> int:
         import importlib
 
-        from advpure.core.runtime import redirect_writes_for
+        from advpure.core.runtime import configure_for
 
         cfg = _load(args)
-        redirect_writes_for(cfg)
+        configure_for(cfg)
         _quiet_lightning()
         getattr(importlib.import_module(module), function)(cfg)
         return 0
@@ -94,20 +98,36 @@ _run_certify = _job("advpure.jobs.certify", "certify")
 _run_benchmark = _job("advpure.jobs.benchmark", "benchmark")
 
 
-_TRAIN_GROUPS = ("data", "classifier", "score", "trainer", "logger")
+KINDS = "<network kinds>"
+
+
+def _expand(names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names` with KINDS replaced by the registered network kinds (plugins included)."""
+    if KINDS not in names:
+        return names
+    from advpure.config.compose import train_stages
+    from advpure.nets.registry import NET_KINDS
+
+    train_stages()  # registers the built-in kinds
+    kinds = tuple(k for k in NET_KINDS if ":" not in k)
+    i = names.index(KINDS)
+    return (*names[:i], *kinds, *names[i + 1 :])
+
+
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
         Command(
             "train",
-            "train the classifier, then the score model (each skipped when its weights exist)",
+            "train the stages of train.stages (every network kind with a training stage), each skipped when its weights exist",
             _run_train,
             description=(
-                "Writes artifacts/<dataset>/{classifier,score}.pt (paths.artifacts) and Lightning checkpoints\n"
-                "under runs/train/<experiment>/<stage>/ (paths.runs); a killed run resumes from last.ckpt."
+                "Writes each stage's weights (e.g. artifacts/<dataset>/{classifier,score}.pt, paths.artifacts) and\n"
+                "Lightning checkpoints under runs/train/<experiment>/<stage>/ (paths.runs); a killed run resumes\n"
+                "from its newest checkpoint. Stages: the trainable network kinds (train.stages=[...])."
             ),
-            groups=_TRAIN_GROUPS,
-            sections=("", "paths", "data", "classifier", "score", "trainer", "logger", "train"),
+            groups=("data", KINDS, "trainer", "logger"),
+            sections=("", "paths", "data", KINDS, "trainer", "logger", "train"),
             examples=(
                 "advpure train experiment=fmnist trainer.max_epochs=3",
                 "advpure train experiment=fmnist train.stages=[score] score.max_steps=5000",
@@ -123,7 +143,7 @@ COMMANDS: dict[str, Command] = {
                 "natural and robust accuracy (single draw, worst of N, ever broken) in\n"
                 "runs/benchmark/<experiment>/results.{md,json,csv}; a rerun resumes from stored batches."
             ),
-            groups=("data", "classifier", "score", "defense", "attack", "trainer", "logger"),
+            groups=("data", KINDS, "defense", "attack", "trainer", "logger"),
             sections=("", "paths", "data", "defense", "attacks", "benchmark", "trainer", "logger"),
             examples=(
                 "advpure benchmark experiment=fmnist",
@@ -141,7 +161,7 @@ COMMANDS: dict[str, Command] = {
                 "each sigma in certify.sigmas and base in certify.bases; writes runs/certify/<experiment>/\n"
                 "results.{md,json,csv} and plots/certified_accuracy.png; a rerun resumes from stored images."
             ),
-            groups=("data", "classifier", "score", "defense", "trainer", "logger"),
+            groups=("data", KINDS, "defense", "trainer", "logger"),
             sections=("", "paths", "data", "defense", "certify", "trainer", "logger"),
             examples=(
                 "advpure certify experiment=fmnist_certify",
@@ -151,9 +171,9 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "import-weights",
-            "convert published weights (NCSNv2 CIFAR-10 checkpoint): import-weights ncsnv2 IN OUT",
+            "convert published weights (every network kind's importers): import-weights SOURCE IN OUT",
             _run_import_weights,
-            usage="advpure import-weights ncsnv2 <checkpoint.pth> <out/score.pt> [--ema] [--any-sigmas]",
+            usage="advpure import-weights <source> <checkpoint> <out.pt> [options]",
             raw=True,
         ),
         Command(
@@ -161,7 +181,7 @@ COMMANDS: dict[str, Command] = {
             "print the resolved config and exit",
             _run_config,
             description="Composes the schema, conf/ groups, the experiment and the overrides, and prints YAML.",
-            groups=("data", "classifier", "score", "defense", "attack", "trainer", "logger"),
+            groups=("data", KINDS, "defense", "attack", "trainer", "logger"),
             sections=None,
             examples=(
                 "advpure config experiment=fmnist",
@@ -177,7 +197,7 @@ USAGE = """usage: advpure <command> [experiment=NAME] [group=option ...] [key=va
 commands:
 {commands}
 
-groups: data, classifier, score, ebm, defense, attack (a list: attack=[a,b]), trainer, logger
+groups: {groups} (attack is a list: attack=[a,b])
 examples:
   advpure train experiment=fmnist trainer.max_epochs=3
   advpure benchmark experiment=fmnist attack=[pgd40_blind,bpda40_eot15] benchmark.n_images=64
@@ -195,7 +215,13 @@ def _usage() -> str:
         exps = ", ".join(experiment_names())
     except AdvpureError:
         exps = "?"
-    return USAGE.format(commands=lines) + f"experiments: {exps}\n"
+    return (
+        USAGE.format(
+            commands=lines,
+            groups=", ".join(_expand(("data", KINDS, "defense", "attack", "trainer", "logger"))),
+        )
+        + f"experiments: {exps}\n"
+    )
 
 
 def _quiet_lightning() -> None:
@@ -243,8 +269,13 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from advpure.core.registry import load_plugins
+    from advpure.core.runtime import set_wait_policy
+
+    set_wait_policy()  # before anything imports torch
     argv = sys.argv[1:] if argv is None else argv
     try:
+        load_plugins(os.environ.get("ADVPURE_PLUGINS"))
         return run(argv)
     except AdvpureError as e:
         print(f"advpure: error: {e}", file=sys.stderr)

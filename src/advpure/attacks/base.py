@@ -111,6 +111,21 @@ class Attack:
         attacks whose stages depend on it (None: assume enough)."""
         return int(p.iters) * int(getattr(p, "restarts", 1))
 
+    black_box: bool = False  # queries the defense only (no gradients): the white- vs black-box check
+    budget_fields: tuple[str, ...] = ("iters", "eot")  # doubled by the gradient-masking "2x budget" run
+
+    @classmethod
+    def gradient_source(cls, p: Any) -> str | None:
+        """Where the attack's gradients come from: "classifier" (preprocessor-blind), "bpda", "full"
+        (exact, through the purifier), or None (no gradients: black-box)."""
+        return getattr(p, "gradient", None)
+
+    @classmethod
+    def requires(cls, p: Any) -> tuple[str, ...]:
+        """Network signatures the attacked defense must have (`advpure.nets.registry.SIGNATURES`),
+        e.g. ("field",) for an attack that follows the purifier's time-free score field."""
+        return ()
+
     @classmethod
     def needs_purifier(cls, p: Any) -> bool:
         """True if the attack cannot run on the undefended classifier (no score net, no purifier)."""

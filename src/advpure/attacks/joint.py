@@ -69,7 +69,7 @@ def joint_attack(
     for i in range(iters):
         if kind == "score":
             with torch.no_grad():
-                purifier_dir = defense.score(x_i).sign()
+                purifier_dir = defense.field(x_i).sign()
             ev = classifier_term(x_i)
             chains = ev.chains
         else:
@@ -110,10 +110,22 @@ class _Joint(Attack):
         return True
 
     @classmethod
+    def gradient_source(cls, p) -> None:
+        """None: the step mixes the purifier's direction with a classifier gradient, so it is neither
+        a white-box nor a black-box attack of the gradient-masking checks."""
+        return None
+
+    @classmethod
+    def requires(cls, p) -> tuple[str, ...]:
+        return ("field",) if cls.variant == "score" else ()
+
+    @classmethod
     def check(cls, p, defense) -> None:
         check_vote(p, "bpda" if p.joint_grad == "bpda" else f"joint_{cls.variant}")
-        if cls.variant == "score" and not defense.has_score:
-            raise ValueError(f"joint_score needs a score network, and defense '{defense.name}' has none")
+        if cls.variant == "score" and not defense.has_field:
+            raise ValueError(
+                f"joint_score needs a time-free score field f(x), and defense '{defense.name}' has none"
+            )
         if cls.variant == "full" and not defense.stochastic:
             raise ValueError(f"joint_full needs a stochastic purifier, and defense '{defense.name}' has none")
 

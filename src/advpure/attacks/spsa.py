@@ -125,6 +125,13 @@ class SPSA(Attack):
         samples: int = at_least(128, 1)  # N Rademacher directions per step
         delta: float = at_least(0.01, 0.0, strict=True)  # finite-difference step c
 
+    black_box = True
+    budget_fields = ("iters", "samples")
+
+    @classmethod
+    def gradient_source(cls, p) -> None:
+        return None
+
     @classmethod
     def label(cls, p) -> str:
         return f"SPSA{p.iters} (N={p.samples})"

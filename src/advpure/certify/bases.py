@@ -31,16 +31,39 @@ import torch
 from torch import nn
 
 from advpure.core.errors import ConfigError
-from advpure.purify.adp import adp_chain
+from advpure.core.registry import Registry
+from advpure.purify.adp import ADPPurifier, adp_chain
+
+ADP_DEFAULTS = ADPPurifier.Params()
 
 SIGMA_RTOL = 1e-6  # sigma == sigma_max written as 0.5 vs 0.50000001 is covered
 
 
-class NoisyBase(nn.Module):
-    """h(x~) = classifier(x~) (Cohen et al. 2019). Input (rows, C, H, W), output logits (rows, K)."""
+class CertifyBase(nn.Module):
+    """Base class of registered base classifiers: `nets` names the network kinds the base needs
+    besides the classifier ({slot: kind}); `build` makes it. Registered with `@register_base(name)`."""
 
-    name = "noisy"
-    needs_score = False
+    name: str = ""  # set by the registry
+    params: tuple[str, ...] = ()  # keyword parameters `build` takes (e.g. ADP's lam, delta, tau, steps)
+
+    @classmethod
+    def nets(cls) -> dict[str, str]:
+        return {}
+
+    @classmethod
+    def build(
+        cls, classifier: nn.Module, nets: Mapping[str, nn.Module], sigma: float, **params: Any
+    ) -> CertifyBase:
+        return cls(classifier, *nets.values(), sigma, **params)
+
+
+BASES = Registry("certification base", base=CertifyBase)
+register_base = BASES.register
+
+
+@register_base("noisy")
+class NoisyBase(CertifyBase):
+    """h(x~) = classifier(x~) (Cohen et al. 2019). Input (rows, C, H, W), output logits (rows, K)."""
 
     def __init__(self, classifier: nn.Module, sigma: float):
         super().__init__()
@@ -50,12 +73,14 @@ class NoisyBase(nn.Module):
         return self.classifier(x_noisy)
 
 
-class DenoisedBase(nn.Module):
+@register_base("denoised")
+class DenoisedBase(CertifyBase):
     """h(x~) = classifier(clip(x~ + sigma * f(x~), 0, 1)): one-step Tweedie denoising with the DSM net f
     (Salman et al. 2020; Carlini et al. 2023). Input (rows, C, H, W), output logits (rows, K)."""
 
-    name = "denoised"
-    needs_score = True
+    @classmethod
+    def nets(cls) -> dict[str, str]:
+        return {"field": "score"}
 
     def __init__(self, classifier: nn.Module, score_net: nn.Module, sigma: float):
         super().__init__()
@@ -69,13 +94,18 @@ class DenoisedBase(nn.Module):
         return self.classifier(self.denoise(x_noisy))
 
 
-class ADPBase(nn.Module):
+@register_base("adp")
+class ADPBase(CertifyBase):
     """h(x~) = classifier(x_T), x_T = ADP's adaptive deterministic updates (`adp_chain`) from x~ with
-    step scale `lam`, probe `delta`, stop threshold `tau`, at most `steps` updates (Yoon et al. 2021).
-    Input (rows, C, H, W), output logits (rows, K). Differentiable when gradients are enabled."""
+    step scale `lam`, probe `delta`, stop threshold `tau`, at most `steps` updates (Yoon et al. 2021;
+    defaults: `ADPPurifier.Params`). Input (rows, C, H, W), output logits (rows, K). Differentiable
+    when gradients are enabled."""
 
-    name = "adp"
-    needs_score = True
+    params = ("lam", "delta", "tau", "steps")
+
+    @classmethod
+    def nets(cls) -> dict[str, str]:
+        return {"field": "score"}
 
     def __init__(
         self,
@@ -83,10 +113,10 @@ class ADPBase(nn.Module):
         score_net: nn.Module,
         sigma: float,
         *,
-        lam: float = 0.05,
-        delta: float = 1e-3,
-        tau: float = 1e-3,
-        steps: int = 10,
+        lam: float = ADP_DEFAULTS.lam,
+        delta: float = ADP_DEFAULTS.delta,
+        tau: float = ADP_DEFAULTS.tau,
+        steps: int = ADP_DEFAULTS.steps,
     ):
         super().__init__()
         self.classifier, self.score_net, self.sigma = classifier, score_net, float(sigma)
@@ -108,43 +138,40 @@ class ADPBase(nn.Module):
         return self.classifier(self.purify(x_noisy))
 
 
-BASES: dict[str, type[nn.Module]] = {"noisy": NoisyBase, "denoised": DenoisedBase, "adp": ADPBase}
-
-
 def build_base(
     name: str,
     classifier: nn.Module,
     sigma: float,
     *,
+    nets: Mapping[str, nn.Module] | None = None,
     score_net: nn.Module | None = None,
     score_range: tuple[float, float] | None = None,
     **params: Any,
 ) -> nn.Module:
-    """The base classifier `name` (one of `BASES`) at smoothing noise `sigma` (> 0, [0, 1] image units).
+    """The base classifier `name` (registered in `BASES`) at smoothing noise `sigma` (> 0, [0, 1]
+    image units). `nets`: {slot: net} of the base's `nets()` (`score_net` is the "field" slot's net).
 
     `params` go to the base (ADP: lam, delta, tau, steps). With `score_range = (sigma_min, sigma_max)`
     a base that uses the score net checks that the range covers sigma.
-    Raises ConfigError: unknown name, sigma <= 0, missing score net, sigma outside `score_range`,
+    Raises ConfigError: unknown name, sigma <= 0, a missing net, sigma outside `score_range`,
     parameters the base does not take.
     """
-    if name not in BASES:
-        raise ConfigError(f"certify: unknown base classifier '{name}'; allowed: {', '.join(BASES)}")
+    cls = BASES.get(name)
     if not sigma > 0:
         raise ConfigError(f"certify: sigma must be > 0, got {sigma}")
-    cls = BASES[name]
-    if cls is ADPBase:
-        unknown = set(params) - {"lam", "delta", "tau", "steps"}
-    else:
-        unknown = set(params)
+    unknown = set(params) - set(cls.params)
     if unknown:
         raise ConfigError(f"certify: base '{name}' takes no parameter(s) {', '.join(sorted(unknown))}")
-    if not cls.needs_score:
-        return cls(classifier, sigma)
-    if score_net is None:
-        raise ConfigError(f"certify: base '{name}' needs a score network (score.weights)")
-    if score_range is not None:
+    nets = dict(nets or {})
+    if score_net is not None:
+        nets.setdefault("field", score_net)
+    slots = cls.nets()
+    for slot, kind in slots.items():
+        if nets.get(slot) is None:
+            raise ConfigError(f"certify: base '{name}' needs a {kind} network ({kind}.weights)")
+    if "field" in slots and score_range is not None:
         check_sigma_covered(sigma, *score_range)
-    return cls(classifier, score_net, sigma, **params)
+    return cls.build(classifier, {slot: nets[slot] for slot in slots}, sigma, **params)
 
 
 def check_sigma_covered(sigma: float, sigma_min: float, sigma_max: float) -> None:
@@ -159,14 +186,14 @@ def check_sigma_covered(sigma: float, sigma_min: float, sigma_max: float) -> Non
         )
 
 
-def score_sigma_range(meta: Mapping[str, Any] | None = None, score_cfg: Any = None) -> tuple[float, float]:
+def score_sigma_range(meta: Mapping[str, Any] | None = None, score_block: Any = None) -> tuple[float, float]:
     """(sigma_min, sigma_max) the score net was trained on by DSM.
 
     Read from the weights file's meta (keys `dsm_sigma_min`, `dsm_sigma_max`, `dsm_sigma_fixed`,
     written by `advpure train`) when present, else from the score config block (same names). A net
     trained at one fixed sigma covers only that sigma. Raises ConfigError when neither has them.
     """
-    for src in (meta, score_cfg):
+    for src in (meta, score_block):
         if src is None:
             continue
         get = src.get if isinstance(src, Mapping) else (lambda k, s=src: getattr(s, k, None))

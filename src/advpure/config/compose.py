@@ -30,28 +30,24 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from advpure.attacks.base import EPS_HINT, attack_class
-from advpure.config.schema import (  # noqa: F401 (the schema, re-exported: `config.Config`, ...)
+from advpure.config.schema import (  # noqa: F401 (the schema, re-exported)
     BenchmarkConfig,
     CertifyConfig,
-    ClassifierConfig,
     Config,
     DataConfig,
-    EBMConfig,
     LoggerConfig,
-    OptimConfig,
     PathsConfig,
-    ScoreConfig,
     TrainConfig,
     TrainerConfig,
+    root_schema,
 )
 from advpure.core.errors import ConfigError
 from advpure.core.params import check_finite_tree
 from advpure.core.params import validate as validate_fields
+from advpure.core.registry import load_plugins
+from advpure.nets.registry import NET_KINDS
 from advpure.purify.base import purifier_class
 from advpure.results.protocols import PROTOCOLS
-
-GROUPS = ("data", "classifier", "score", "defense", "attack", "trainer", "logger", "ebm")
-KIND_GROUPS = ("defense", "attack")  # blocks typed by their `kind` (registries)
 
 # keys that were renamed: a config that still uses the old name gets a one-line pointer
 RENAMED = {
@@ -77,24 +73,44 @@ def _renamed(key: str) -> str:
 
 
 # --- locating config files ----------------------------------------------------------------------
-def project_root() -> Path:
-    """The directory holding `conf/` and `experiments/` (env ADVPURE_ROOT, else the source tree)."""
-    env = os.environ.get("ADVPURE_ROOT")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for parent in [*here.parents, Path.cwd()]:
-        if (parent / "conf").is_dir() and (parent / "experiments").is_dir():
-            return parent
-    raise ConfigError("cannot find the conf/ and experiments/ directories; set ADVPURE_ROOT")
+PACKAGE_CONF = Path(__file__).resolve().parents[1] / "conf"  # ships with the package (package data)
+
+
+def config_dirs() -> list[Path]:
+    """Where config files are looked for, first match wins: the folders of ADVPURE_CONFIG_PATH
+    (colon-separated; each laid out like the package's: `<dir>/<group>/<option>.yaml`,
+    `<dir>/experiment/<name>.yaml`), then the package's own `advpure/conf/`."""
+    extra = [Path(p) for p in os.environ.get("ADVPURE_CONFIG_PATH", "").split(os.pathsep) if p]
+    return [*extra, PACKAGE_CONF]
+
+
+def _options(folder: str) -> list[str]:
+    return sorted({p.stem for d in config_dirs() for p in (d / folder).glob("*.yaml")})
+
+
+def _find(folder: str, name: str) -> Path | None:
+    for d in config_dirs():
+        path = d / folder / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def groups() -> tuple[str, ...]:
+    """The config groups: data, one per network kind (classifier, score, ebm, ...), defense,
+    attack (a list), trainer, logger."""
+    from advpure.nets.registry import NET_KINDS
+
+    root_schema()  # registers the built-in kinds
+    return ("data", *(k for k in NET_KINDS if ":" not in k), "defense", "attack", "trainer", "logger")
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (project_root() / "conf" / group).glob("*.yaml"))
+    return _options(group)
 
 
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in (project_root() / "experiments").glob("*.yaml"))
+    return _options("experiment")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -110,18 +126,31 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _group_file(group: str, option: str) -> Path:
-    path = project_root() / "conf" / group / f"{option}.yaml"
-    if not path.is_file():
+    path = _find(group, option)
+    if path is None:
         raise ConfigError(
             f"unknown {group} option '{option}'; allowed: {', '.join(group_options(group)) or '(none)'}"
         )
     return path
 
 
+def _experiment_path(name: str) -> Path:
+    """An experiment by name, or a YAML file by path (`experiment=my/exp.yaml`)."""
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"experiment file not found: {path}")
+        return path
+    path = _find("experiment", name)
+    if path is None:
+        raise ConfigError(
+            f"unknown experiment '{name}'; allowed: {', '.join(experiment_names())} (or a path to a .yaml file)"
+        )
+    return path
+
+
 def _experiment_file(name: str, chain: tuple[str, ...] = ()) -> dict:
-    path = project_root() / "experiments" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown experiment '{name}'; allowed: {', '.join(experiment_names())}")
+    path = _experiment_path(name)
     if name in chain:
         raise ConfigError(f"experiment '{name}' extends itself: {' -> '.join((*chain, name))}")
     body = _read_yaml(path)
@@ -130,18 +159,31 @@ def _experiment_file(name: str, chain: tuple[str, ...] = ()) -> dict:
         return body
     base = _experiment_file(parent, (*chain, name))
     defaults = {**base.pop("defaults", {}), **body.pop("defaults", {})}
+    plugins = [*base.pop("plugins", []), *body.pop("plugins", [])]
     merged = OmegaConf.to_container(OmegaConf.merge(base, body))
     merged["defaults"] = defaults
+    if plugins:
+        merged["plugins"] = list(dict.fromkeys(plugins))
     return merged
+
+
+def experiment_label(name: str) -> str:
+    """The run name of an experiment given by name or path (a path's file stem)."""
+    return Path(name).stem if name.endswith((".yaml", ".yml")) or os.sep in name else name
 
 
 # --- command line parsing -----------------------------------------------------------------------
 def _parse_value(text: str) -> Any:
-    """`[a,b]` -> list of names; other values are parsed as YAML scalars (numbers, bools, null)."""
+    """A YAML value: `[a,b]` -> a list (of names, numbers, or flow mappings such as
+    `[langevin,{option: adp_ebm, replicas: 4}]`), scalars as YAML reads them (numbers, bools, null)."""
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1].strip()
-        return [_parse_value(t) for t in inner.split(",")] if inner else []
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            inner = text[1:-1].strip()
+            return [_parse_value(t) for t in inner.split(",")] if inner else []
+        return value if isinstance(value, list) else text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -150,18 +192,18 @@ def _parse_value(text: str) -> Any:
 
 def split_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     """Split `key=value` tokens into group selections and dotted overrides."""
-    groups: dict[str, Any] = {}
+    selection: dict[str, Any] = {}
     dotted: list[tuple[str, Any]] = []
     for token in overrides:
         if "=" not in token:
             raise ConfigError(f"expected key=value, got '{token}'")
         key, value = token.split("=", 1)
         key = key.strip()
-        if key in GROUPS or key == "experiment":
-            groups[key] = _parse_value(value)
+        if key in groups() or key == "experiment":
+            selection[key] = _parse_value(value)
         else:
             dotted.append((key, _parse_value(value)))
-    return groups, dotted
+    return selection, dotted
 
 
 # --- composition --------------------------------------------------------------------------------
@@ -214,23 +256,31 @@ def _switch_kind(cfg: DictConfig, where: str) -> None:
 
 def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose the config of `experiment` with command-line style `overrides`; validate it."""
-    groups, dotted = split_overrides(list(overrides))
-    experiment = groups.pop("experiment", None) or experiment or "fmnist"
-    if not isinstance(experiment, str):
-        raise ConfigError(f"experiment must be a name, got {experiment!r}")
+    load_plugins(os.environ.get("ADVPURE_PLUGINS"))
+    tokens = list(overrides)
+    chosen = [t.split("=", 1)[1].strip() for t in tokens if t.split("=", 1)[0].strip() == "experiment"]
+    experiment = chosen[-1] if chosen else (experiment or "fmnist")
+    if not isinstance(experiment, str) or not experiment:
+        raise ConfigError(f"experiment must be a name or a .yaml path, got {experiment!r}")
     body = _experiment_file(experiment)
+    where = f"experiment '{experiment}'"
+    plugins = body.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise ConfigError(f"{where}: 'plugins' must be a list of module names")
+    load_plugins([str(p) for p in plugins])  # before the schema: they may register network kinds
+    selection, dotted = split_overrides([t for t in tokens if t.split("=", 1)[0].strip() != "experiment"])
+    all_groups = groups()
     defaults = body.pop("defaults", {}) or {}
     if not isinstance(defaults, dict):
-        raise ConfigError(f"experiments/{experiment}.yaml: 'defaults' must map group -> option")
+        raise ConfigError(f"{where}: 'defaults' must map group -> option")
     for g in defaults:
-        if g not in GROUPS:
-            raise ConfigError(
-                f"experiments/{experiment}.yaml: unknown group '{g}'; allowed: {', '.join(GROUPS)}"
-            )
-    selected = {**defaults, **groups}
+        if g not in all_groups:
+            raise ConfigError(f"{where}: unknown group '{g}'; allowed: {', '.join(all_groups)}")
+    selected = {**defaults, **selection}
 
-    cfg = OmegaConf.structured(Config)
-    for group in GROUPS:
+    schema = root_schema()
+    cfg = OmegaConf.structured(schema)
+    for group in all_groups:
         option = selected.get(group)
         if option is None:
             continue
@@ -255,15 +305,14 @@ def load(experiment: str | None = None, overrides: list[str] | tuple[str, ...] =
         if name not in cfg.attacks:
             if name not in group_options("attack"):
                 raise ConfigError(
-                    f"experiments/{experiment}.yaml: attacks.{name}: unknown attack; "
-                    f"allowed: {', '.join(group_options('attack'))}"
+                    f"{where}: attacks.{name}: unknown attack; allowed: {', '.join(group_options('attack'))}"
                 )
             del body["attacks"][name]
-    cfg = _merge(cfg, body, f"experiments/{experiment}.yaml")
-    cfg.experiment = experiment
+    cfg = _merge(cfg, body, where)
+    cfg.experiment = experiment_label(experiment)
     for key, value in dotted:
-        if key.split(".")[0] not in Config.__dataclass_fields__:
-            allowed = ", ".join([*Config.__dataclass_fields__, "attack (group)"])
+        if key.split(".")[0] not in schema.__dataclass_fields__:
+            allowed = ", ".join([*schema.__dataclass_fields__, "attack (group)"])
             raise ConfigError(
                 f"unknown key '{key}'; allowed top-level keys and groups: {allowed}{_renamed(key)}"
             )
@@ -331,21 +380,20 @@ def validate(cfg: DictConfig) -> None:
     """Types the kind blocks by their registries, then range/choice/finiteness checks from the
     schema metadata, plus checks across fields. Raises ConfigError naming the key."""
     check_finite_tree(OmegaConf.to_container(cfg, resolve=True), "")
-    validate_fields(cfg, Config, "")
+    validate_fields(cfg, root_schema(), "")
     kind = cfg.defense.get("kind", "adp") if isinstance(cfg.defense, DictConfig) else "adp"
     cfg.defense = typed_block(cfg.defense, purifier_class(kind), "defense.", "defense kind")
     for name in list(cfg.attacks):
         block = cfg.attacks[name]
         cls = attack_class(block.get("kind", "pgd"))
         cfg.attacks[name] = typed_block(block, cls, f"attacks.{name}.", "attack kind")
-    s = cfg.score
-    if s.dsm_sigma_min > s.dsm_sigma_max:
-        raise ConfigError(
-            f"score.dsm_sigma_min ({s.dsm_sigma_min}) must be <= score.dsm_sigma_max ({s.dsm_sigma_max})"
-        )
+    for name, kind in NET_KINDS.items():
+        if name in cfg:
+            kind.check(cfg[name])
+    stages = train_stages()
     for st in cfg.train.stages:
-        if st not in TRAIN_STAGES:
-            raise ConfigError(f"train.stages: unknown stage '{st}'; allowed: {', '.join(TRAIN_STAGES)}")
+        if st not in stages:
+            raise ConfigError(f"train.stages: unknown stage '{st}'; allowed: {', '.join(stages)}")
     lists = {"benchmark.protocols": cfg.benchmark.protocols}
     lists.update(
         {f"attacks.{n}.protocols": a.protocols for n, a in cfg.attacks.items() if a.protocols is not None}
@@ -359,9 +407,6 @@ def validate(cfg: DictConfig) -> None:
         defense_option(name)  # an unknown option or a bad block: one line naming it
     if cfg.benchmark.sigmas and not hasattr(purifier_class(cfg.defense.kind).Params, "sigma"):
         raise ConfigError(f"benchmark.sigmas: defense kind '{cfg.defense.kind}' has no screening sigma")
-    e = cfg.ebm
-    if e.noise_std is not None and e.noise_std < 0:
-        raise ConfigError(f"ebm.noise_std: must be >= 0 (or null for sqrt(step_size)), got {e.noise_std}")
     for sigma in cfg.benchmark.sigmas:
         if sigma < 0:
             raise ConfigError(f"benchmark.sigmas: sigma must be >= 0, got {sigma}")
@@ -376,7 +421,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.devices: expected a positive int or 'auto', got {devices!r}")
 
 
-TRAIN_STAGES = ("classifier", "score", "ebm")
+def train_stages() -> list[str]:
+    """The training stages: the registered network kinds that can be trained, in registry order."""
+    root_schema()  # registers the built-in kinds
+    return [name for name, kind in NET_KINDS.items() if kind.trainable]
 
 
 def check_certify(cc: DictConfig) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from advpure.config import compose as C
 from advpure.core.errors import AdvpureError
+from advpure.core.params import allowed_choices
 
 
 def help_sections(names: Iterable[str] | None = None) -> list[tuple[str, type]]:
@@ -117,7 +118,7 @@ def _show(value: Any) -> str:
 def _allowed(f: dataclasses.Field) -> str:
     m = f.metadata
     if "choices" in m:
-        return "one of " + "|".join(_show(c) for c in m["choices"])
+        return "one of " + "|".join(_show(c) for c in allowed_choices(m))
     lo, hi = m.get("min"), m.get("max")
     if lo is not None and hi is not None:
         return f"in [{lo:g}, {hi:g}]"

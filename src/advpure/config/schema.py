@@ -1,5 +1,6 @@
-"""The config schema: one dataclass per fixed config group (data, classifier, score, ebm,
-trainer, logger, train, benchmark, certify, paths) and the root `Config`.
+"""The config schema: one dataclass per fixed config group (paths, data, trainer, logger, train,
+benchmark, certify) and the root `Config`; each network kind brings its own block
+(`advpure.kinds`), added by `root_schema()`.
 
 Field metadata (`advpure.core.params`: choice / at_least / between) states the allowed values and the
 comment next to a field is its `--help` text. The `defense` block and the `attacks.<name>` blocks
@@ -8,6 +9,8 @@ are not here: they are typed by their kind's `Params` (`advpure.purify`, `advpur
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,98 +44,6 @@ class DataConfig:
     # Threat model of this dataset (l_inf), used by attacks that leave eps/step unset.
     eps: float = between(0.1, 0.0, 1.0, hint=EPS_HINT)
     step: float = between(0.01, 0.0, 1.0, hint=EPS_HINT, strict=True)
-
-
-@schema
-@dataclass
-class OptimConfig:
-    name: str = choice("sgd", "sgd", "adam", "adamw")
-    lr: float = at_least(0.1, 0.0, strict=True)
-    momentum: float = between(0.9, 0.0, 1.0)
-    nesterov: bool = False
-    weight_decay: float = at_least(5e-4, 0.0)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = choice("cosine", "none", "cosine", "multistep", "onecycle")
-    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])  # fractions of training
-    gamma: float = between(0.2, 0.0, 1.0)
-    grad_clip: float | None = None
-
-
-@schema
-@dataclass
-class ClassifierConfig:
-    arch: str = choice("small_cnn", "small_cnn", "wrn28_10", "resnet18")
-    dropout: float = between(0.0, 0.0, 1.0)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    label_smoothing: float = between(0.0, 0.0, 1.0)
-    # Gaussian-noise augmentation of training batches, std in [0, 1] image units (0 = off): train at
-    # the smoothing sigma to make randomized smoothing's bare-classifier baseline fair (Cohen et al. 2019)
-    noise_sd: float = at_least(0.0, 0.0)
-    weights: str = "${paths.artifacts}/${data.name}/classifier.pt"
-    # where the classifier comes from: trained by advpure (`weights`), or a RobustBench model-zoo
-    # file (Croce et al. 2021) read offline from paths.models (arch is then the zoo entry's)
-    source: str = choice("advpure", "advpure", "robustbench")
-    robustbench_name: str = "Standard"
-    threat_model: str = choice("Linf", "Linf", "L2", "corruptions")
-
-
-@schema
-@dataclass
-class ScoreConfig:
-    arch: str = choice("ncsnv2", "ncsnv2")
-    ngf: int = at_least(128, 1)  # base channels: 128 = the paper's CIFAR-10 net
-    # DSM noise levels (Song & Ermon 2020): L geometric levels dsm_sigma_max -> dsm_sigma_min
-    dsm_sigma_max: float = at_least(50.0, 0.0, strict=True)
-    dsm_sigma_min: float = at_least(0.01, 0.0, strict=True)
-    dsm_levels: int = at_least(232, 1)
-    dsm_sigma_fixed: float | None = at_least(None, 0.0, strict=True)  # train at one level instead
-    batch_size: int = at_least(128, 1)
-    lr: float = at_least(1e-4, 0.0, strict=True)
-    beta1: float = between(0.9, 0.0, 1.0)
-    weight_decay: float = at_least(0.0, 0.0)
-    grad_clip: float | None = None
-    ema_decay: float = between(0.999, 0.0, 1.0)
-    max_steps: int = at_least(300_000, 1)
-    ckpt_every_n_steps: int = at_least(5000, 1)
-    val_every_n_steps: int = at_least(5000, 1)
-    val_batches: int = at_least(4, 1)  # batches of the validation split used for val metrics
-    hflip: bool = False
-    weights: str = "${paths.artifacts}/${data.name}/score.pt"
-
-
-@schema
-@dataclass
-class EBMConfig:
-    """Energy-based model trained by maximum likelihood with persistent short-run Langevin MCMC
-    (Hill, Mitchell & Zhu, ICLR 2021). Defaults: their CIFAR-10 run (conf/ebm/ebm_cifar10.yaml says
-    where each number comes from); pixel units are [0, 1]."""
-
-    arch: str = choice("conv", "conv")  # Hill et al.'s lightweight conv EBM
-    nf: int = at_least(32, 1)  # base channels (Hill et al.: 32)
-    activation: str = choice("silu", "silu", "softplus", "elu", "leaky_relu")  # Hill et al.: leaky_relu
-    leak: float = at_least(0.05, 0.0)  # negative slope of leaky_relu
-    batch_size: int = at_least(100, 1)
-    lr: float = at_least(1e-4, 0.0, strict=True)  # Adam
-    beta1: float = between(0.9, 0.0, 1.0)
-    beta2: float = between(0.999, 0.0, 1.0)
-    weight_decay: float = at_least(0.0, 0.0)
-    grad_clip: float | None = None  # clip the weight gradient's norm (Trainer gradient_clip_val)
-    l2: float = at_least(0.0, 0.0)  # weight of mean(E_data^2 + E_model^2)
-    mcmc_steps: int = at_least(100, 0)  # K Langevin steps per training step
-    step_size: float = at_least(0.5, 0.0)  # eta in x <- x - eta/2 grad E + noise_std n
-    noise_std: float | None = 0.005  # null: sqrt(step_size) (Langevin proper, temperature 1)
-    data_noise: float = at_least(0.01, 0.0)  # std of the noise added to data images (positives)
-    buffer_size: int = at_least(10000, 0)  # persistent chains (0: fresh short-run chains every step)
-    reinit_prob: float = between(0.0, 0.0, 1.0)  # restart probability of a drawn chain
-    init: str = choice("uniform", "uniform", "data")  # where restarted chains start
-    clamp: bool = False  # clip chains to [0, 1] after every Langevin step
-    energy_bound: float = at_least(1e4, 0.0, strict=True)  # stop when max |E| exceeds this
-    max_steps: int = at_least(250_000, 1)
-    ckpt_every_n_steps: int = at_least(1000, 1)
-    sample_every_n_steps: int = at_least(1000, 0)  # grid of MCMC samples (W&B + PNG); 0: never
-    scale_sigma: float = at_least(0.25, 0.0, strict=True)  # screening sigma of the field scale
-    scale_images: int = at_least(1000, 1)  # training images used to estimate the field scale
-    weights: str = "${paths.artifacts}/${data.name}/ebm.pt"
 
 
 @schema
@@ -232,13 +143,13 @@ class CertifyConfig:
 
 @dataclass
 class Config:
+    """The fixed sections of the root config; `root_schema()` adds one block per network kind."""
+
     experiment: str = "fmnist"
     seed: int = 0
+    plugins: list[str] = field(default_factory=list)  # modules imported first (your own kinds, purifiers...)
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    ebm: EBMConfig = field(default_factory=EBMConfig)
     defense: Any = field(default_factory=lambda: {"kind": "adp"})  # typed by its kind (see module doc)
     attacks: dict[str, Any] = field(default_factory=dict)  # name -> block typed by its kind
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -246,3 +157,30 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+
+_ROOTS: dict[tuple, type] = {}
+
+
+def root_schema() -> type:
+    """The root config dataclass: `Config`'s sections with one block per registered network kind
+    (`advpure.nets.registry.NET_KINDS`: classifier, score, ebm, ... named after the kind), placed
+    after `data`. Rebuilt when a plugin registers another kind."""
+    import advpure.kinds  # noqa: F401 (registers the built-in kinds)
+    from advpure.nets.registry import NET_KINDS
+
+    kinds = tuple((name, cls.Config) for name, cls in NET_KINDS.items() if ":" not in name)
+    if kinds not in _ROOTS:
+        hints = typing.get_type_hints(Config)
+        fields = []
+        for f in dataclasses.fields(Config):
+            default = (
+                field(default=f.default)
+                if f.default is not dataclasses.MISSING
+                else field(default_factory=f.default_factory)
+            )
+            fields.append((f.name, hints[f.name], default))
+            if f.name == "data":
+                fields += [(name, block, field(default_factory=block)) for name, block in kinds]
+        _ROOTS[kinds] = dataclasses.make_dataclass("Config", fields, namespace={"__doc__": Config.__doc__})
+    return _ROOTS[kinds]

@@ -26,8 +26,17 @@ from advpure.core.errors import ConfigError
 
 
 def choice(default: Any, *choices: Any) -> Any:
-    """A field whose value must be one of `choices`."""
+    """A field whose value must be one of `choices`. A single callable choice is evaluated when the
+    value is checked (choices that come from a registry: `choice("dsm", field_names)`)."""
     return field(default=default, metadata={"choices": choices})
+
+
+def allowed_choices(meta: Any) -> tuple:
+    """The allowed values of a `choice` field's metadata (a lazy callable expanded)."""
+    choices = meta["choices"]
+    if len(choices) == 1 and callable(choices[0]):
+        return tuple(choices[0]())
+    return tuple(choices)
 
 
 def at_least(default: Any, lo: float, strict: bool = False) -> Any:
@@ -46,8 +55,8 @@ def check_value(path: str, f: dataclasses.Field, value: Any) -> None:
     meta = f.metadata
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{path}: must be a finite number, got {value}")
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(str(c) for c in meta["choices"])
+    if "choices" in meta and value not in allowed_choices(meta):
+        allowed = ", ".join(str(c) for c in allowed_choices(meta))
         raise ConfigError(f"{path}: unknown value {value!r}; allowed: {allowed}")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
@@ -102,6 +111,7 @@ def schema(cls: type) -> type:
 
 
 __all__ = [
+    "allowed_choices",
     "at_least",
     "between",
     "check_finite_tree",

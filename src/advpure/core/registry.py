@@ -32,9 +32,20 @@ class Registry:
     validates anything else (e.g. a protocol object's type). Names are unique.
     """
 
+    all: list[Registry] = []  # every registry made, for `snapshot_all` / `restore_all` (tests)
+
     def __init__(self, kind: str, base: type | None = None, check: Callable[[Any], None] | None = None):
         self.kind, self.base, self._check = kind, base, check
         self._entries: dict[str, Any] = {}
+        Registry.all.append(self)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The current entries (a copy), for `restore`."""
+        return dict(self._entries)
+
+    def restore(self, entries: dict[str, Any]) -> None:
+        """Put back the entries of a `snapshot` (drops what was registered since)."""
+        self._entries = dict(entries)
 
     def register(self, name: str) -> Callable[[Any], Any]:
         """Decorator: register the class/object under `name` (and set its `.name`)."""
@@ -102,4 +113,31 @@ class Registry:
         return obj
 
 
-__all__ = ["Registry"]
+def snapshot_all() -> list[tuple[Registry, dict[str, Any]]]:
+    """Every registry's entries; `restore_all` puts them back (a test that registers toys leaves
+    nothing behind)."""
+    return [(r, r.snapshot()) for r in Registry.all]
+
+
+def restore_all(saved: list[tuple[Registry, dict[str, Any]]]) -> None:
+    for registry, entries in saved:
+        registry.restore(entries)
+
+
+def load_plugins(modules: list[str] | tuple[str, ...] | str | None) -> list[str]:
+    """Import the user's plugin modules (their decorators register network kinds, purifiers,
+    attacks, protocols, certification bases): a list of module names, or one comma-separated string
+    (the `ADVPURE_PLUGINS` environment variable). Only name code you trust, as with any import.
+    Returns the names imported. Raises ConfigError for a module that cannot be imported."""
+    if isinstance(modules, str):
+        modules = [m.strip() for m in modules.split(",")]
+    names = [m for m in (modules or []) if m]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"plugins: cannot import module '{name}' ({e})") from None
+    return names
+
+
+__all__ = ["Registry", "load_plugins", "restore_all", "snapshot_all"]

@@ -1,11 +1,12 @@
-"""Published weights in: `advpure import-weights <source> ...` and the loaders behind it.
+"""Published weights in: `advpure import-weights <source> ...` and the readers behind it.
+
+Every network kind names its importers (`NetKind.importers`, `advpure.nets.registry.Importer`); the
+command has one subcommand per importer of every registered kind (plugins included):
 
   advpure import-weights ncsnv2 <checkpoint.pth> <out/score.pt> [--ema] [--any-sigmas]
 
-* ``ncsnv2``: the NCSNv2 CIFAR-10 checkpoint of Song & Ermon (2020) -> an advpure score weights file
-  (`advpure.importers.ncsnv2.import_ncsnv2`).
-* RobustBench classifiers load directly from RobustBench's model directory
-  (`advpure.importers.robustbench.load_robustbench_classifier`); they need no conversion.
+RobustBench classifiers load directly from RobustBench's model directory
+(`advpure.importers.robustbench.load_robustbench_classifier`); they need no conversion.
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ from advpure.core.errors import ConfigError
 
 __all__ = ["main"]
 
-EPILOG = """examples:
-  advpure import-weights ncsnv2 checkpoint.pth artifacts/cifar10/score.pt
-  advpure import-weights ncsnv2 checkpoint.pth artifacts/cifar10/score_ema.pt --ema
-then point the config at it: score=ncsnv2_cifar10 score.weights=artifacts/cifar10/score.pt
-"""
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one ConfigError line (exit code 2 via the CLI)."""
@@ -30,50 +25,41 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
+def importers() -> dict[str, tuple[str, type]]:
+    """{source: (network kind, Importer)} of every registered kind."""
+    import advpure.kinds  # noqa: F401 (registers the built-in kinds)
+    from advpure.nets.registry import NET_KINDS
+
+    return {src: (kind, imp) for kind, cls in NET_KINDS.items() for src, imp in cls.importers.items()}
+
+
 def _parser() -> argparse.ArgumentParser:
+    sources = importers()
+    examples = "\n".join(
+        f"  {getattr(imp, 'example', '')}" for _, imp in sources.values() if getattr(imp, "example", "")
+    )
     p = _Parser(
         prog="advpure import-weights",
         description="Convert published weights into advpure weights files (nothing is downloaded).",
-        epilog=EPILOG,
+        epilog=f"examples:\n{examples}\nthen point the config at the file (e.g. score.weights=...)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
-    n = sub.add_parser(
-        "ncsnv2",
-        help="the NCSNv2 checkpoint of ermongroup/ncsnv2 (Song & Ermon 2020) -> score weights",
-        description="Convert the reference NCSNv2 checkpoint (the list [state_dict, optimizer, epoch, step, "
-        "ema_shadow] saved by ermongroup/ncsnv2) into an advpure score weights file for score=ncsnv2_cifar10. "
-        "The net's raw output f is used (ADP), not f / sigma.",
-    )
-    n.add_argument("checkpoint", help="the .pth file (read with torch.load(weights_only=True))")
-    n.add_argument("out", help="the advpure weights file to write (e.g. artifacts/cifar10/score.pt)")
-    n.add_argument(
-        "--ema", action="store_true", help="take the EMA shadow (list element 4) instead of element 0"
-    )
-    n.add_argument(
-        "--any-sigmas",
-        action="store_true",
-        help="import even if the checkpoint's sigmas are not the CIFAR-10 schedule (232 levels 50 -> 0.01)",
-    )
+    for source, (kind, imp) in sources.items():
+        s = sub.add_parser(source, help=f"{imp.help} [{kind}]", description=imp.description)
+        imp.add_arguments(s)
     return p
 
 
 def main(argv: list[str]) -> int:
     """Run `advpure import-weights` with the arguments after the command; returns the exit code.
 
-    Errors are raised as `advpure.core.errors` exceptions (the CLI prints them as one line): ConfigError for
-    a usage mistake, CheckpointError for a bad input file."""
+    Errors are raised as `advpure.core.errors` exceptions (the CLI prints them as one line): ConfigError
+    for a usage mistake, CheckpointError for a bad input file."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    if args.source == "ncsnv2":
-        from advpure.importers.ncsnv2 import import_ncsnv2
-
-        out, meta = import_ncsnv2(args.checkpoint, args.out, ema=args.ema, any_sigmas=args.any_sigmas)
-        print(
-            f"import-weights: {out} <- {meta['source_file']} ({meta['element']}, step {meta['step']}, "
-            f"{meta['parameters']:,} parameters, sha256 {meta['source_sha256'][:12]}...)"
-        )
-        return 0
-    raise ConfigError(f"import-weights: unknown source {args.source!r}")  # unreachable: argparse checks it
+    _, imp = importers()[args.source]
+    print(imp.run(args))
+    return 0

@@ -2,8 +2,8 @@
 classifier and report natural and robust accuracy under every protocol.
 
 Reads top to bottom:
-  1. ensure_weights   exported classifier / score weights exist (or train them)
-  2. build_plan       defenses x attacks (advpure.jobs.plan), validated before any work
+  1. build_plan       defenses x attacks (advpure.jobs.plan), validated before any work
+  2. ensure weights   the nets the plan's defenses name exist (or train them: advpure.jobs.stages)
   3. open_run_dir     resolved config + manifest; refuse a run dir made by other settings
   4. trainer.test     DefendedClassifier (natural accuracy) + one AttackCallback per unit,
                       per-sample records stored per process, resumable batch by batch
@@ -18,21 +18,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from advpure.attacks import check_attack
+from advpure.attacks import attack_class, check_attack
 from advpure.config.compose import fingerprint, to_dict, to_yaml
-from advpure.core.errors import CheckpointError, ConfigError
-from advpure.core.runtime import redirect_writes_for
-from advpure.data import ImageDataModule, get_spec
-from advpure.jobs.attack_runner import AttackCallback
-from advpure.jobs.bench_loop import DefendedClassifier
-from advpure.jobs.loggers import build_logger
+from advpure.core.errors import ConfigError
+from advpure.data import ImageDataModule
+from advpure.jobs.artifacts import Artifacts
+from advpure.jobs.bench_loop import AttackCallback, DefendedClassifier
+from advpure.jobs.loggers import LoggerSpec, build_logger
 from advpure.jobs.plan import Plan, build_plan, header_lines, natural_fingerprint, unit_fingerprint
 from advpure.jobs.report import ReportCallback
-from advpure.jobs.train import train, weights_path
+from advpure.jobs.stages import Stages
 from advpure.jobs.trainer import build_trainer, launch_rank, say, test_and_read_results
-from advpure.nets import load_nets
 from advpure.nets.compiled import compile_net
-from advpure.nets.weights import file_sha256
 from advpure.purify.defense import build_defense
 from advpure.results import NATURAL, delete_units, metric_name, protocol, with_floors
 from advpure.results.report import ReportPlan
@@ -41,53 +38,7 @@ from advpure.results.rundir import open_run_dir as open_rundir
 AMP = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-# 1 ------------------------------------------------------------------------------------------------
-NCSNV2_CIFAR10_URL = "https://drive.google.com/drive/folders/1217uhIvLg9ZrYNKOR3XTRFSurt4miQrd"
-
-
-def how_to_get(cfg: DictConfig, stage: str) -> str:
-    """Where a missing weights file comes from, in one clause."""
-    path = weights_path(cfg, stage)
-    if stage == "classifier" and cfg.classifier.source == "robustbench":
-        from advpure.importers.robustbench import MODELS
-
-        c = cfg.classifier
-        entry = MODELS.get((cfg.data.name, c.threat_model, c.robustbench_name))
-        where = entry.url if entry is not None else "the RobustBench model zoo"
-        return f"{path}: the RobustBench '{c.robustbench_name}' model, download {where} to this path"
-    if stage == "score" and cfg.data.name == "cifar10" and cfg.score.arch == "ncsnv2":
-        return (
-            f"{path}: import the public NCSNv2 CIFAR-10 checkpoint (Song & Ermon 2020, {NCSNV2_CIFAR10_URL}) "
-            f"with `advpure import-weights ncsnv2 <checkpoint.pth> {path}`, or train it (`make train`)"
-        )
-    return f"{path}: train it with `make train EXP={cfg.experiment}`"
-
-
-def ensure_weights(cfg: DictConfig, plan: Plan) -> None:
-    """Every weights file the plan needs exists, or is trained now (benchmark.train_missing);
-    otherwise a one-line CheckpointError lists each missing file and how to get it."""
-    stages = [s for s in ("classifier", "score", "ebm") if s in plan.nets]
-    missing = [s for s in stages if not weights_path(cfg, s).exists()]
-    if not missing:
-        return
-    external = cfg.classifier.source == "robustbench" and "classifier" in missing
-    if not cfg.benchmark.train_missing or external:
-        raise CheckpointError(
-            f"missing weights ({len(missing)}): " + "; ".join(how_to_get(cfg, s) for s in missing)
-        )
-    say(f"training what is missing: {', '.join(missing)}")
-    train(cfg, stages=tuple(missing))
-
-
-def load_ebm_field(cfg: DictConfig, spec):
-    """The EBM's rescaled field c * (-grad E) (`ebm.weights`), called like the DSM score net."""
-    from advpure.nets.ebm import load_energy_field
-    from advpure.training.ebm import ebm_arch
-
-    return load_energy_field(cfg.ebm.weights, ebm_arch(cfg, spec))
-
-
-# 3 ------------------------------------------------------------------------------------------------
+# run dir ------------------------------------------------------------------------------------------------
 def base_fingerprint(cfg: DictConfig) -> str:
     """What every block of records depends on (the test images, their batches, the protocols)."""
     bc = cfg.benchmark
@@ -103,11 +54,11 @@ def base_fingerprint(cfg: DictConfig) -> str:
     )
 
 
-def open_run_dir(cfg: DictConfig, plan: Plan) -> Path:
+def open_run_dir(cfg: DictConfig, plan: Plan, artifacts: Artifacts) -> Path:
     """Create or reopen the run dir (`advpure.results.rundir.open_run_dir`): a run dir some of whose
     blocks were made by other settings is refused, changing nothing, unless benchmark.overwrite=true,
     which deletes those blocks only (all of them when the base settings changed)."""
-    weights = {net: file_sha256(weights_path(cfg, net))[:16] for net in {"classifier", *plan.nets}}
+    weights = {net: artifacts.sha(net) for net in plan.nets}
     units = {f"{d}/{NATURAL}": natural_fingerprint(plan, d, weights) for d in plan.defenses}
     units.update({u.key: unit_fingerprint(plan, u, weights) for u in plan.units})
     return open_rundir(
@@ -139,8 +90,10 @@ def report_plan(plan: Plan, class_names: tuple[str, ...] | None = None) -> Repor
         budget_pairs=list(
             dict.fromkeys((u.attack.split("@")[0], u.attack) for u in plan.units if u.check == "budget")
         ),
-        black_box=[a for a in main if kinds[a].kind == "spsa"],
-        white_box=[a for a in main if kinds[a].get("gradient") in ("full", "bpda")],
+        black_box=[a for a in main if attack_class(kinds[a].kind).black_box],
+        white_box=[
+            a for a in main if attack_class(kinds[a].kind).gradient_source(kinds[a]) in ("full", "bpda")
+        ],
         descriptions=dict(plan.descriptions),
         eps={u.attack: u.eps for u in plan.units},
         class_names=class_names,
@@ -165,7 +118,6 @@ def benchmark(cfg: DictConfig) -> dict | None:
     refused before any work), RunDirError (a run dir made by other settings), CheckpointError
     (missing or wrong weights) or NonFiniteError (a net produced NaN/inf)."""
     t0 = time.perf_counter()
-    redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     if cfg.trainer.precision == "16-mixed":
         raise ConfigError(
             "trainer.precision=16-mixed: fp16 attack gradients underflow to exactly zero on confident "
@@ -173,20 +125,24 @@ def benchmark(cfg: DictConfig) -> dict | None:
             "use 32-true or bf16-mixed"
         )
     plan = build_plan(cfg)
-    ensure_weights(cfg, plan)
-    spec, classifier, score = load_nets(cfg, score=plan.needs_score)
-    compiled = compile_net(score) if cfg.benchmark.compile and score is not None else None
-    score = compiled if compiled is not None else score
-    fields = {"dsm": score, "ebm": load_ebm_field(cfg, spec) if "ebm" in plan.nets else None}
-    amp = AMP.get(cfg.trainer.precision)
+    stages = Stages.from_config(cfg)
+    artifacts = stages.artifacts
+    stages.ensure(
+        sorted(plan.nets, key=list(artifacts.blocks).index), train_missing=cfg.benchmark.train_missing
+    )
+    nets = artifacts.nets(plan.nets)
+    compiled = compile_net(nets["score"]) if cfg.benchmark.compile and "score" in nets else None
+    if compiled is not None:
+        nets["score"] = compiled
+    spec = artifacts.spec
     defenses = {
         name: build_defense(
             params,
-            classifier,
-            {"score": fields[params.get("field", "dsm")]},
+            nets["classifier"],
+            nets,
             channels=spec.channels,
             image_size=spec.image_size,
-            amp_dtype=amp,
+            amp_dtype=AMP.get(cfg.trainer.precision),
             name=name,
         )
         for name, params in plan.defenses.items()
@@ -196,7 +152,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
             check_attack(u.spec, defenses[u.defense], u.eps, u.step)
         except ValueError as e:
             raise ConfigError(f"{u.defense}: {e}") from None
-    run_dir = open_run_dir(cfg, plan)
+    run_dir = open_run_dir(cfg, plan, artifacts)
     bc = cfg.benchmark
     protocols = with_floors(bc.protocols)
     clean = [p for p in protocols if protocol(p).run != "clean" and not protocol(p).needs_path]
@@ -220,7 +176,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
         header_lines=header_lines(cfg, plan),
         labels=plan.labels,
         merge=cfg.defense.merge,
-        plan=report_plan(plan, get_spec(cfg.data.name).class_names),
+        plan=report_plan(plan, spec.class_names),
         meta={"config": to_dict(cfg)},
     )
     callbacks = [
@@ -230,9 +186,9 @@ def benchmark(cfg: DictConfig) -> dict | None:
         for u in plan.units
     ]
     trainer = build_trainer(
-        cfg,
+        cfg.trainer,
         inference_mode=False,
-        logger=build_logger(cfg, "benchmark", run_dir),
+        logger=build_logger(LoggerSpec.from_config(cfg), "benchmark", run_dir),
         callbacks=[*callbacks, report],
         default_root_dir=str(run_dir),
     )

@@ -25,20 +25,18 @@ from advpure.certify import build_base, check_sigma_covered, score_sigma_range
 from advpure.certify.bases import BASES
 from advpure.config.compose import fingerprint, to_dict, to_yaml
 from advpure.core.errors import CheckpointError, ConfigError
-from advpure.core.runtime import redirect_writes_for
-from advpure.data import ImageDataModule, get_spec
+from advpure.data import ImageDataModule
+from advpure.jobs.artifacts import Artifacts, load_file
 from advpure.jobs.certify_loop import CertifyModule, unit_key
-from advpure.jobs.loggers import build_logger
+from advpure.jobs.loggers import LoggerSpec, build_logger
 from advpure.jobs.report import RecordsReport
-from advpure.jobs.train import train, train_classifier, weights_path
+from advpure.jobs.stages import Stages
 from advpure.jobs.trainer import build_trainer, launch_rank, resolve_accelerator, say, test_and_read_results
-from advpure.nets import load_net_with_meta, load_nets
 from advpure.nets.weights import file_sha256, read_weights
 from advpure.results.certify_report import radius_key, write_certify_report
 from advpure.results.rundir import delete_certificate_units
 from advpure.results.rundir import open_run_dir as open_rundir
 
-ADP_KEYS = ("lam", "delta", "tau", "steps")
 PAPER = {"n0": 100, "n": 100_000, "alpha": 0.001, "n_images": 500}  # Cohen et al.'s CIFAR-10 protocol
 
 
@@ -50,20 +48,21 @@ class CertifyPlan:
     noisy_paths: dict[float, Path] = field(default_factory=dict)  # sigma -> classifier of the noisy base
 
     @property
-    def needs_score(self) -> bool:
-        return any(BASES[b].needs_score for b, _ in self.units)
+    def nets(self) -> list[str]:
+        """The network kinds the bases need besides the classifier, in first-use order."""
+        return list(dict.fromkeys(k for b, _ in self.units for k in BASES.get(b).nets().values()))
 
 
-def noisy_classifier_path(cfg: DictConfig, sigma: float) -> Path:
-    """The classifier weights the `noisy` base uses at `sigma`: certify.noisy_classifier with `{sigma}`
-    replaced (e.g. `classifier_noise{sigma}.pt` -> `classifier_noise0.25.pt`), else classifier.weights."""
-    template = cfg.certify.noisy_classifier
+def noisy_classifier_path(template: str | None, main: Path, sigma: float) -> Path:
+    """The classifier weights the `noisy` base uses at `sigma`: certify.noisy_classifier (`template`)
+    with `{sigma}` replaced (e.g. `classifier_noise{sigma}.pt` -> `classifier_noise0.25.pt`), else
+    the main classifier's file `main`."""
     if template is None:
-        return weights_path(cfg, "classifier")
+        return main
     return Path(str(template).replace("{sigma}", f"{float(sigma):g}"))
 
 
-def plan_units(cfg: DictConfig) -> CertifyPlan:
+def plan_units(cfg: DictConfig, artifacts: Artifacts) -> CertifyPlan:
     """The certification units; every mistake is a one-line ConfigError, raised before any work:
     adp without a kind-adp defense block, a sigma outside the score net's DSM noise levels (read from
     the weights' metadata when the file exists, else from the score config that would train it)."""
@@ -76,90 +75,75 @@ def plan_units(cfg: DictConfig) -> CertifyPlan:
                 f"certify.bases: 'adp' takes its parameters from the defense block, but defense.kind is "
                 f"'{cfg.defense.kind}'; use defense=adp or drop adp"
             )
-        adp = {k: cfg.defense[k] for k in ADP_KEYS}
+        adp = {k: cfg.defense[k] for k in BASES.get("adp").params}
     plan = CertifyPlan(units, adp)
-    if plan.needs_score:
-        path = Path(cfg.score.weights)
+    if "score" in plan.nets:
+        path = artifacts.path("score")
         meta = read_weights(path).get("meta", {}) if path.exists() else None
-        lo, hi = score_sigma_range(meta, cfg.score)
+        lo, hi = score_sigma_range(meta, artifacts.blocks["score"])
         for base, sigma in units:
-            if BASES[base].needs_score:
+            if "field" in BASES.get(base).nets():
                 check_sigma_covered(sigma, lo, hi)
     if "noisy" in cc.bases:
-        plan.noisy_paths = {s: noisy_classifier_path(cfg, s) for s in map(float, cc.sigmas)}
+        main = artifacts.path("classifier")
+        plan.noisy_paths = {
+            s: noisy_classifier_path(cc.noisy_classifier, main, s) for s in map(float, cc.sigmas)
+        }
     return plan
 
 
 # 2 ------------------------------------------------------------------------------------------------
-def ensure_weights(cfg: DictConfig, plan: CertifyPlan) -> None:
-    """Every weights file exists, or is trained now (certify.train_missing): the classifier, the score
-    net, and each noisy-base classifier (trained with Gaussian noise of its sigma, classifier.noise_sd,
-    Cohen et al. 2019). Otherwise a one-line CheckpointError lists what is missing."""
-    from advpure.jobs.benchmark import how_to_get
-
-    stages = ["classifier"] + (["score"] if plan.needs_score else [])
-    missing = [s for s in stages if not weights_path(cfg, s).exists()]
-    main = weights_path(cfg, "classifier")
+def ensure_weights(stages: Stages, plan: CertifyPlan, train_missing: bool) -> None:
+    """Every weights file exists, or is trained now (certify.train_missing): the classifier, the nets
+    of the bases, and each noisy-base classifier (trained with Gaussian noise of its sigma,
+    classifier.noise_sd, Cohen et al. 2019; checkpoints under runs/train/<experiment>/classifier-noise<sigma>/).
+    Otherwise a one-line CheckpointError lists what is missing."""
+    artifacts = stages.artifacts
+    main = artifacts.path("classifier")
     noisy = {s: p for s, p in plan.noisy_paths.items() if p != main and not p.exists()}
-    if not missing and not noisy:
-        return
-    external = cfg.classifier.source == "robustbench" and "classifier" in missing
-    if not cfg.certify.train_missing or external:
-        what = [how_to_get(cfg, s) for s in missing]
+    kinds = ["classifier", *plan.nets]
+    if noisy and not train_missing:
+        what = [artifacts.how_to_get(k) for k in artifacts.missing(kinds)]
         what += [
             f"{p}: train it with classifier.noise_sd={s:g} (certify.train_missing=true)"
             for s, p in noisy.items()
         ]
         raise CheckpointError(f"missing weights ({len(what)}): " + "; ".join(what))
-    if missing:
-        say(f"training what is missing: {', '.join(missing)}")
-        train(cfg, stages=tuple(missing))
+    stages.ensure(kinds, train_missing=train_missing)
     for sigma, path in noisy.items():
         say(f"training the noisy base's classifier with Gaussian noise sd {sigma:g} -> {path}")
-        train_classifier(noise_config(cfg, sigma, path))
-
-
-def noise_config(cfg: DictConfig, sigma: float, path: Path) -> DictConfig:
-    """The training config of a classifier with Gaussian-noise augmentation at `sigma`, exported to
-    `path` (its checkpoints under runs/train/<experiment>-noise<sigma>/)."""
-    c = copy.deepcopy(cfg)
-    c.classifier.noise_sd = float(sigma)
-    c.classifier.weights = str(path)
-    c.experiment = f"{cfg.experiment}-noise{float(sigma):g}"
-    return c
+        block = copy.deepcopy(artifacts.blocks["classifier"])
+        block.noise_sd = float(sigma)
+        stages.stage(
+            "classifier", block=block, weights=path, run_name=f"classifier-noise{float(sigma):g}"
+        ).run()
 
 
 # 3 ------------------------------------------------------------------------------------------------
-def classifier_meta(path: Path) -> dict:
-    try:
-        return dict(read_weights(path).get("meta", {}))
-    except CheckpointError:
-        return {}
-
-
 def describe_classifier(path: Path, meta: dict) -> str:
     sd = float(meta.get("noise_sd", 0.0) or 0.0)
     trained = f"trained with Gaussian noise sd {sd:g}" if sd > 0 else "not noise-trained (noise_sd 0)"
     return f"{path}, {trained}"
 
 
-def build_bases(cfg: DictConfig, plan: CertifyPlan, spec, classifier, score) -> tuple[dict, dict, list[str]]:
+def build_bases(plan: CertifyPlan, artifacts: Artifacts) -> tuple[dict, dict, list[str]]:
     """({(base, sigma): module}, {unit key: weights hashes}, header lines naming each base's nets)."""
-    main_path = weights_path(cfg, "classifier")
-    main_meta = classifier_meta(main_path) if cfg.classifier.source != "robustbench" else {}
-    hashes = {"classifier": file_sha256(main_path)[:16]}
+    spec, blocks = artifacts.spec, artifacts.blocks
+    classifier, main_meta = artifacts.load("classifier")
+    main_path = artifacts.path("classifier")
+    hashes = {"classifier": artifacts.sha("classifier")}
+    nets = artifacts.nets(plan.nets)
+    hashes.update({k: artifacts.sha(k) for k in plan.nets})
     score_range = None
     lines = []
-    if plan.needs_score:
-        score_meta = read_weights(cfg.score.weights).get("meta", {})
-        score_range = score_sigma_range(score_meta, cfg.score)
-        hashes["score"] = file_sha256(cfg.score.weights)[:16]
+    if "score" in plan.nets:
+        score_range = score_sigma_range(artifacts.load("score")[1], blocks["score"])
     noisy_nets: dict[Path, tuple] = {}
     for path in plan.noisy_paths.values():
         if path == main_path:
             noisy_nets[path] = (classifier, main_meta, hashes["classifier"])
         elif path not in noisy_nets:
-            net, arch, meta = load_net_with_meta(path, "classifier")
+            net, arch, meta = load_file(path, "classifier")
             want = (spec.channels, spec.image_size, spec.num_classes)
             have = (arch.get("in_channels"), arch.get("image_size"), arch.get("num_classes"))
             if have != want:
@@ -174,16 +158,19 @@ def build_bases(cfg: DictConfig, plan: CertifyPlan, spec, classifier, score) -> 
             bases[(name, sigma)] = build_base(name, net, sigma)
             unit_weights[unit_key(name, sigma)] = {"classifier": digest}
         else:
+            slots = BASES.get(name).nets()
             params = plan.adp if name == "adp" else {}
+            by_slot = {slot: nets[kind] for slot, kind in slots.items()}
             bases[(name, sigma)] = build_base(
-                name, classifier, sigma, score_net=score, score_range=score_range, **params
+                name, classifier, sigma, nets=by_slot, score_range=score_range, **params
             )
             unit_weights[unit_key(name, sigma)] = {
                 "classifier": hashes["classifier"],
-                "score": hashes["score"],
+                **{kind: hashes[kind] for kind in slots.values()},
             }
-    c = cfg.classifier.arch
-    if "noisy" in cfg.certify.bases:
+    c = blocks["classifier"].arch
+    names = {b for b, _ in plan.units}
+    if "noisy" in names:
         paths = dict.fromkeys(plan.noisy_paths.values())
         desc = "; ".join(
             f"σ={', '.join(f'{s:g}' for s, p in plan.noisy_paths.items() if p == path)}: "
@@ -191,16 +178,19 @@ def build_bases(cfg: DictConfig, plan: CertifyPlan, spec, classifier, score) -> 
             for path in paths
         )
         lines.append(f"noisy = the bare classifier on x + σn (Cohen et al. 2019), {c}: {desc}")
-    clf = describe_classifier(main_path, main_meta)
-    if plan.needs_score:
+    clf = describe_classifier(main_path, main_meta if blocks["classifier"].source != "robustbench" else {})
+    if "score" in plan.nets:
         lo, hi = score_range
-        den = f"score net {cfg.score.weights} (NCSNv2 ngf {cfg.score.ngf}, DSM noise levels [{lo:g}, {hi:g}])"
-        if "denoised" in cfg.certify.bases:
+        den = (
+            f"score net {artifacts.path('score')} (NCSNv2 ngf {blocks['score'].ngf}, DSM noise levels "
+            f"[{lo:g}, {hi:g}])"
+        )
+        if "denoised" in names:
             lines.append(
                 f"denoised = one-step Tweedie denoiser clip(x~ + σ f(x~)) with the {den}, then the classifier "
                 f"{c} {clf} (Salman et al. 2020; Carlini et al. 2023)"
             )
-        if "adp" in cfg.certify.bases:
+        if "adp" in names:
             a = plan.adp
             lines.append(
                 f"adp = ADP's adaptive deterministic updates from x~ (T={a['steps']}, λ={a['lam']:g}, "
@@ -354,15 +344,15 @@ def test_indices(cfg: DictConfig, test_size: int) -> list[int]:
 
 def certify(cfg: DictConfig) -> dict | None:
     """Run `advpure certify` for the resolved config; returns results.json's content (rank 0)."""
-    redirect_writes_for(cfg)  # library caches and temp files under paths.cache
     t0 = time.perf_counter()
     cc = cfg.certify
-    plan = plan_units(cfg)
-    spec = get_spec(cfg.data.name)
+    stages = Stages.from_config(cfg)
+    artifacts = stages.artifacts
+    plan = plan_units(cfg, artifacts)
+    spec = artifacts.spec
     indices = test_indices(cfg, spec.test_size) if spec.test_size else None  # checked before any work
-    ensure_weights(cfg, plan)
-    spec, classifier, score = load_nets(cfg, score=plan.needs_score)
-    bases, unit_weights, base_lines = build_bases(cfg, plan, spec, classifier, score)
+    ensure_weights(stages, plan, cc.train_missing)
+    bases, unit_weights, base_lines = build_bases(plan, artifacts)
     max_batch = int(cc.max_batch if cc.max_batch is not None else cfg.defense.max_batch)
     dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
     dm.prepare_data()
@@ -394,8 +384,8 @@ def certify(cfg: DictConfig) -> dict | None:
         meta={"config": to_dict(cfg), "indices": indices},
     )
     trainer = build_trainer(
-        cfg,
-        logger=build_logger(cfg, "certify", run_dir),
+        cfg.trainer,
+        logger=build_logger(LoggerSpec.from_config(cfg), "certify", run_dir),
         callbacks=[report],
         default_root_dir=str(run_dir),
         enable_progress_bar=False,  # CertifyModule's own bar counts images x units

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import netrc
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import Any
 
 from advpure.config.compose import to_dict
-from advpure.core.runtime import redirect_writes_for
 
 
 def _has_wandb_key() -> bool:
@@ -37,14 +36,30 @@ def wandb_mode(configured: str = "auto") -> str:
     return "online" if _has_wandb_key() else "offline"
 
 
-def build_logger(cfg: DictConfig, stage: str, save_dir: str | Path):
-    """A Lightning logger for one stage (classifier / score / benchmark), or False for none.
+@dataclass(frozen=True)
+class LoggerSpec:
+    """What a job's logger is made from: the `logger` block, the experiment (W&B group), the run's
+    resolved config (W&B config, as a plain dict) and the job name (W&B job type)."""
 
-    W&B's caches, logs and staging go under `paths.cache` unless their variables are set
-    (`advpure.core.runtime.redirect_writes`); its run files go to `save_dir`.
-    """
-    redirect_writes_for(cfg)
-    lc = cfg.logger
+    block: Any
+    experiment: str
+    config: dict
+    job: str = ""
+
+    @classmethod
+    def from_config(cls, cfg, job: str = "") -> LoggerSpec:
+        return cls(cfg.logger, cfg.experiment, to_dict(cfg), job)
+
+    def for_job(self, job: str, **config_updates: Any) -> LoggerSpec:
+        return replace(self, job=job, config={**self.config, **config_updates})
+
+
+def build_logger(spec: LoggerSpec, stage: str, save_dir: str | Path):
+    """A Lightning logger for one job (classifier / score / benchmark / ...), or False for none.
+
+    Its run files go to `save_dir`. A W&B run keeps its id in `save_dir/wandb_run_id`, so a rerun or
+    a requeued job resumes the same run instead of starting another one."""
+    lc = spec.block
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     if lc.kind == "none":
@@ -56,16 +71,40 @@ def build_logger(cfg: DictConfig, stage: str, save_dir: str | Path):
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(lc.mode)
-    logger = WandbLogger(
+    return WandbLogger(
         project=lc.project,
         entity=lc.entity,
-        name=lc.name or f"{cfg.experiment}-{stage}",
-        group=lc.group or cfg.experiment,
+        name=lc.name or f"{spec.experiment}-{stage}",
+        group=lc.group or spec.experiment,
         tags=list(lc.tags) + [stage],
         save_dir=str(save_dir),
         offline=mode == "offline",
         mode=mode,
         job_type=stage,
-        config=to_dict(cfg),
+        config=spec.config,
+        id=run_id(save_dir),
+        resume="allow",
     )
-    return logger
+
+
+def run_id(save_dir: Path) -> str:
+    """The W&B run id of a run directory: read from `save_dir/wandb_run_id`, or made and written
+    there (rank 0) the first time."""
+    import secrets
+
+    path = Path(save_dir) / "wandb_run_id"
+    if path.exists():
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    new = secrets.token_hex(4)
+    path.write_text(new + "\n")
+    return new
+
+
+def finish_loggers(trainer) -> None:
+    """Close this process's W&B run (only if it created one: touching `.experiment` would start one)."""
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None)
+        if logger.__class__.__name__ == "WandbLogger" and run is not None:
+            run.finish()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from advpure.attacks.base import attack_class
 from advpure.config.compose import attack_eps_step, defense_option, fingerprint, to_dict, typed_block
 from advpure.core.errors import ConfigError
+from advpure.nets.registry import net_kind
 from advpure.purify.base import IdentityPurifier, purifier_class
 from advpure.purify.defense import defense_name
 from advpure.results.labels import Label, attack_label, defense_labels
@@ -61,21 +62,37 @@ class Plan:
         return [u for u in self.units if not u.sweep and u.check is None]
 
     def needs(self, defense: str) -> tuple[str, ...]:
-        """The nets whose weights make this defense's records: the classifier, and the score net
-        (field dsm) or the EBM (field ebm) when the purifier follows a field."""
+        """The network kinds whose weights make this defense's records: the classifier and the
+        kinds its purifier names (`Purifier.nets`)."""
         d = self.defenses[defense]
-        if not purifier_class(d.kind).needs_score:
-            return ("classifier",)
-        return ("classifier", "ebm" if d.get("field", "dsm") == "ebm" else "score")
+        return ("classifier", *dict.fromkeys(purifier_class(d.kind).nets(d).values()))
 
     @property
     def nets(self) -> set[str]:
-        """Every net some defense of the plan uses."""
+        """Every network kind some defense of the plan uses."""
         return {n for d in self.defenses for n in self.needs(d)}
 
-    @property
-    def needs_score(self) -> bool:
-        return "score" in self.nets
+
+def check_requirements(plan: Plan) -> None:
+    """Every attack's needs (`Attack.requires`: e.g. the joint (score) attack needs a time-free
+    field f(x)) are met by the networks of the defense it attacks: a ConfigError naming the pair
+    otherwise, before any weights are loaded or trained."""
+    for u in plan.units:
+        need = set(attack_class(u.spec.kind).requires(u.spec))
+        if not need:
+            continue
+        d = plan.defenses[u.defense]
+        have = {net_kind(k).signature for k in purifier_class(d.kind).nets(d).values()}
+        lacking = sorted(need - have)
+        if lacking:
+            raise ConfigError(
+                f"attack '{u.attack}' on defense '{u.defense}': the attack needs a network of signature "
+                f"{', '.join(lacking)} ({SIGNATURE_WORDS.get(lacking[0], lacking[0])}), and the defense's purifier "
+                f"'{d.kind}' has none"
+            )
+
+
+SIGNATURE_WORDS = {"field": "a time-free score field f(x)", "eps": "a diffusion eps(u, t) net"}
 
 
 def build_plan(cfg: DictConfig) -> Plan:
@@ -151,7 +168,9 @@ def build_plan(cfg: DictConfig) -> Plan:
     for u in units:
         u.label = named[u.attack].short
     labels = {k: v.short for k, v in named.items()}
-    return Plan(defenses, units, labels, {k: v.full for k, v in named.items()})
+    plan = Plan(defenses, units, labels, {k: v.full for k, v in named.items()})
+    check_requirements(plan)
+    return plan
 
 
 def _distinct_attack_labels(named: dict[str, Label], defenses: set[str]) -> dict[str, Label]:
@@ -174,7 +193,7 @@ def check_attack_name(cfg: DictConfig, attacks) -> str | None:
         return cfg.benchmark.check_attack
     for gradient in ("full", "bpda"):
         for name, spec in attacks.items():
-            if spec.get("gradient") == gradient:
+            if attack_class(spec.kind).gradient_source(spec) == gradient:
                 return name
     return None
 
@@ -202,9 +221,9 @@ def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]], kinds: dic
         if purifier_class(kinds[dname]).stochastic:
             more = copy.deepcopy(spec)
             more.max_images = n
-            more.iters = int(spec.iters) * 2
-            if "eot" in more:
-                more.eot = int(spec.eot) * 2
+            for key in attack_class(spec.kind).budget_fields:
+                if key in more:
+                    more[key] = int(spec[key]) * 2
             label = f"{attack_label(more).short} (check: 2x budget)"
             out.append(Unit(dname, f"{name}@2x", more, eps, step, label, check="budget"))
     return out

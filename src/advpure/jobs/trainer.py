@@ -60,15 +60,13 @@ def check_devices(tc: DictConfig) -> tuple[str, int | str]:
     return accel, devices
 
 
-def build_trainer(cfg: DictConfig, **kwargs):
-    """A Trainer with the project's fixed choices: our own data sharding (no distributed
-    sampler: it pads with duplicates), SLURM auto-requeue when launched by srun."""
+def build_trainer(tc: DictConfig, **kwargs):
+    """A Trainer from the `trainer` block `tc` with the project's fixed choices: our own data
+    sharding (no distributed sampler: it pads with duplicates), SLURM auto-requeue when launched by
+    srun. `kwargs` go to Lightning. (Thread counts are a process setting: `advpure.core.runtime`.)"""
     import lightning as L
 
-    tc = cfg.trainer
     accel, devices = check_devices(tc)
-    if tc.num_threads:
-        torch.set_num_threads(int(tc.num_threads))
     plugins = []
     if under_slurm():
         from lightning.pytorch.plugins.environments import SLURMEnvironment

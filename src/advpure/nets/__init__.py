@@ -1,5 +1,7 @@
-"""Neural networks: classifiers (images in [0, 1], normalization inside), the NCSNv2 score net, and
-the factories that build and load them (`load_nets`, `load_net`, `load_defense`)."""
+"""Neural networks (plain torch): classifiers (images in [0, 1], normalization inside), the NCSNv2
+score net, the EBM, diffusion nets, noise schedules, weights files, the network-kind registry
+(`advpure.nets.registry`) and the precision context of a net call. Loading a configured net:
+`advpure.jobs.artifacts`; any weights file: `advpure.api.load_net`."""
 
 from __future__ import annotations
 
@@ -12,23 +14,14 @@ from advpure.nets.classifiers import (
     SmallCNN,
     WideResNet,
     build_classifier,
-)
-from advpure.nets.factory import (
-    classifier_arch,
-    frozen,
-    load_defense,
-    load_net,
-    load_net_with_meta,
-    load_nets,
     make_classifier,
-    make_score_net,
-    score_arch,
 )
 from advpure.nets.ncsnv2 import (
     SCORE_IMAGE_SIZES,
     InstanceNormPlusPlus2d,
     NCSNv2,
     build_score_net,
+    make_score_net,
 )
 
 
@@ -48,14 +41,7 @@ __all__ = [
     "WideResNet",
     "build_classifier",
     "build_score_net",
-    "classifier_arch",
     "count_parameters",
-    "frozen",
-    "load_defense",
-    "load_net",
-    "load_net_with_meta",
-    "load_nets",
     "make_classifier",
     "make_score_net",
-    "score_arch",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 from advpure.core.errors import ConfigError
 
 __all__ = [
+    "make_classifier",
     "CLASSIFIER_ARCHS",
     "Normalize",
     "SmallCNN",
@@ -239,3 +240,19 @@ def build_classifier(
     else:
         net = ResNet18(num_classes=num_classes, in_channels=in_channels, dropout=dropout)
     return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=net))
+
+
+def make_classifier(arch: dict, spec=None, dropout: float = 0.0) -> nn.Module:
+    """A classifier (images in [0, 1] -> logits) of architecture `arch`. `spec` (a DatasetSpec)
+    gives the input normalization; without it a placeholder is used that loading weights replaces
+    (the normalization's mean/std are buffers saved with the weights)."""
+    c = arch["in_channels"]
+    return build_classifier(
+        arch["arch"],
+        in_channels=c,
+        image_size=arch["image_size"],
+        num_classes=arch["num_classes"],
+        mean=spec.mean if spec is not None else (0.0,) * c,
+        std=spec.std if spec is not None else (1.0,) * c,
+        dropout=dropout,
+    )

@@ -47,6 +47,7 @@ from advpure.core.errors import ConfigError
 
 __all__ = [
     "SCORE_IMAGE_SIZES",
+    "make_score_net",
     "InstanceNormPlusPlus2d",
     "ConvMeanPool",
     "MeanPoolConv",
@@ -435,3 +436,11 @@ def build_score_net(arch: str, *, in_channels: int, image_size: int, ngf: int) -
     if arch not in SCORE_ARCHS:
         raise ConfigError(f"score.arch={arch!r} is unknown; allowed: {', '.join(SCORE_ARCHS)}")
     return NCSNv2(in_channels=in_channels, ngf=ngf, image_size=image_size)
+
+
+def make_score_net(arch: dict) -> nn.Module:
+    """The score network of an architecture dict (keys arch, ngf, in_channels, image_size), as stored
+    in a weights file: images in [0, 1] -> f of the same shape."""
+    return build_score_net(
+        arch["arch"], in_channels=arch["in_channels"], image_size=arch["image_size"], ngf=arch["ngf"]
+    )

@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
+from advpure.api import load_net_with_meta
 from advpure.certify import SmoothedClassifier, build_base
 from advpure.certify.noise import KeyedNormal
-from advpure.nets import build_classifier, build_score_net, load_net_with_meta
+from advpure.nets import build_classifier, build_score_net
 
 GOAL = 1.10
 
@@ -64,10 +65,12 @@ def experiment_setup(args, device: torch.device):
     from advpure.config import compose as C
     from advpure.data import ImageDataModule
     from advpure.data.augment import to_unit
-    from advpure.nets import load_nets
+    from advpure.jobs.artifacts import Artifacts
 
     cfg = C.load(args.experiment, args.set)
-    spec, clf, score = load_nets(cfg, score=True)
+    artifacts = Artifacts.from_config(cfg)
+    spec = artifacts.spec
+    clf, score = artifacts.load("classifier")[0], artifacts.load("score")[0]
     dm = ImageDataModule(cfg.data, cfg.paths, seed=cfg.seed)
     dm.setup("test")
     idx = list(range(0, len(dm.test_x), cfg.certify.skip))[: args.images]

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from advpure.core.params import at_least, choice
+from advpure.core.params import at_least, choice, validate
 from advpure.core.rng import RNG, GeneratorRNG
 from advpure.purify.base import (
     NOISE_TYPES,
-    DefenseParams,
+    FieldParams,
     Purifier,
     PurifyResult,
+    field_slot,
     register_purifier,
     screened_rows,
 )
@@ -97,10 +98,10 @@ def adp_chain(
     x0: torch.Tensor,
     score_fn: ScoreFn,
     *,
-    lam: float = 0.05,
-    delta: float = 1e-3,
-    tau: float = 1e-3,
-    steps: int = 10,
+    lam: float,
+    delta: float,
+    tau: float,
+    steps: int,
     differentiable: bool = False,
     checkpointing: bool = True,
 ) -> PurifyResult:
@@ -140,14 +141,13 @@ def adp_chain(
 
 @register_purifier("adp")
 class ADPPurifier(Purifier):
-    """ADP chains (Yoon et al. 2021): screening with `sigma`, then `adp_chain`.
+    """ADP chains (Yoon et al. 2021): screening with `sigma`, then `adp_chain` on the field.
 
     `checkpointing=False` keeps every step's activations in the differentiable mode (faster
-    backward, memory linear in T; for comparisons). Raises ValueError for invalid parameters.
-    """
+    backward, memory linear in T; for comparisons)."""
 
     @dataclass
-    class Params(DefenseParams):
+    class Params(FieldParams):
         kind: str = "adp"
         sigma: float = at_least(0.25, 0.0)  # screening noise std (images in [0, 1])
         lam: float = at_least(0.05, 0.0, strict=True)  # lambda: step scale of the adaptive update
@@ -158,36 +158,22 @@ class ADPPurifier(Purifier):
 
     label = "ADP"
 
-    def __init__(
-        self,
-        score_net: torch.nn.Module,
-        *,
-        sigma=0.25,
-        lam=0.05,
-        delta=1e-3,
-        tau=1e-3,
-        steps=10,
-        noise="gaussian",
-        checkpointing: bool = True,
-    ):
+    def __init__(self, p: Params | None = None, *, checkpointing: bool = True):
         super().__init__()
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
-        if steps < 1:
-            raise ValueError(f"steps (T) must be >= 1, got {steps}")
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"unknown noise type '{noise}'; allowed: {', '.join(NOISE_TYPES)}")
-        if lam <= 0 or delta <= 0 or tau < 0:
-            raise ValueError(f"need lam > 0, delta > 0, tau >= 0; got {lam}, {delta}, {tau}")
-        self.score_net = score_net
-        self.sigma, self.noise, self.checkpointing = sigma, noise, checkpointing
-        self.chain = dict(lam=lam, delta=delta, tau=tau, steps=steps)
+        self.p = p if p is not None else self.Params()
+        self.checkpointing = checkpointing
+
+    @classmethod
+    def nets(cls, p) -> dict[str, str]:
+        return field_slot(p)
 
     @classmethod
     def from_params(cls, p, nets) -> ADPPurifier:
-        return cls(
-            nets["score"], sigma=p.sigma, lam=p.lam, delta=p.delta, tau=p.tau, steps=p.steps, noise=p.noise
-        )
+        return cls(p)
+
+    def chain_args(self) -> dict:
+        """lam, delta, tau, steps of `adp_chain`."""
+        return {k: getattr(self.p, k) for k in ("lam", "delta", "tau", "steps")}
 
     @classmethod
     def settings(cls, p) -> str:
@@ -196,10 +182,14 @@ class ADPPurifier(Purifier):
             f"lambda={p.lam}, delta={p.delta}, tau={p.tau}, {p.noise} screening"
         )
 
-    def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
-        x0 = screened_rows(x, rng, draws, self.sigma, self.noise)
+    def forward(self, x, rng, draws, fns, differentiable=False) -> PurifyResult:
+        x0 = screened_rows(x, rng, draws, self.p.sigma, self.p.noise)
         return adp_chain(
-            x0, score_fn, **self.chain, differentiable=differentiable, checkpointing=self.checkpointing
+            x0,
+            fns["field"],
+            **self.chain_args(),
+            differentiable=differentiable,
+            checkpointing=self.checkpointing,
         )
 
 
@@ -207,30 +197,25 @@ def adp_purify(
     x: torch.Tensor,
     score_fn: ScoreFn,
     *,
-    sigma: float = 0.25,
-    lam: float = 0.05,
-    delta: float = 1e-3,
-    tau: float = 1e-3,
-    steps: int = 10,
-    noise: str = "gaussian",
     generator: torch.Generator | None = None,
     rng: RNG | None = None,
     differentiable: bool = False,
+    **params,
 ) -> PurifyResult:
     """Screen and purify a batch (B, C, H, W) in [0, 1]: the whole ADP chain in one call.
 
-    Usage without Lightning:
+    `params` are ADP's (`ADPPurifier.Params`: sigma, lam, delta, tau, steps, noise), the rest at
+    their defaults. Usage without Lightning:
         >>> out = adp_purify(x, score_net, sigma=0.25, generator=torch.Generator().manual_seed(0))
         >>> logits = classifier(out.x)
     The screening noise comes from `rng` (e.g. `SampleRNG` for per-image keyed noise) or else
-    from `generator`. Raises ValueError for sigma < 0 or an unknown noise type.
+    from `generator`. Raises ConfigError for an unknown or out-of-range parameter.
     """
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    p = ADPPurifier.Params(**params)
+    validate(p, ADPPurifier.Params, "adp_purify: ")
     if rng is None:
         rng = GeneratorRNG(generator if generator is not None else torch.default_generator)
-    x0 = screened_rows(x, rng, 1, sigma, noise)
-    return adp_chain(x0, score_fn, lam=lam, delta=delta, tau=tau, steps=steps, differentiable=differentiable)
+    return ADPPurifier(p)(x, rng, 1, {"field": score_fn}, differentiable=differentiable)
 
 
 __all__ = ["ALPHA_MAX", "ALPHA_MIN", "ADPPurifier", "adp_chain", "adp_purify", "adp_step", "step_size"]

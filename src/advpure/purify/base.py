@@ -1,7 +1,9 @@
 """What every purifier shares: the registry, the common defense parameters, noise screening.
 
 A purifier maps a batch of images to `draws` purified rows per image (draw-major: row d*B + i is
-draw d of image i). To add one, write one module with one registered class:
+draw d of image i). It names the networks it needs (`nets`: slot -> registered network kind,
+`advpure.nets.registry`) and gets them as callables in `forward`; to add one, write one module with
+one registered class:
 
     @register_purifier("median")
     class MedianPurifier(Purifier):
@@ -14,13 +16,16 @@ draw d of image i). To add one, write one module with one registered class:
 
         label = "Median"                      # row label in tables (describe() adds parameters)
         stochastic = False
-        needs_score = False
 
         @classmethod
-        def from_params(cls, p, nets):         # nets: {"score": score net or None}
+        def nets(cls, p):                      # slot -> network kind ({}: none)
+            return {}
+
+        @classmethod
+        def from_params(cls, p, nets):         # nets: slot -> the loaded nn.Module (its metadata)
             return cls(p.size)
 
-        def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult: ...
+        def forward(self, x, rng, draws, fns, differentiable=False) -> PurifyResult: ...
 
 and a YAML file `conf/defense/median.yaml` with `kind: median` and its values. The config block
 `defense: {kind: median, size: 3, replicas: 1}` is then validated by `MedianPurifier.Params`.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +45,12 @@ from torch import nn
 from advpure.core.params import at_least, choice, schema
 from advpure.core.registry import Registry
 from advpure.core.rng import RNG
+from advpure.nets.registry import field_kinds, field_names
 from advpure.purify.merge import MERGE_RULES
 
 NOISE_TYPES = ("gaussian", "rademacher")
-FIELDS = ("dsm", "ebm")
+
+NetFns = Mapping[str, Callable[..., torch.Tensor]]
 
 
 @dataclass
@@ -51,7 +59,7 @@ class PurifyResult:
 
     x: torch.Tensor  # (R, C, H, W) purified images in [0, 1]
     steps: torch.Tensor  # (R,) int64: number of updates each row took
-    score_evals: torch.Tensor  # (R,) int64: score-network evaluations spent on each row
+    score_evals: torch.Tensor  # (R,) int64: generative-net evaluations (NFE) spent on each row
 
 
 @schema
@@ -60,36 +68,51 @@ class DefenseParams:
     """Keys every `defense` block has, whatever its kind."""
 
     kind: str = "adp"  # a registered purifier name, or module.path:Class
-    # the field the purifier follows: the DSM score net f (~ sigma grad log p_sigma), or the fixed
-    # rescaling c * (-grad E) of the maximum-likelihood EBM (Hill et al. 2021; `ebm` config block)
-    field: str = choice("dsm", *FIELDS)
     replicas: int = at_least(10, 1)  # S: independent chains merged into one prediction
     merge: str = choice("softmax", *MERGE_RULES)  # default merge rule of the table (all are recorded)
     max_batch: int = at_least(4096, 1)  # memory budget: rows per net forward (chunking)
 
 
+@dataclass
+class FieldParams(DefenseParams):
+    """The common keys plus the field a purifier follows: `dsm`, the DSM score net f
+    (~ sigma grad log p_sigma), or `ebm`, the fixed rescaling c * (-grad E) of the maximum-likelihood
+    EBM (Hill et al. 2021) — every network kind with a time-free field (`field_kinds`)."""
+
+    field: str = choice("dsm", field_names)
+
+
+def field_slot(p: Any) -> dict[str, str]:
+    """`nets` of a purifier that follows one time-free field: {"field": the kind of `p.field`}."""
+    return {"field": field_kinds()[p.field]}
+
+
 class Purifier(nn.Module):
     """Base class. Subclasses set `Params` (a dataclass extending DefenseParams), `label`,
-    `stochastic`, `needs_score`, implement `from_params` and `forward`, and may override
-    `describe` (row label) and `settings` (the header line of result tables)."""
+    `stochastic`, implement `nets`, `from_params` and `forward`, and may override `describe` (row
+    label) and `settings` (the header line of result tables)."""
 
     name: str = ""  # set by the registry
     Params: type = DefenseParams
     label: str = ""
     stochastic: bool = True  # False: every draw is the same (attacks then use one draw)
-    needs_score: bool = True  # whether `from_params` needs the score network
 
     @classmethod
-    def from_params(cls, p: Any, nets: dict[str, nn.Module | None]) -> Purifier:
-        """Build the purifier from its validated `Params` `p` and the loaded nets
-        ({"score": score net or None, "ebm": energy field or None}). Raises ConfigError for a
-        combination the kind cannot run (e.g. no net for its field)."""
+    def nets(cls, p: Any) -> dict[str, str]:
+        """The networks the purifier needs: {slot: registered network kind}. `forward` gets one
+        callable per slot (signature of the kind: f(x), eps(u, t), ...)."""
+        return {}
+
+    @classmethod
+    def from_params(cls, p: Any, nets: Mapping[str, nn.Module]) -> Purifier:
+        """Build the purifier from its validated `Params` `p` and the loaded nets of its slots (read
+        for their metadata, e.g. a diffusion net's `.schedule`; the calls go through `forward`'s
+        callables). Raises ConfigError for a combination the kind cannot run."""
         raise NotImplementedError
 
     @classmethod
     def describe(cls, p: Any) -> str:
-        """The purifier and its parameters, e.g. "ADP σ=0.25" ("..., ML-EBM field" for field=ebm); the
-        row label of a lone defense (`advpure.results.labels` names the ADP paper's Fig. 2 arms)."""
+        """Row label of a defense in tables, e.g. "ADP σ=0.25" ("..., ML-EBM field" for field=ebm)."""
         label = cls.label or cls.name
         label = f"{label} σ={p.sigma:g}" if hasattr(p, "sigma") else label
         return f"{label}, ML-EBM field" if getattr(p, "field", "dsm") == "ebm" else label
@@ -105,14 +128,14 @@ class Purifier(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, rng: RNG, draws: int, score_fn, differentiable: bool = False
+        self, x: torch.Tensor, rng: RNG, draws: int, fns: NetFns, differentiable: bool = False
     ) -> PurifyResult:
         """Purify `draws` independent chains of each image.
 
         x: (B, C, H, W) images in [0, 1]; rng: the per-image keyed (`SampleRNG`) or batch
-        (`GeneratorRNG`) random stream every noise draw comes from; score_fn: rows -> field of the
-        same shape (the score net's raw output f, or None for kinds that need none);
-        differentiable: keep the autograd graph through every step (full-gradient attacks).
+        (`GeneratorRNG`) random stream every noise draw comes from; fns: {slot: the net of that slot
+        as a callable} (counted, chunked, at the purification precision); differentiable: keep the
+        autograd graph (or an equivalent) through every step (full-gradient attacks).
         Returns a PurifyResult with x (draws * B, C, H, W) in [0, 1], draw-major (row d * B + i is
         draw d of image i), and steps / score_evals (draws * B,) int64 per row."""
         raise NotImplementedError
@@ -185,7 +208,6 @@ class IdentityPurifier(Purifier):
 
     label = "Undefended"
     stochastic = False
-    needs_score = False
 
     @classmethod
     def from_params(cls, p, nets) -> IdentityPurifier:
@@ -199,13 +221,15 @@ class IdentityPurifier(Purifier):
     def settings(cls, p) -> str:
         return "Undefended: the bare classifier"
 
-    def forward(self, x, rng, draws, score_fn=None, differentiable=False) -> PurifyResult:
+    def forward(self, x, rng, draws, fns=None, differentiable=False) -> PurifyResult:
         zeros = torch.zeros(draws * x.shape[0], dtype=torch.long, device=x.device)
         return PurifyResult(x=rows(x, draws), steps=zeros, score_evals=zeros.clone())
 
 
 __all__ = [
-    "FIELDS",
+    "FieldParams",
+    "field_slot",
+    "NetFns",
     "NOISE_TYPES",
     "PURIFIERS",
     "DefenseParams",

@@ -1,32 +1,38 @@
 """`Defense` = purifier + classifier + merge of replicas: the one interface every attack talks to.
 
     classify(x)                     g_phi(x): the bare classifier's logits (differentiable)
-    score(x)                        f_theta(x): the raw score network (joint attacks)
+    field(x)                        f(x): the purifier's time-free field, if it has one (joint attacks)
     purify(x, rng, draws)           `draws` independent purification chains per image
     chain_logits(x, rng, draws)     classifier logits on each purified chain, (draws, B, K)
     forward(x, rng)                 the defended prediction: S replicas merged (probabilities)
     evaluate(x, y, rng, n)          correctness of n independent defended predictions, per merge rule
 
 Images are (B, C, H, W) in [0, 1]. Replicas and EOT draws are rows of one batch (draw-major: row
-d*B + i is draw d of image i); nets see them in chunks of at most `max_batch` rows, the memory
-budget. Every stochastic call takes an RNG (`advpure.core.rng`), so results are reproducible and
-independent of batch layout.
+d*B + i is draw d of image i). The Defense owns the purifier's networks and hands them to it as
+callables (`NetFn`): every call counted (`score_evals`, the number of function evaluations), chunked
+to at most `max_batch` rows (the memory budget) and run at the purification precision
+(`advpure.nets.precision`: fp32 by default, whatever the classifier's autocast). Every stochastic
+call takes an RNG (`advpure.core.rng`), so results are reproducible and independent of batch layout.
 
 A Defense is an evaluation object: its nets are always in eval mode (BatchNorm statistics frozen,
 dropout off), whatever mode they were in when passed in and whatever `.train()` is called with,
 so an attack never changes the model it attacks and a dropout net is never mistaken for a
-deterministic one. Non-finite outputs of the classifier or the purifier raise `NonFiniteError`.
+deterministic one. Non-finite outputs of the classifier, the purifier's nets or the purifier
+raise `NonFiniteError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from advpure.core.errors import check_finite
 from advpure.core.rng import RNG, FrozenRNG
+from advpure.nets.precision import PRECISIONS, Precision
+from advpure.nets.registry import NET_KINDS
 from advpure.purify.base import IdentityPurifier, Purifier, PurifyResult, check_images, purifier_class
 from advpure.purify.merge import MERGE_RULES, correct_by_merge, merge_scores
 
@@ -39,49 +45,65 @@ class Counted(nn.Module):
         self.net = net
         self.evals = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         self.evals += x.shape[0]
-        return self.net(x)
+        return self.net(x, *args)
 
 
-def chunked(fn, x: torch.Tensor, max_rows: int) -> torch.Tensor:
-    """fn applied to `x` in chunks of at most `max_rows` rows, concatenated."""
+def chunked(fn, x: torch.Tensor, max_rows: int, *args) -> torch.Tensor:
+    """fn(x, *args) in chunks of at most `max_rows` rows, concatenated. Tensor `args` with x's leading
+    dimension (a per-row time t) are split with x; other arguments are passed whole."""
     if x.shape[0] <= max_rows:
-        return fn(x)
-    return torch.cat([fn(c) for c in x.split(max_rows)])
+        return fn(x, *args)
+    rows = x.shape[0]
+    parts = [
+        a.split(max_rows) if torch.is_tensor(a) and a.dim() and a.shape[0] == rows else None for a in args
+    ]
+    out = []
+    for k, c in enumerate(x.split(max_rows)):
+        out.append(fn(c, *(p[k] if p is not None else a for p, a in zip(parts, args))))
+    return torch.cat(out)
 
 
-@contextlib.contextmanager
-def no_tf32(device: torch.device):
-    """cuDNN convolutions in full fp32 (TF32 keeps 10 mantissa bits) for the block, on CUDA."""
-    if device.type != "cuda":
-        yield
-        return
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
+class NetFn:
+    """One of the purifier's nets as the callable a purifier gets: fn(x, *args) -> output, counted
+    (`Counted`), chunked to `max_rows` rows, run within `Precision(precision)` and checked finite
+    (`NonFiniteError` naming `what`). The output has the input's dtype."""
+
+    def __init__(self, net: Counted, max_rows: int, precision: str, what: str):
+        self.net, self.max_rows, self.precision, self.what = net, max_rows, precision, what
+
+    def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
+        with Precision(self.precision, x.device):
+            out = chunked(self.net, x, self.max_rows, *args)
+        # checked at every evaluation: ADP's rows whose step size is NaN simply stop, so a NaN field
+        # would otherwise leave the screened image as the "purified" one, silently
+        check_finite(out, self.what)
+        return out.to(x.dtype) if out.dtype != x.dtype and x.is_floating_point() else out
 
 
 class Defense(nn.Module):
     """A classifier behind a purifier, S replicas merged by `merge` (see the module docstring).
 
     classifier: (B, C, H, W) in [0, 1] -> (B, K) logits. purifier: a `Purifier` (None: identity).
-    amp_dtype: autocast dtype for the classifier (purification always runs in fp32).
-    Raises ValueError for replicas < 1, an unknown merge rule or max_batch < 1.
+    nets: {slot: net} for the purifier's `nets` slots; field_slot: the slot holding a time-free
+    field f(x), if any (what `field` and the joint (score) attack use). amp_dtype: autocast dtype
+    for the classifier. precision: of the purifier's nets ("fp32" or "bf16", `advpure.nets.precision`).
+    Raises ValueError for replicas < 1, an unknown merge rule, max_batch < 1 or a missing slot.
     """
 
     def __init__(
         self,
         classifier: nn.Module,
         purifier: Purifier | None = None,
+        nets: Mapping[str, nn.Module] | None = None,
         *,
+        field_slot: str | None = None,
         replicas: int = 1,
         merge: str = "softmax",
         max_batch: int = 4096,
         amp_dtype: torch.dtype | None = None,
+        precision: str = "fp32",
         channels: int | None = None,
         image_size: int | None = None,
         name: str = "defense",
@@ -93,12 +115,19 @@ class Defense(nn.Module):
             raise ValueError(f"unknown merge rule '{merge}'; allowed: {', '.join(MERGE_RULES)}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{precision}'; allowed: {', '.join(PRECISIONS)}")
         self.classifier = Counted(classifier)
         self.purifier = purifier if purifier is not None else IdentityPurifier()
-        net = getattr(self.purifier, "score_net", None)
-        self.score_net = Counted(net) if net is not None else None
+        self.nets = nn.ModuleDict({slot: Counted(net) for slot, net in (nets or {}).items()})
+        if field_slot is not None and field_slot not in self.nets:
+            raise ValueError(
+                f"field_slot '{field_slot}' is not one of the nets ({', '.join(self.nets) or 'none'})"
+            )
+        self.field_slot = field_slot
         self.replicas, self.merge, self.max_batch = replicas, merge, max_batch
-        self.amp_dtype, self.channels, self.image_size, self.name = amp_dtype, channels, image_size, name
+        self.amp_dtype, self.precision = amp_dtype, precision
+        self.channels, self.image_size, self.name = channels, image_size, name
         self.frozen_seed: int | None = None  # set by `frozen()`: the DW-box protocol
         self.eval()
 
@@ -112,12 +141,26 @@ class Defense(nn.Module):
         return self.purifier.stochastic
 
     @property
-    def has_score(self) -> bool:
-        return self.score_net is not None
+    def has_field(self) -> bool:
+        """Whether the purifier follows a time-free field f(x) (`field` works)."""
+        return self.field_slot is not None
 
     @property
     def score_evals(self) -> int:
-        return self.score_net.evals if self.score_net is not None else 0
+        """Evaluations of the purifier's nets so far (rows; the NFE of all calls together)."""
+        return sum(n.evals for n in self.nets.values())
+
+    def fns(self, precision: str | None = None) -> dict[str, NetFn]:
+        """{slot: NetFn}: the callables `purify` hands the purifier."""
+        return {
+            slot: NetFn(
+                net,
+                self.max_batch,
+                precision or self.precision,
+                f"the {slot} network of defense '{self.name}'",
+            )
+            for slot, net in self.nets.items()
+        }
 
     def _autocast(self, x: torch.Tensor):
         if self.amp_dtype is None:
@@ -135,28 +178,13 @@ class Defense(nn.Module):
         check_finite(logits, f"the classifier of defense '{self.name}'")
         return logits
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw score network f_theta(x) ~ -noise, of x's shape, chunked; differentiable."""
-        if self.score_net is None:
-            raise ValueError(f"defense '{self.name}' has no score network")
-        with self._autocast(x):
-            out = chunked(self.score_net, x, self.max_batch).to(x.dtype)
-        check_finite(out, f"the score network of defense '{self.name}'")
-        return out
-
-    def score_fp32(self, x: torch.Tensor) -> torch.Tensor:
-        """f_theta(x) in (at least) fp32 whatever autocast is active, for purification: ADP's step-size
-        probe compares f(x) with f(x + delta f(x)), which differ by ~delta/sigma (~4e-3 relative),
-        below bf16's resolution and close to TF32's. In bf16 the probe is noise (measured on the
-        default: a third fewer steps before alpha <= tau)."""
-        if self.score_net is None:
-            raise ValueError(f"defense '{self.name}' has no score network")
-        with torch.autocast(device_type=x.device.type, enabled=False), no_tf32(x.device):
-            out = chunked(self.score_net, x, self.max_batch)
-        # checked at every evaluation: ADP's rows whose step size is NaN simply stop, so a NaN field
-        # would otherwise leave the screened image as the "purified" one, silently
-        check_finite(out, f"the score network of defense '{self.name}'")
-        return out
+    def field(self, x: torch.Tensor) -> torch.Tensor:
+        """The purifier's time-free field f(x) (the DSM score net's raw output ~ -noise, or the
+        EBM's rescaled field), of x's shape, at the purification precision; differentiable.
+        Raises ValueError when the purifier follows no such field."""
+        if self.field_slot is None:
+            raise ValueError(f"defense '{self.name}' has no time-free score field")
+        return self.fns()[self.field_slot](x)
 
     @contextlib.contextmanager
     def frozen(self, seed: int):
@@ -178,7 +206,7 @@ class Defense(nn.Module):
             if not hasattr(rng, "index"):
                 raise ValueError("a frozen defense needs per-image keyed RNGs (SampleRNG)")
             rng = FrozenRNG(self.frozen_seed, rng.index, self.replicas)
-        out = self.purifier(x, rng, draws, self.score_fp32, differentiable=differentiable)
+        out = self.purifier(x, rng, draws, self.fns(), differentiable=differentiable)
         check_finite(out.x, f"the purifier ({self.purifier.name}) of defense '{self.name}'")
         return out
 
@@ -210,28 +238,37 @@ class Defense(nn.Module):
 def build_defense(
     params,
     classifier: nn.Module,
-    nets: dict[str, nn.Module | None] | nn.Module | None = None,
+    nets: Mapping[str, nn.Module] | None = None,
     *,
     channels=None,
     image_size=None,
     amp_dtype=None,
+    precision: str = "fp32",
     name=None,
 ) -> Defense:
-    """A `Defense` from a typed defense block (see `advpure.config.compose`): the purifier registered as
-    `params.kind` built by its `from_params`. `nets`: {"score": score net} (or the score net).
-    Raises ValueError when the purifier needs a score network and none is given."""
+    """A `Defense` from a typed defense block (see `advpure.config`): the purifier registered as
+    `params.kind` built by its `from_params`. `nets`: {network kind: loaded net} holding at least the
+    kinds the purifier names (`Purifier.nets(params)`). Raises ValueError when one is missing."""
     cls = purifier_class(params.kind)
-    nets = nets if isinstance(nets, dict) else {"score": nets}
-    if cls.needs_score and nets.get("score") is None:
-        raise ValueError(f"defense kind '{params.kind}' needs a score network")
-    purifier = cls.from_params(params, nets)
+    slots = cls.nets(params)
+    nets = nets or {}
+    missing = [kind for kind in slots.values() if nets.get(kind) is None]
+    if missing:
+        raise ValueError(f"defense kind '{params.kind}' needs the network(s) {', '.join(missing)}")
+    by_slot = {slot: nets[kind] for slot, kind in slots.items()}
+    purifier = cls.from_params(params, by_slot)
+    signature = {slot: NET_KINDS.get(kind).signature for slot, kind in slots.items()}
+    field = next((slot for slot, sig in signature.items() if sig == "field"), None)
     return Defense(
         classifier,
         purifier,
-        replicas=params.replicas if cls.stochastic else 1,
+        by_slot,
+        field_slot=field,
+        replicas=params.replicas if purifier.stochastic else 1,
         merge=params.merge,
         max_batch=params.max_batch,
         amp_dtype=amp_dtype,
+        precision=precision,
         channels=channels,
         image_size=image_size,
         name=name or defense_name(params),
@@ -259,5 +296,5 @@ __all__ = [
     "chunked",
     "defense_label",
     "defense_name",
-    "no_tf32",
+    "NetFn",
 ]

@@ -17,10 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-from advpure.core.params import at_least
+from advpure.core.params import at_least, validate
 from advpure.core.rng import GeneratorRNG
 from advpure.purify.adp import checkpointed
-from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows, screened_rows
+from advpure.purify.base import (
+    FieldParams,
+    Purifier,
+    PurifyResult,
+    field_slot,
+    register_purifier,
+    rows,
+    screened_rows,
+)
 
 NoiseFn = Callable[[], torch.Tensor]
 
@@ -30,9 +38,9 @@ def langevin_chain(
     score_fn: Callable[[torch.Tensor], torch.Tensor],
     noise_fn: NoiseFn,
     *,
-    eta: float = 1e-4,
-    dsm_sigma: float = 0.05,
-    steps: int = 100,
+    eta: float,
+    dsm_sigma: float,
+    steps: int,
     differentiable: bool = False,
     checkpointing: bool = True,
 ) -> PurifyResult:
@@ -58,10 +66,10 @@ def langevin_chain(
 
 @register_purifier("langevin")
 class LangevinPurifier(Purifier):
-    """Screening (sigma, may be 0), then `steps` Langevin updates (Hill et al. 2021)."""
+    """Screening (sigma, may be 0), then `steps` Langevin updates (Hill et al. 2021) on the field."""
 
     @dataclass
-    class Params(DefenseParams):
+    class Params(FieldParams):
         kind: str = "langevin"
         sigma: float = at_least(0.25, 0.0)  # screening noise std before the chain (0: none)
         steps: int = at_least(100, 1)  # Langevin updates
@@ -80,38 +88,40 @@ class LangevinPurifier(Purifier):
             "dsm_sigma=None", "dsm_sigma=the EBM sampler's"
         )
 
-    def __init__(self, score_net: torch.nn.Module, *, sigma=0.25, eta=1e-4, dsm_sigma=0.05, steps=100):
+    def __init__(self, p: Params | None = None, *, eta: float | None = None, dsm_sigma: float | None = None):
         super().__init__()
-        if sigma < 0 or steps < 1:
-            raise ValueError(f"need sigma >= 0 and steps >= 1, got {sigma}, {steps}")
-        self.score_net = score_net
-        self.sigma, self.eta, self.dsm_sigma, self.steps = sigma, eta, dsm_sigma, steps
+        self.p = p if p is not None else self.Params()
+        self.eta = self.p.eta if eta is None else eta
+        self.dsm_sigma = self.p.dsm_sigma if dsm_sigma is None else dsm_sigma
+        if self.eta is None or self.dsm_sigma is None:
+            raise ValueError("defense.eta / defense.dsm_sigma: null needs field=ebm (its sampler's settings)")
+
+    @classmethod
+    def nets(cls, p) -> dict[str, str]:
+        return field_slot(p)
 
     @classmethod
     def from_params(cls, p, nets) -> LangevinPurifier:
-        eta, dsm_sigma = p.eta, p.dsm_sigma
-        if eta is None or dsm_sigma is None:
-            own = getattr(nets["score"], "langevin", None)  # an EBM field's training sampler
-            if own is None:
-                raise ValueError(
-                    "defense.eta / defense.dsm_sigma: null needs field=ebm (its sampler's settings)"
-                )
-            eta = own["eta"] if eta is None else eta
-            dsm_sigma = own["dsm_sigma"] if dsm_sigma is None else dsm_sigma
-        return cls(nets["score"], sigma=p.sigma, eta=eta, dsm_sigma=dsm_sigma, steps=p.steps)
+        own = getattr(nets.get("field"), "langevin", None) or {}  # an EBM field's training sampler
+        return cls(
+            p,
+            eta=own.get("eta") if p.eta is None else None,
+            dsm_sigma=own.get("dsm_sigma") if p.dsm_sigma is None else None,
+        )
 
-    def forward(self, x, rng, draws, score_fn, differentiable=False) -> PurifyResult:
+    def forward(self, x, rng, draws, fns, differentiable=False) -> PurifyResult:
         def noise_fn():
             return rng.normal(draws, x).reshape(-1, *x.shape[1:])
 
-        x0 = screened_rows(x, rng, draws, self.sigma) if self.sigma > 0 else rows(x, draws)
+        sigma = self.p.sigma
+        x0 = screened_rows(x, rng, draws, sigma) if sigma > 0 else rows(x, draws)
         return langevin_chain(
             x0,
-            score_fn,
+            fns["field"],
             noise_fn,
             eta=self.eta,
             dsm_sigma=self.dsm_sigma,
-            steps=self.steps,
+            steps=self.p.steps,
             differentiable=differentiable,
         )
 
@@ -120,18 +130,16 @@ def langevin_purify(
     x: torch.Tensor,
     score_fn: Callable[[torch.Tensor], torch.Tensor],
     *,
-    sigma: float = 0.0,
-    eta: float = 1e-4,
-    dsm_sigma: float = 0.05,
-    steps: int = 100,
     generator: torch.Generator | None = None,
+    **params,
 ) -> PurifyResult:
     """Screen (when sigma > 0) and run the Langevin chain on (B, C, H, W) images in [0, 1], with
-    noise from `generator`: the same path as `LangevinPurifier` with one draw."""
+    noise from `generator`: the same path as `LangevinPurifier` with one draw. `params`: the kind's
+    (`LangevinPurifier.Params`: sigma, steps, eta, dsm_sigma), the rest at their defaults."""
     rng = GeneratorRNG(generator if generator is not None else torch.default_generator)
-    return LangevinPurifier(torch.nn.Identity(), sigma=sigma, eta=eta, dsm_sigma=dsm_sigma, steps=steps)(
-        x, rng, 1, score_fn
-    )
+    p = LangevinPurifier.Params(**params)
+    validate(p, LangevinPurifier.Params, "langevin_purify: ")
+    return LangevinPurifier(p)(x, rng, 1, {"field": score_fn})
 
 
 __all__ = ["LangevinPurifier", "langevin_chain", "langevin_purify"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from advpure.core.errors import TrainingError
 from advpure.data.augment import gaussian_noise
-from advpure.nets.factory import classifier_arch, make_classifier  # noqa: F401 (re-exported)
+from advpure.nets.classifiers import make_classifier
 
 
 def build_optimizer(params, oc) -> torch.optim.Optimizer:
@@ -70,6 +70,18 @@ class ClassifierModule(L.LightningModule):
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=n)
+
+    @classmethod
+    def from_block(cls, arch: dict, spec, block) -> ClassifierModule:
+        """The module of a `classifier` config block (`advpure.kinds.classifier.ClassifierConfig`)."""
+        from omegaconf import OmegaConf
+
+        optim = (
+            OmegaConf.to_container(block.optim, resolve=True)
+            if not isinstance(block.optim, dict)
+            else block.optim
+        )
+        return cls(arch, spec, optim, block.dropout, block.label_smoothing, noise_sd=block.noise_sd)
 
     def forward(self, x):
         return self.net(x)

@@ -40,19 +40,6 @@ _SHARED = stream_id("ebm/shared")
 _INIT = stream_id("ebm/init")
 
 
-def ebm_arch(cfg, spec) -> dict:
-    """The architecture dict of the configured EBM (what the exported weights are checked against)."""
-    e = cfg.ebm
-    return {
-        "arch": e.arch,
-        "nf": e.nf,
-        "activation": e.activation,
-        "leak": e.leak,
-        "in_channels": spec.channels,
-        "image_size": spec.image_size,
-    }
-
-
 def samples_title(n: int, mcmc_steps: int, step: int) -> str:
     """The line above (and the W&B caption of) a grid of the EBM's MCMC samples."""
     return (
@@ -98,6 +85,19 @@ class EBMModule(L.LightningModule):
         self.seed = seed
         self.last_good_ckpt: str | None = None
         self.last_stats: dict[str, float] = {}
+
+    @classmethod
+    def from_block(
+        cls, arch: dict, block, *, seed: int, log_images: bool, sample_dir: str | None
+    ) -> EBMModule:
+        """The module of an `ebm` config block (`advpure.kinds.ebm.EBMConfig`)."""
+        keys = (
+            "lr", "beta1", "beta2", "weight_decay", "l2", "mcmc_steps", "step_size", "noise_std", "data_noise",
+            "buffer_size", "reinit_prob", "init", "clamp", "energy_bound", "sample_every_n_steps",
+        )  # fmt: skip
+        return cls(
+            arch, **{k: block[k] for k in keys}, seed=seed, log_images=log_images, sample_dir=sample_dir
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

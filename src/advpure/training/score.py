@@ -13,7 +13,7 @@ import torch
 
 from advpure.core.errors import TrainingError
 from advpure.core.rng import mix
-from advpure.nets.factory import make_score_net, score_arch  # noqa: F401 (re-exported)
+from advpure.nets.ncsnv2 import make_score_net
 from advpure.training.ema import EMA
 from advpure.training.losses import dsm_loss, geometric_sigmas, one_step_denoise, psnr
 
@@ -54,6 +54,23 @@ class ScoreModule(L.LightningModule):
         self.register_buffer("sigmas", sigmas)
         self.seed, self.val_batches, self.log_images = seed, val_batches, log_images
         self.last_good_ckpt: str | None = None
+
+    @classmethod
+    def from_block(cls, arch: dict, block, *, seed: int, log_images: bool) -> ScoreModule:
+        """The module of a `score` config block (`advpure.kinds.score.ScoreConfig`)."""
+        keys = (
+            "dsm_sigma_max",
+            "dsm_sigma_min",
+            "dsm_levels",
+            "dsm_sigma_fixed",
+            "lr",
+            "beta1",
+            "weight_decay",
+        )
+        return cls(
+            arch, **{k: block[k] for k in keys}, ema_decay=block.ema_decay, seed=seed,
+            val_batches=block.val_batches, log_images=log_images,
+        )  # fmt: skip
 
     def forward(self, x):
         return self.ema(x)
