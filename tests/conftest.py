@@ -44,7 +44,6 @@ def _isolated_env(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     os.environ.pop("WANDB_API_KEY", None)
-    os.environ["ADVPURE_ROOT"] = str(ROOT)
     for k in [k for k in os.environ if k.startswith("SLURM_")]:
         os.environ.pop(k)
     torch.set_num_threads(min(2, os.cpu_count() or 1))

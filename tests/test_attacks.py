@@ -31,7 +31,8 @@ from advpure.attacks import (
     spsa_gradient,
 )
 from advpure.core.rng import GeneratorRNG, SampleRNG
-from advpure.purify import ADPPurifier, Defense
+from advpure.purify import Defense
+from helpers.defenses import adp_defense as adp
 
 EPS, STEP = 8 / 255, 2 / 255
 
@@ -52,7 +53,7 @@ def any_size_classifier(channels=1, classes=10, seed=0):
 
 def adp_defense(clf=None, *, replicas=2, sigma=0.2, steps=2, channels=1, dtype=torch.float32, cls=Defense):
     clf = clf if clf is not None else any_size_classifier(channels)
-    d = cls(clf, ADPPurifier(score_net(channels), sigma=sigma, steps=steps, tau=0.0), replicas=replicas)
+    d = adp(clf, score_net(channels), sigma=sigma, steps=steps, tau=0.0, replicas=replicas, cls=cls)
     return d.to(dtype)
 
 
@@ -276,7 +277,7 @@ def test_joint_attacks_purifier_term(kind):
     )
     with torch.no_grad():
         if kind == "joint_score":
-            direction = d.score(x).sign()
+            direction = d.field(x).sign()
         else:
             purified = d.purify(x, rng_for(b).child("eot"), k).x.view(k, *x.shape)
             direction = (purified.mean(0) - x).sign()
@@ -625,7 +626,7 @@ BAD = [
     ({"eot_aggregate": "median"}, "eot_aggregate"),
     ({"gradient": "full", "eot_aggregate": "vote"}, "vote"),
     ({"kind": "apgd", "gradient": "full", "eot_aggregate": "vote"}, "vote"),
-    ({"kind": "joint_score", "defense": "none"}, "score network"),
+    ({"kind": "joint_score", "defense": "none"}, "time-free score field"),
     ({"kind": "joint_full", "defense": "none"}, "stochastic"),
     ({"kind": "joint_score", "joint_grad": "exact"}, "joint_grad"),
 ]

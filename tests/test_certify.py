@@ -10,6 +10,7 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
+from advpure.api import load_net_with_meta
 from advpure.certify import (
     ABSTAIN,
     BASES,
@@ -27,7 +28,7 @@ from advpure.certify import (
 from advpure.certify.noise import block_rows, num_blocks
 from advpure.config import compose as C
 from advpure.core.errors import ConfigError
-from advpure.nets import build_classifier, build_score_net, load_net_with_meta
+from advpure.nets import build_classifier, build_score_net
 from conftest import FMNIST_DIR, needs_fmnist, tiny_overrides
 
 
@@ -341,13 +342,17 @@ def test_gaussian_noise_augmentation_has_the_std_and_is_off_at_zero():
 
 def test_classifier_training_batches_get_noise_and_evaluation_batches_do_not(tmp_path):
     from advpure.data.sources import get_spec
-    from advpure.training.classifier import ClassifierModule, classifier_arch
+    from advpure.kinds.classifier import Classifier
+    from advpure.training.classifier import ClassifierModule
 
     cfg = C.load("fmnist", tiny_overrides(tmp_path, **{"classifier.noise_sd": 0.3}))
     assert cfg.classifier.noise_sd == 0.3
     spec = get_spec("fmnist")
     module = ClassifierModule(
-        classifier_arch(cfg, spec), spec, C.to_dict(cfg.classifier.optim), noise_sd=cfg.classifier.noise_sd
+        Classifier.arch(cfg.classifier, spec),
+        spec,
+        C.to_dict(cfg.classifier.optim),
+        noise_sd=cfg.classifier.noise_sd,
     )
     seen = []
     net = module.net
@@ -373,7 +378,10 @@ def test_classifier_training_batches_get_noise_and_evaluation_batches_do_not(tmp
 
 
 def test_training_noise_is_part_of_the_classifier_fingerprint_only_when_set(tmp_path):
-    from advpure.jobs.train import stage_fingerprint
+    from advpure.jobs.stages import Stages
+
+    def stage_fingerprint(cfg, kind):
+        return Stages.from_config(cfg).stage(kind).fingerprint()
 
     base = C.load("fmnist", tiny_overrides(tmp_path))
     noisy = C.load("fmnist", tiny_overrides(tmp_path, **{"classifier.noise_sd": 0.25}))

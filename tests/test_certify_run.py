@@ -76,7 +76,7 @@ def reference(tiny_artifacts, tmp_path_factory):
     """One run on 1 process, batch size 2, W&B offline. The noisy base reads
     `classifier_noise{sigma}.pt`: at 0.25 the tiny classifier re-saved with noise_sd = 0.25 in its meta
     (a stand-in for a noise-trained one), at 0.5 a plain copy; the header must say which is which."""
-    from advpure.nets import load_net_with_meta
+    from advpure.api import load_net_with_meta
     from advpure.nets.weights import save_weights
 
     tmp = tmp_path_factory.mktemp("certref")
@@ -246,13 +246,14 @@ def test_sigma_outside_the_dsm_range_and_missing_weights_are_one_line_errors_bef
         assert "\n" not in str(e.value)
         assert not (tmp_path / "runs").exists() and not (tmp_path / "nothing").exists()
     # the bare classifier needs no score net: sigma 0.75 is fine for it alone
+    from advpure.jobs.artifacts import Artifacts
     from advpure.jobs.certify import plan_units
 
     cfg = C.load(
         None,
         tiny_certify(tmp_path, tiny_artifacts, **{"certify.sigmas": "[0.75]", "certify.bases": "[noisy]"}),
     )
-    assert plan_units(cfg).units == [("noisy", 0.75)]
+    assert plan_units(cfg, Artifacts.from_config(cfg)).units == [("noisy", 0.75)]
     # a missing noise-trained classifier with training disabled names the file and how to make it
     missing = tmp_path / "cls_noise{sigma}.pt"
     cfg = C.load(None, tiny_certify(tmp_path, tiny_artifacts, **{"certify.noisy_classifier": str(missing)}))

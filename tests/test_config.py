@@ -125,11 +125,10 @@ def test_bad_overrides_are_one_line_errors_naming_the_key(override, pieces):
 
 
 def test_extends_cycle_is_an_error(tmp_path, monkeypatch):
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "experiments").mkdir()
-    (tmp_path / "experiments" / "a.yaml").write_text("extends: b\n")
-    (tmp_path / "experiments" / "b.yaml").write_text("extends: a\n")
-    monkeypatch.setenv("ADVPURE_ROOT", str(tmp_path))
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "experiment" / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(tmp_path))
     with pytest.raises(ConfigError, match="extends itself"):
         C.load("a")
 
@@ -176,14 +175,12 @@ def test_experiment_attack_deltas_apply_only_to_selected_attacks(tmp_path, monke
     assert list(cfg.attacks) == ["spsa"] and cfg.attacks.spsa.iters == 5  # the experiment's delta
     assert list(C.load("fmnist_sweep").attacks) == ["bpda40_eot15"]  # parent's other deltas dropped
     root = tmp_path
-    (root / "conf" / "attack").mkdir(parents=True)
-    (root / "conf" / "attack" / "spsa.yaml").write_text("kind: spsa\n")
-    (root / "experiments").mkdir()
-    (root / "experiments" / "x.yaml").write_text(
+    (root / "experiment").mkdir()
+    (root / "experiment" / "x.yaml").write_text(
         "defaults:\n  attack: [spsa]\nattacks:\n  sppsa: {iters: 2}\n"
     )
-    monkeypatch.setenv("ADVPURE_ROOT", str(root))
-    with pytest.raises(ConfigError, match="attacks.sppsa: unknown attack; allowed: spsa"):
+    monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(root))
+    with pytest.raises(ConfigError, match="attacks.sppsa: unknown attack; allowed: .*spsa"):
         C.load("x")
 
 

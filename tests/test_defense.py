@@ -8,13 +8,13 @@ from torch import nn
 
 from advpure.core.rng import GeneratorRNG, SampleRNG
 from advpure.purify import (
-    ADPPurifier,
     Defense,
-    LangevinPurifier,
     correct_by_merge,
     merge_predict,
     merge_scores,
 )
+from helpers.defenses import adp_defense as adp
+from helpers.defenses import langevin_defense as langevin
 
 
 def tiny_nets(seed=0):
@@ -26,10 +26,10 @@ def tiny_nets(seed=0):
 
 def adp_defense(replicas=4, max_batch=4096, amp_dtype=None, **kw):
     clf, score = tiny_nets()
-    pur = ADPPurifier(score, sigma=0.2, steps=5, tau=0.0, **kw)
-    return Defense(
-        clf, pur, replicas=replicas, max_batch=max_batch, channels=1, image_size=8, amp_dtype=amp_dtype
-    )
+    return adp(
+        clf, score, sigma=0.2, steps=5, tau=0.0, replicas=replicas, max_batch=max_batch, channels=1, image_size=8,
+        amp_dtype=amp_dtype, **kw,
+    )  # fmt: skip
 
 
 def test_replicas_in_batch_equal_a_loop_over_replicas_with_the_same_generator():
@@ -60,8 +60,8 @@ def test_purification_runs_the_score_net_in_fp32_under_bf16_autocast():
     plain = adp_defense().purify(x, SampleRNG(0, range(6)), draws=2)  # no amp anywhere
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_amp = d.purify(x, SampleRNG(0, range(6)), draws=2)
-        assert d.score(x).dtype == torch.float32  # the attacks' direct score calls do use autocast ...
-        bf16_out = d.score_net(x)
+        assert d.field(x).dtype == torch.float32  # the field is taken at the purification precision ...
+        bf16_out = d.nets["field"].net(x)
     assert bf16_out.dtype == torch.bfloat16  # ... (autocast is active in this block)
     assert torch.equal(plain.x, under_amp.x) and torch.equal(plain.steps, under_amp.steps)
 
@@ -127,12 +127,12 @@ def test_identity_purifier_is_the_bare_classifier():
     x = torch.rand(4, 1, 8, 8)
     rng = SampleRNG(0, range(4))
     assert torch.allclose(d(x, rng), clf(x).softmax(-1))
-    assert not d.stochastic and not d.has_score
+    assert not d.stochastic and not d.has_field
     logits, out = d.chain_logits(x, rng, 5)
     assert logits.shape == (5, 4, 10) and torch.equal(logits[3], clf(x))
     assert out.score_evals.sum() == 0
-    with pytest.raises(ValueError, match="no score network"):
-        d.score(x)
+    with pytest.raises(ValueError, match="no time-free score field"):
+        d.field(x)
 
 
 def test_score_evals_are_counted():
@@ -153,7 +153,7 @@ def test_differentiable_chain_logits_have_input_gradients():
 
 def test_langevin_purifier_runs_fixed_steps_and_is_seeded():
     clf, score = tiny_nets()
-    d = Defense(clf, LangevinPurifier(score, sigma=0.1, eta=1e-3, dsm_sigma=0.1, steps=7), replicas=2)
+    d = langevin(clf, score, sigma=0.1, eta=1e-3, dsm_sigma=0.1, steps=7, replicas=2)
     x = torch.rand(3, 1, 8, 8)
     a = d.purify(x, SampleRNG(0, range(3)), draws=2)
     b = d.purify(x, SampleRNG(0, range(3)), draws=2)
@@ -173,16 +173,16 @@ def test_langevin_purifier_runs_fixed_steps_and_is_seeded():
 def test_bad_purifier_arguments(kwargs, match):
     _, score = tiny_nets()
     with pytest.raises(ValueError, match=match):
-        ADPPurifier(score, **kwargs)
+        adp(nn.Identity(), score, **kwargs)
 
 
 def test_bad_defense_arguments_and_inputs():
     clf, score = tiny_nets()
     with pytest.raises(ValueError, match="replicas"):
-        Defense(clf, ADPPurifier(score), replicas=0)
+        adp(clf, score, replicas=0)
     with pytest.raises(ValueError, match="merge"):
-        Defense(clf, ADPPurifier(score), merge="max")
-    d = Defense(clf, ADPPurifier(score), channels=1, image_size=8)
+        adp(clf, score, merge="max")
+    d = adp(clf, score, channels=1, image_size=8)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         d.check(torch.full((1, 1, 8, 8), 1.5))
     with pytest.raises(ValueError, match="channel"):
@@ -217,15 +217,15 @@ def test_frozen_defense_replays_its_noise_and_eot_draws_cycle_through_its_replic
 
 def test_frozen_langevin_steps_see_different_noise_but_every_call_the_same():
     clf, score = tiny_nets()
-    d = Defense(clf, LangevinPurifier(score, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=3), replicas=1)
+    d = langevin(clf, score, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=3, replicas=1)
     x, idx = torch.full((2, 1, 8, 8), 0.5), [0, 1]
     zero = nn.Conv2d(1, 1, 1, bias=False)
     nn.init.zeros_(zero.weight)
-    walk = Defense(clf, LangevinPurifier(zero, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=2), replicas=1)
+    walk = langevin(clf, zero, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=2, replicas=1)
     with d.frozen(3), walk.frozen(3):
         assert torch.equal(d.purify(x, SampleRNG(0, idx)).x, d.purify(x, SampleRNG(1, idx)).x)
         two = walk.purify(x, SampleRNG(0, idx)).x  # zero score: x + sqrt(eta) (n_1 + n_2)
-        one = Defense(clf, LangevinPurifier(zero, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=1), replicas=1)
+        one = langevin(clf, zero, sigma=0.0, eta=1e-2, dsm_sigma=0.1, steps=1, replicas=1)
         with one.frozen(3):
             first = one.purify(x, SampleRNG(0, idx)).x
     step2 = (two - x) - (first - x)  # the second step's noise; equal to the first's only if reused

@@ -33,8 +33,9 @@ from advpure.attacks.base import AttackResult, Trace
 from advpure.config import compose as C
 from advpure.core.errors import ConfigError
 from advpure.core.rng import SampleRNG
-from advpure.purify import ADPPurifier, Defense
+from advpure.purify import Defense
 from helpers.attack_models import Scaled, StartDecides, linear_net, prototypes_data, trained_mlp
+from helpers.defenses import adp_defense
 
 EPS, STEP = 8 / 255, 2 / 255
 
@@ -63,7 +64,7 @@ def rng_for(b, seed=0):
 def adp(clf, replicas=2, sigma=0.3):
     torch.manual_seed(0)
     score = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ELU(), nn.Conv2d(8, 1, 3, padding=1))
-    return Defense(clf, ADPPurifier(score, sigma=sigma, steps=2, tau=0.0), replicas=replicas)
+    return adp_defense(clf, score, sigma=sigma, steps=2, tau=0.0, replicas=replicas)
 
 
 def wrong(d, x, y):

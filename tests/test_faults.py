@@ -117,7 +117,6 @@ def _bare_env(home: Path) -> dict[str, str]:
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
         "PYTHONPATH": pythonpath,
-        "ADVPURE_ROOT": str(ROOT),
         "WANDB_MODE": "offline",  # no network; the run files are still written
         "WANDB_SILENT": "true",
         "OMP_NUM_THREADS": "1",

@@ -22,10 +22,10 @@ from advpure.data import get_spec
 from advpure.importers import robustbench as rb
 from advpure.importers.ncsnv2 import import_ncsnv2
 from advpure.importers.robustbench import RobustBenchModel, RobustBenchWideResNet, load_robustbench_classifier
-from advpure.nets import count_parameters
+from advpure.kinds.score import NCSNv2Score
+from advpure.nets import count_parameters, make_score_net
 from advpure.nets.weights import load_weights, read_weights, save_weights
 from advpure.training.losses import geometric_sigmas
-from advpure.training.score import make_score_net, score_arch
 from conftest import needs_fmnist, tiny_overrides
 from helpers.reference_nets import (
     ncsnv2_forward,
@@ -88,7 +88,7 @@ def _write_official(path: Path, *, sd=None, shadow=None, sigmas=None, n_elements
 def _cifar_net(weights: Path) -> torch.nn.Module:
     """The normal loading path: the score=ncsnv2_cifar10 config's arch, load_weights, make_score_net."""
     cfg = C.load("cifar10_paper", ["score=ncsnv2_cifar10", f"score.ngf={NGF}", f"score.weights={weights}"])
-    arch = score_arch(cfg, get_spec(cfg.data.name))
+    arch = NCSNv2Score.arch(cfg.score, get_spec(cfg.data.name))
     net = make_score_net(arch)
     load_weights(cfg.score.weights, "score", arch, net)
     return net.eval()
@@ -113,7 +113,7 @@ def test_imported_checkpoint_gives_the_reference_forward(tmp_path, capsys):
     assert meta["element"].startswith("state_dict") and meta["step"] == 300000 and meta["epoch"] == 117
     assert (meta["dsm_levels"], meta["dsm_sigma_max"], round(meta["dsm_sigma_min"], 6)) == (232, 50.0, 0.01)
     # certification reads the net's own DSM range from these keys (not the config's)
-    lo, hi = score_sigma_range(meta, score_cfg=None)
+    lo, hi = score_sigma_range(meta, score_block=None)
     assert (round(lo, 6), hi) == (0.01, 50.0)
     assert meta["parameters"] == count_parameters(net)
 

@@ -22,7 +22,7 @@ from advpure.perf.reference import (
     reference_adp_purify,
     reference_bpda_eot_attack,
 )
-from advpure.purify import ADPPurifier, Defense
+from helpers.defenses import adp_defense
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_reference_purification_equals_ours_with_the_same_noise(tau):
     score, clf = tiny_nets()
     x, _ = batch(3)
     s = 4
-    defense = Defense(clf, ADPPurifier(score, sigma=0.25, tau=tau, steps=3), replicas=s)
+    defense = adp_defense(clf, score, sigma=0.25, tau=tau, steps=3, replicas=s)
     ours = defense.purify(x, GeneratorRNG(seed=5), s)
     noise = GeneratorRNG(seed=5).normal(s, x)  # the same (S, B, ...) block ours draws
     ref = reference_adp_purify(x, score, noise, sigma=0.25, tau=tau, steps=3)
@@ -73,7 +73,7 @@ def test_reference_purification_equals_ours_with_the_same_noise(tau):
 
 def test_reference_purification_equals_ours_when_some_rows_stop():
     x = torch.cat([torch.full((2, 1, 28, 28), 0.8), torch.full((2, 1, 28, 28), 0.2)]).double()
-    defense = Defense(nn.Flatten(), ADPPurifier(StopsBrightRows(), sigma=0.05, tau=1e-3, steps=4), replicas=3)
+    defense = adp_defense(nn.Flatten(), StopsBrightRows(), sigma=0.05, tau=1e-3, steps=4, replicas=3)
     ours = defense.purify(x, GeneratorRNG(seed=2), 3)
     assert (ours.steps == 0).any() and (ours.steps == 4).any()  # the compaction path is exercised
     ref = reference_adp_purify(
@@ -87,7 +87,7 @@ def test_reference_bpda_eot_attack_equals_run_attack_with_the_same_noise(tau):
     score, clf = tiny_nets()
     x, y = batch(3)
     s, k, t, iters = 2, 3, 2, 3
-    defense = Defense(clf, ADPPurifier(score, sigma=0.25, tau=tau, steps=t), replicas=s)
+    defense = adp_defense(clf, score, sigma=0.25, tau=tau, steps=t, replicas=s)
     spec = attack_params("pgd", gradient="bpda", iters=iters, eot=k, eot_aggregate="mean")
     rng = GeneratorRNG(seed=9)
     res = run_attack(spec, defense, x, y, rng, eps=0.1, step=0.01)
@@ -122,8 +122,7 @@ def test_no_checkpoint_variant_computes_the_same_gradient():
     x, y = batch(2)
     grads = []
     for checkpointing in (True, False):
-        purifier = ADPPurifier(score, sigma=0.25, tau=0.0, steps=3, checkpointing=checkpointing)
-        d = Defense(clf, purifier, replicas=2)
+        d = adp_defense(clf, score, sigma=0.25, tau=0.0, steps=3, checkpointing=checkpointing, replicas=2)
         grads.append(eot_gradient(d, x, y, GeneratorRNG(seed=3), gradient="full", eot=2).grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
 

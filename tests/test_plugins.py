@@ -4,7 +4,6 @@ output; and changing one attack keeps the other blocks of an existing run direct
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,22 +11,23 @@ import pytest
 from advpure.config import compose as C
 from advpure.core.errors import ConfigError, RunDirError
 from advpure.results import load_records, read_csv
-from conftest import ROOT, needs_fmnist, tiny_bench
+from conftest import needs_fmnist, tiny_bench
 
 pytestmark = needs_fmnist
 
 
 @pytest.fixture()
 def user_root(tmp_path, monkeypatch) -> Path:
-    """A project root as a user has it: the repo's conf/ and experiments/ plus one YAML per new kind."""
+    """A user's own config folder (ADVPURE_CONFIG_PATH, searched before the package's): one YAML per
+    new kind, in the package's layout (<group>/<option>.yaml)."""
     root = tmp_path / "root"
-    shutil.copytree(ROOT / "conf", root / "conf")
-    shutil.copytree(ROOT / "experiments", root / "experiments")
-    (root / "conf" / "defense" / "quantize.yaml").write_text(
+    (root / "defense").mkdir(parents=True)
+    (root / "attack").mkdir()
+    (root / "defense" / "quantize.yaml").write_text(
         "kind: helpers.toy_plugins:Quantize\nlevels: 3\nreplicas: 1\n"
     )
-    (root / "conf" / "attack" / "fgsm.yaml").write_text("kind: helpers.toy_plugins:FGSM\n")
-    monkeypatch.setenv("ADVPURE_ROOT", str(root))
+    (root / "attack" / "fgsm.yaml").write_text("kind: helpers.toy_plugins:FGSM\n")
+    monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(root))
     return root
 
 

@@ -127,7 +127,6 @@ def overrides(root: Path, runs: Path, extra: list[str]) -> list[str]:
 
 def local_env() -> dict[str, str]:
     env = clean_env()  # no SLURM_*: a local run must not think it is a SLURM task
-    env["ADVPURE_ROOT"] = str(ROOT)
     return env
 
 
@@ -172,7 +171,6 @@ def submit(
         "ADVPURE_TRAINER": "cpu",  # trainer=cpu, torch threads = --cpus-per-task
         "ADVPURE_ARGS": " ".join(overrides(root, runs, extra)),
         "PYTHON": python,
-        "ADVPURE_ROOT": str(ROOT),
         # Lightning derives the DDP port from the job id (15000 + id % 1000): a free one instead,
         # so that a cluster started beside this one (same job ids) cannot collide with it.
         "MASTER_PORT": str(free_port()),

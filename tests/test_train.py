@@ -12,8 +12,10 @@ import torch
 from advpure.config import compose as C
 from advpure.core.errors import CheckpointError, ConfigError
 from advpure.data import get_spec
+from advpure.kinds.classifier import Classifier
+from advpure.nets import make_classifier
 from advpure.nets.weights import load_weights, read_weights, save_weights
-from advpure.training.classifier import ClassifierModule, build_optimizer, classifier_arch, make_classifier
+from advpure.training.classifier import ClassifierModule, build_optimizer
 from conftest import REAL_HOME, ROOT, needs_fmnist, tiny_overrides
 from helpers.wandb_offline import find_run_files, read_run
 
@@ -22,7 +24,7 @@ def test_classifier_overfits_a_tiny_batch():
     torch.manual_seed(0)
     spec = get_spec("fmnist")
     cfg = C.load("fmnist")
-    module = ClassifierModule(classifier_arch(cfg, spec), spec, C.to_dict(cfg.classifier.optim))
+    module = ClassifierModule(Classifier.arch(cfg.classifier, spec), spec, C.to_dict(cfg.classifier.optim))
     x = torch.rand(32, 1, 28, 28)
     y = torch.randint(0, 10, (32,))
     opt = build_optimizer(module.parameters(), cfg.classifier.optim)
@@ -171,7 +173,7 @@ def test_fresh_clone_needs_nothing_beyond_the_readme(tmp_path):
     assert "apt-get install" in dry or os.geteuid() != 0  # the dataset and slurm when root
     ci = (clone / ".ci" / "run").read_text()
     assert "make test" in ci and os.access(clone / ".ci" / "run", os.X_OK)
-    env = {**os.environ, "ADVPURE_ROOT": str(clone)}
+    env = dict(os.environ)
     out = subprocess.run(
         [sys.executable, "-m", "advpure", "config", "experiment=fmnist"],
         cwd=clone,

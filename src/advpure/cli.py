@@ -251,9 +251,9 @@ def run(argv: list[str]) -> int:
     if command is None:
         print(f"advpure: error: unknown command '{name}'; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if command.raw:  # argparse parses its own arguments; --help anywhere shows its help
+    if command.raw:  # argparse parses its own arguments; --help shows the (sub)command's help
         try:
-            return command.run(["--help"] if any(a in HELP_FLAGS for a in args) else args)
+            return command.run(args)
         except SystemExit as e:  # argparse's --help exits
             return int(e.code or 0)
     if any(a in HELP_FLAGS for a in args):

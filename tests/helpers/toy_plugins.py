@@ -20,7 +20,7 @@ class Quantize(Purifier):
     class Params(DefenseParams):
         levels: int = at_least(4, 2)
 
-    label, stochastic, needs_score = "Quantize", False, False
+    label, stochastic = "Quantize", False
 
     def __init__(self, levels: int):
         super().__init__()
@@ -34,7 +34,7 @@ class Quantize(Purifier):
     def describe(cls, p):
         return f"Quantize L={p.levels}"
 
-    def forward(self, x, rng, draws, score_fn=None, differentiable=False):
+    def forward(self, x, rng, draws, fns=None, differentiable=False):
         q = (x * (self.levels - 1)).round() / (self.levels - 1)
         zeros = torch.zeros(draws * x.shape[0], dtype=torch.long, device=x.device)
         return PurifyResult(rows(q, draws), zeros, zeros.clone())

@@ -32,9 +32,8 @@ from torch import nn
 
 from advpure.core.errors import ConfigError
 from advpure.core.registry import Registry
-from advpure.purify.adp import ADPPurifier, adp_chain
-
-ADP_DEFAULTS = ADPPurifier.Params()
+from advpure.purify.adp import DEFAULTS as ADP_DEFAULTS
+from advpure.purify.adp import adp_chain
 
 SIGMA_RTOL = 1e-6  # sigma == sigma_max written as 0.5 vs 0.50000001 is covered
 
@@ -57,7 +56,7 @@ class CertifyBase(nn.Module):
         return cls(classifier, *nets.values(), sigma, **params)
 
 
-BASES = Registry("certification base", base=CertifyBase)
+BASES = Registry("base classifier", base=CertifyBase)
 register_base = BASES.register
 
 

@@ -37,7 +37,7 @@ def help_sections(names: Iterable[str] | None = None) -> list[tuple[str, type]]:
 
     wanted = None if names is None else set(names)
     out: list[tuple[str, type]] = []
-    for f in dataclasses.fields(C.Config):
+    for f in dataclasses.fields(C.root_schema()):
         if wanted is not None and f.name not in wanted:
             continue
         sub = _schema_type(f)
@@ -49,7 +49,7 @@ def help_sections(names: Iterable[str] | None = None) -> list[tuple[str, type]]:
         elif f.name == "attacks":
             out += [(f"attacks.<name>[kind={k}]", cls.Params) for k, cls in ATTACKS.items() if ":" not in k]
     if wanted is None or "" in wanted:
-        out.insert(0, ("", C.Config))
+        out.insert(0, ("", C.root_schema()))
     return out
 
 
@@ -138,7 +138,7 @@ def schema_rows(prefix: str, cls: type) -> list[tuple[str, str, str, str]]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         sub = _schema_type(f)
-        if sub is not None or (cls is C.Config and f.name in ("attacks", "defense")):
+        if sub is not None or (cls is C.root_schema() and f.name in ("attacks", "defense")):
             if prefix:  # nested blocks (classifier.optim); the root's sections come separately
                 rows += schema_rows(key, sub)
             continue

@@ -49,6 +49,22 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 ALPHA_MIN, ALPHA_MAX = 1e-5, 1e-1
 
 
+@dataclass
+class ADPParams(FieldParams):
+    """The `defense` block of kind adp: the common keys, the field, and ADP's own (Yoon et al. 2021)."""
+
+    kind: str = "adp"
+    sigma: float = at_least(0.25, 0.0)  # screening noise std (images in [0, 1])
+    lam: float = at_least(0.05, 0.0, strict=True)  # lambda: step scale of the adaptive update
+    delta: float = at_least(1e-3, 0.0, strict=True)  # probe size of the step-size estimate
+    tau: float = at_least(1e-3, 0.0)  # stop a sample once its step alpha <= tau
+    steps: int = at_least(10, 1)  # T: at most this many updates
+    noise: str = choice("gaussian", *NOISE_TYPES)  # screening noise distribution
+
+
+DEFAULTS = ADPParams()  # the one place ADP's default values live
+
+
 def step_size(g: torch.Tensor, g_delta: torch.Tensor, lam: float, delta: float) -> torch.Tensor:
     """Per-sample alpha = clamp(lam * delta / (1 - <g, g_d>/<g, g>), 1e-5, 1e-1), in >= fp32.
 
@@ -98,10 +114,10 @@ def adp_chain(
     x0: torch.Tensor,
     score_fn: ScoreFn,
     *,
-    lam: float,
-    delta: float,
-    tau: float,
-    steps: int,
+    lam: float = DEFAULTS.lam,
+    delta: float = DEFAULTS.delta,
+    tau: float = DEFAULTS.tau,
+    steps: int = DEFAULTS.steps,
     differentiable: bool = False,
     checkpointing: bool = True,
 ) -> PurifyResult:
@@ -146,21 +162,14 @@ class ADPPurifier(Purifier):
     `checkpointing=False` keeps every step's activations in the differentiable mode (faster
     backward, memory linear in T; for comparisons)."""
 
-    @dataclass
-    class Params(FieldParams):
-        kind: str = "adp"
-        sigma: float = at_least(0.25, 0.0)  # screening noise std (images in [0, 1])
-        lam: float = at_least(0.05, 0.0, strict=True)  # lambda: step scale of the adaptive update
-        delta: float = at_least(1e-3, 0.0, strict=True)  # probe size of the step-size estimate
-        tau: float = at_least(1e-3, 0.0)  # stop a sample once its step alpha <= tau
-        steps: int = at_least(10, 1)  # T: at most this many updates
-        noise: str = choice("gaussian", *NOISE_TYPES)  # screening noise distribution
+    Params = ADPParams
 
     label = "ADP"
 
     def __init__(self, p: Params | None = None, *, checkpointing: bool = True):
         super().__init__()
         self.p = p if p is not None else self.Params()
+        validate(self.p, self.Params, "defense.")  # a bad value through the Python API: one ConfigError
         self.checkpointing = checkpointing
 
     @classmethod
@@ -218,4 +227,14 @@ def adp_purify(
     return ADPPurifier(p)(x, rng, 1, {"field": score_fn}, differentiable=differentiable)
 
 
-__all__ = ["ALPHA_MAX", "ALPHA_MIN", "ADPPurifier", "adp_chain", "adp_purify", "adp_step", "step_size"]
+__all__ = [
+    "ALPHA_MAX",
+    "ALPHA_MIN",
+    "ADPParams",
+    "ADPPurifier",
+    "DEFAULTS",
+    "adp_chain",
+    "adp_purify",
+    "adp_step",
+    "step_size",
+]

@@ -79,12 +79,19 @@ class FieldParams(DefenseParams):
     (~ sigma grad log p_sigma), or `ebm`, the fixed rescaling c * (-grad E) of the maximum-likelihood
     EBM (Hill et al. 2021) — every network kind with a time-free field (`field_kinds`)."""
 
-    field: str = choice("dsm", field_names)
+    field: str = choice("dsm", lambda: known_kinds(field_names))
+
+
+def known_kinds(fn: Callable[[], Any]) -> Any:
+    """`fn()` of the network-kind registry once the built-in kinds are registered."""
+    import advpure.kinds  # noqa: F401 (registers the built-in network kinds)
+
+    return fn()
 
 
 def field_slot(p: Any) -> dict[str, str]:
     """`nets` of a purifier that follows one time-free field: {"field": the kind of `p.field`}."""
-    return {"field": field_kinds()[p.field]}
+    return {"field": known_kinds(field_kinds)[p.field]}
 
 
 class Purifier(nn.Module):

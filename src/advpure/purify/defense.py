@@ -33,7 +33,14 @@ from advpure.core.errors import check_finite
 from advpure.core.rng import RNG, FrozenRNG
 from advpure.nets.precision import PRECISIONS, Precision
 from advpure.nets.registry import NET_KINDS
-from advpure.purify.base import IdentityPurifier, Purifier, PurifyResult, check_images, purifier_class
+from advpure.purify.base import (
+    IdentityPurifier,
+    Purifier,
+    PurifyResult,
+    check_images,
+    known_kinds,
+    purifier_class,
+)
 from advpure.purify.merge import MERGE_RULES, correct_by_merge, merge_scores
 
 
@@ -257,7 +264,7 @@ def build_defense(
         raise ValueError(f"defense kind '{params.kind}' needs the network(s) {', '.join(missing)}")
     by_slot = {slot: nets[kind] for slot, kind in slots.items()}
     purifier = cls.from_params(params, by_slot)
-    signature = {slot: NET_KINDS.get(kind).signature for slot, kind in slots.items()}
+    signature = {slot: known_kinds(lambda k=kind: NET_KINDS.get(k)).signature for slot, kind in slots.items()}
     field = next((slot for slot, sig in signature.items() if sig == "field"), None)
     return Defense(
         classifier,

@@ -33,14 +33,30 @@ from advpure.purify.base import (
 NoiseFn = Callable[[], torch.Tensor]
 
 
+@dataclass
+class LangevinParams(FieldParams):
+    """The `defense` block of kind langevin: the common keys, the field, and the chain's own."""
+
+    kind: str = "langevin"
+    sigma: float = at_least(0.25, 0.0)  # screening noise std before the chain (0: none)
+    steps: int = at_least(100, 1)  # Langevin updates
+    # step size and the level of the score s = f / dsm_sigma; null (field=ebm): the EBM's own
+    # training sampler x <- x - (step/2) grad E + noise * n (Hill et al. purify with it)
+    eta: float | None = at_least(1e-4, 0.0, strict=True)
+    dsm_sigma: float | None = at_least(0.05, 0.0, strict=True)
+
+
+DEFAULTS = LangevinParams()  # the one place the Langevin purifier's default values live
+
+
 def langevin_chain(
     x0: torch.Tensor,
     score_fn: Callable[[torch.Tensor], torch.Tensor],
     noise_fn: NoiseFn,
     *,
-    eta: float,
-    dsm_sigma: float,
-    steps: int,
+    eta: float = DEFAULTS.eta,
+    dsm_sigma: float = DEFAULTS.dsm_sigma,
+    steps: int = DEFAULTS.steps,
     differentiable: bool = False,
     checkpointing: bool = True,
 ) -> PurifyResult:
@@ -68,15 +84,7 @@ def langevin_chain(
 class LangevinPurifier(Purifier):
     """Screening (sigma, may be 0), then `steps` Langevin updates (Hill et al. 2021) on the field."""
 
-    @dataclass
-    class Params(FieldParams):
-        kind: str = "langevin"
-        sigma: float = at_least(0.25, 0.0)  # screening noise std before the chain (0: none)
-        steps: int = at_least(100, 1)  # Langevin updates
-        # step size and the level of the score s = f / dsm_sigma; null (field=ebm): the EBM's own
-        # training sampler x <- x - (step/2) grad E + noise * n (Hill et al. purify with it)
-        eta: float | None = at_least(1e-4, 0.0, strict=True)
-        dsm_sigma: float | None = at_least(0.05, 0.0, strict=True)
+    Params = LangevinParams
 
     label = "Langevin"
 
@@ -91,6 +99,7 @@ class LangevinPurifier(Purifier):
     def __init__(self, p: Params | None = None, *, eta: float | None = None, dsm_sigma: float | None = None):
         super().__init__()
         self.p = p if p is not None else self.Params()
+        validate(self.p, self.Params, "defense.")  # a bad value through the Python API: one ConfigError
         self.eta = self.p.eta if eta is None else eta
         self.dsm_sigma = self.p.dsm_sigma if dsm_sigma is None else dsm_sigma
         if self.eta is None or self.dsm_sigma is None:
