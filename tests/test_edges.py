@@ -4,6 +4,7 @@ cannot write, a full disk), one writer per run directory."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from advpure import cli
 from advpure.core import fsio
 from advpure.core.errors import CheckpointError, RunDirError, StorageError
 from advpure.core.fsio import atomic_write, reason, write_text_atomic
+from advpure.core.progress import LineProgress, progress, progress_bar_callback
 from advpure.importers.ncsnv2 import import_ncsnv2
 from advpure.nets.weights import read_weights, save_weights
 from advpure.results import RecordStore, load_records
@@ -348,3 +350,76 @@ def test_ranks_other_than_zero_never_lock_and_refuse_only_another_launch(tmp_pat
         os.kill(other.pid, signal.SIGKILL)
         other.wait()
     check_other_launch(run)  # the holder is dead: its record no longer refuses anyone
+
+
+# --- progress in logs ----------------------------------------------------------------------------
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_to_a_file_is_a_plain_line_every_interval_with_rate_and_eta():
+    out, clock = io.StringIO(), _Clock()
+    bar = LineProgress(100, "attack pgd", stream=out, every_s=30, clock=clock)
+    for _ in range(100):
+        clock.t += 1.0  # one iteration per second
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines[0] == "[advpure] attack pgd: 30/100 (30%), 1 it/s, elapsed 0:00:30, ETA 0:01:10"
+    assert len(lines) == 4 and lines[-1].startswith("[advpure] attack pgd: 100/100 (100%), 1 it/s")
+    assert isinstance(progress(10, "x", stream=io.StringIO()), LineProgress)
+
+
+def test_progress_on_a_terminal_is_a_redrawn_tqdm_bar():
+    tty = _Tty()
+    bar = progress(3, "attack pgd", stream=tty)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    assert not isinstance(bar, LineProgress) and "\r" in tty.getvalue()
+    assert type(progress_bar_callback(stream=_Tty())).__name__ == "TQDMProgressBar"
+
+
+def test_lightning_progress_to_a_file_prints_lines_not_redraws(tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, i):
+            return self.lin(batch[0]).pow(2).mean()
+
+        def test_step(self, batch, i):
+            self.lin(batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 2)), batch_size=4)
+    out = io.StringIO()
+    callback = progress_bar_callback(every_s=0, stream=out)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[callback], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(Tiny(), data)
+    trainer.test(Tiny(), data, verbose=False)
+    text = out.getvalue()
+    assert "\r" not in text and type(callback).__name__ == "LineProgressBar"
+    lines = text.splitlines()
+    for epoch in (0, 1):
+        assert any(ln.startswith(f"[advpure] Training epoch {epoch}: 3/3 (100%), ") for ln in lines)
+    assert any(ln.startswith("[advpure] Testing: 3/3 (100%), ") and " batch/s, " in ln for ln in lines)
+    assert all(", ETA " in ln for ln in lines)
