@@ -22,11 +22,12 @@ import torch
 
 from advpure import cli
 from advpure.core import fsio
-from advpure.core.errors import CheckpointError, RunDirError, StorageError
+from advpure.core.errors import CheckpointError, ConfigError, RunDirError, StorageError
 from advpure.core.fsio import atomic_write, reason, write_text_atomic
 from advpure.core.progress import LineProgress, progress, progress_bar_callback
 from advpure.importers.ncsnv2 import import_ncsnv2
 from advpure.nets.weights import read_weights, save_weights
+from advpure.purify.ranges import check_trained_range, purifier_sigmas
 from advpure.results import RecordStore, load_records
 from advpure.results.lock import (
     LOCK_NAME,
@@ -423,3 +424,41 @@ def test_lightning_progress_to_a_file_prints_lines_not_redraws(tmp_path):
         assert any(ln.startswith(f"[advpure] Training epoch {epoch}: 3/3 (100%), ") for ln in lines)
     assert any(ln.startswith("[advpure] Testing: 3/3 (100%), ") and " batch/s, " in ln for ln in lines)
     assert all(", ETA " in ln for ln in lines)
+
+
+# --- values outside the trained range ------------------------------------------------------------
+def test_a_screening_sigma_outside_the_score_nets_dsm_levels_is_one_line_with_the_range():
+    meta = {"dsm_sigma_min": 0.01, "dsm_sigma_max": 0.5}
+    adp = {"kind": "adp", "field": "dsm", "sigma": 1e6}
+    with pytest.raises(ConfigError) as e:
+        check_trained_range(purifier_sigmas(adp), meta)
+    assert str(e.value) == (
+        "defense.sigma=1e+06 is outside the score net's DSM noise levels [0.01, 0.5]; retrain it with "
+        "score.dsm_sigma_min/score.dsm_sigma_max covering 1e+06 or choose a value in that range"
+    )
+    assert check_trained_range(
+        {"defense.sigma": 0.0, "benchmark.sigmas[0]": 0.0, "defense.sigma_x": None}, meta
+    ) == (
+        0.01,
+        0.5,
+    )  # sigma 0: no screening noise
+    with pytest.raises(ConfigError, match=r"^benchmark.sigmas\[1\]=0.75 is outside .* \[0.01, 0.5\]"):
+        check_trained_range({"benchmark.sigmas[0]": 0.25, "benchmark.sigmas[1]": 0.75}, meta)
+    langevin = {"kind": "langevin", "sigma": 0.25, "dsm_sigma": 0.005}
+    assert purifier_sigmas(langevin, "defenses.lgv") == {
+        "defenses.lgv.sigma": 0.25,
+        "defenses.lgv.dsm_sigma": 0.005,
+    }
+    with pytest.raises(ConfigError, match=r"^defenses.lgv.dsm_sigma=0.005 is outside"):
+        check_trained_range(purifier_sigmas(langevin, "defenses.lgv"), meta)
+    with pytest.raises(
+        ConfigError, match=r"^defense.sigma_star=80 is outside the score net's DSM noise levels \[0.01, 50\]"
+    ):
+        check_trained_range(
+            purifier_sigmas({"kind": "ve", "sigma_star": 80.0}), {"dsm_sigma_min": 0.01, "dsm_sigma_max": 50}
+        )
+    assert purifier_sigmas({"kind": "adp", "field": "ebm", "sigma": 9.0}) == {}  # an EBM has no DSM levels
+    with pytest.raises(ConfigError, match=r"^defense.sigma=0.3 is outside .* \[0.25, 0.25\]"):
+        check_trained_range({"defense.sigma": 0.3}, {"dsm_sigma_fixed": 0.25})
+    with pytest.raises(ConfigError, match="noise range is unknown"):
+        check_trained_range({"defense.sigma": 0.25}, {})
