@@ -462,3 +462,25 @@ def test_a_screening_sigma_outside_the_score_nets_dsm_levels_is_one_line_with_th
         check_trained_range({"defense.sigma": 0.3}, {"dsm_sigma_fixed": 0.25})
     with pytest.raises(ConfigError, match="noise range is unknown"):
         check_trained_range({"defense.sigma": 0.25}, {})
+
+
+def test_a_cache_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    from advpure.core.runtime import redirect_writes
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the cache folder would go
+    monkeypatch.delenv("TMPDIR", raising=False)
+    for var in (
+        "XDG_CACHE_HOME",
+        "WANDB_CACHE_DIR",
+        "WANDB_DATA_DIR",
+        "WANDB_ARTIFACT_DIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+    ):
+        monkeypatch.setenv(var, str(tmp_path))  # set: redirect_writes leaves them alone
+    with pytest.raises(StorageError) as e:
+        redirect_writes(blocker / "cache")
+    assert (
+        str(e.value)
+        == f"cannot create cache folder (paths.cache) {blocker / 'cache' / 'tmp'}: a part of the path is not a folder"
+    )
