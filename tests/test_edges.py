@@ -465,19 +465,13 @@ def test_a_screening_sigma_outside_the_score_nets_dsm_levels_is_one_line_with_th
 
 
 def test_a_cache_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
-    from advpure.core.runtime import redirect_writes
+    from advpure.core.runtime import CACHE_VARS, CONFIG_VARS, redirect_writes
 
     blocker = tmp_path / "file"
     blocker.write_text("")  # a file where the cache folder would go
-    monkeypatch.delenv("TMPDIR", raising=False)
-    for var in (
-        "XDG_CACHE_HOME",
-        "WANDB_CACHE_DIR",
-        "WANDB_DATA_DIR",
-        "WANDB_ARTIFACT_DIR",
-        "TORCHINDUCTOR_CACHE_DIR",
-    ):
-        monkeypatch.setenv(var, str(tmp_path))  # set: redirect_writes leaves them alone
+    for var in [*CACHE_VARS, *CONFIG_VARS]:  # set: redirect_writes leaves them alone (restored after)
+        monkeypatch.setenv(var, str(tmp_path))
+    monkeypatch.delenv("TMPDIR")  # the one it sets (restored after the test)
     with pytest.raises(StorageError) as e:
         redirect_writes(blocker / "cache")
     assert (
