@@ -30,11 +30,22 @@ from advpure.attacks import (
     target_classes,
 )
 from advpure.attacks.base import AttackResult, Trace
+from advpure.attacks.ensemble import judging_draws, robust_under
+from advpure.attacks.restarts import judge
 from advpure.config import compose as C
 from advpure.core.errors import ConfigError
 from advpure.core.rng import SampleRNG
 from advpure.purify import Defense
-from helpers.attack_models import Scaled, StartDecides, linear_net, prototypes_data, trained_mlp
+from helpers.attack_models import (
+    CodeNet,
+    Scaled,
+    StartDecides,
+    code_images,
+    coin_purifier,
+    linear_net,
+    prototypes_data,
+    trained_mlp,
+)
 from helpers.defenses import adp_defense
 
 EPS, STEP = 8 / 255, 2 / 255
@@ -322,12 +333,12 @@ def test_standard_rand_label_and_budget():
     p = attack_params("standard_rand")
     assert (p.iters, p.eot, p.gradient, p.n_target_classes, p.restarts) == (100, 20, "full", 3, 1)
     assert display_label(p) == (
-        "standard_rand (APGD-CE, APGD-T-DLR x3; 100 it, EOT 20; later stages on unbroken images)"
+        "standard_rand (APGD-CE, APGD-T-DLR x3; 100 it, EOT 20; later stages on images some protocol counts robust)"
     )
     cls = attack_class("standard_rand")
     assert cls.total_iters(p) == 400 and cls.total_iters(p, classes=3) == 200
     assert cls.total_iters(replace(p, restarts=2)) == 800
-    assert display_label(replace(p, restarts=2)).endswith("images) x2 restarts (random starts)")
+    assert display_label(replace(p, restarts=2)).endswith("robust) x2 restarts (random starts)")
     with pytest.raises(ValueError, match="fixes its losses"):
         check_attack(replace(p, loss="cw"), Defense(trained_mlp()), EPS, STEP)
 
@@ -478,3 +489,74 @@ def test_config_accepts_the_new_keys_and_rejects_bad_ones():
     with pytest.raises(ConfigError, match="n_target_classes"):
         C.load("fmnist", ["attack=[standard_rand]", "attacks.standard_rand.n_target_classes=0"])
     assert PGD.Params().restarts == 1
+
+
+# --- later stages on the images the reported protocols still count robust (issue 20) --------------
+def _coin_defense():
+    """CodeNet behind a purifier that is right on 20 % of its draws whatever the attack does."""
+    return Defense(CodeNet(), coin_purifier(0.2), replicas=1)
+
+
+def _stage_rows(continue_on, protocols, draws, b=32, iters=2):
+    d = _coin_defense()
+    y = torch.arange(b) % 4
+    x = code_images(y)
+    seen = []
+    e0 = d.classifier.evals
+    p = spec("standard_rand", gradient="classifier", iters=iters, eot=1, continue_on=continue_on)
+    run_attack(
+        p, d, x, y, rng_for(b), eps=0.1, step=STEP, protocols=protocols, draws=draws,
+        observer=lambda i, xi: seen.append(xi),
+    )  # fmt: skip
+    # each stage's x_0 is the rows it attacked; a stage left without images is skipped (no calls),
+    # and so are all after it (the images to attack only ever shrink)
+    firsts = seen[:: iters + 1]
+    rows = [f.shape[0] for f in firsts] + [0] * (4 - len(firsts))
+    return d, x, y, rows, d.classifier.evals - e0
+
+
+def test_standard_rand_keeps_attacking_images_that_mean_of_n_still_counts_robust():
+    b, n, iters = 32, 10, 2
+    d, x, y, rows_any, evals = _stage_rows("any_protocol", ["single", "mean_of_n"], n, b, iters)
+    # stage 1's judging draws, recomputed: the coin does not depend on the (powerless) attack
+    rng = rng_for(b).child("apgd-ce_judge")
+    first = judge(d, x, y, rng)[0]
+    fresh = d.evaluate(x, y, rng.child("draws"), n=n - 1)[d.merge]
+    draws = torch.cat([first[None], fresh])
+    lucky = ~first & fresh.any(0)  # broken on the judging draw, correct on some fresh draws
+    assert int(lucky.sum()) >= 3
+    # mean-of-N counts an image robust unless every draw was wrong: exactly those go on to stage 2
+    assert rows_any[0] == b and rows_any[1] == int(draws.any(0).sum())
+    assert rows_any[1] > int(first.sum()) + 2  # more than the images the single draw left
+    # the old rule (one judged draw) gives those lucky images up after stage 1
+    _, _, _, rows_single, evals_single = _stage_rows("single", ["single", "mean_of_n"], n, b, iters)
+    assert rows_single[1] == int(first.sum())
+    # worst-of-N alone: an image wrong on any draw is broken for good, as under AutoAttack
+    _, _, _, rows_worst, _ = _stage_rows("any_protocol", ["worst_of_n"], n, b, iters)
+    assert rows_worst[1] == int(draws.all(0).sum())
+    # cost: 1 row to count classes, B to rank targets, (iters + 1) per attacked image per stage and
+    # N judging classifications (S = 1) per attacked image and stage; the single rule judges once
+    assert evals == 1 + b + sum(k * (iters + 1) for k in rows_any) + n * sum(rows_any)
+    assert evals_single == 1 + b + sum(k * (iters + 1) for k in rows_single) + sum(rows_single)
+
+
+def test_robust_under_follows_each_protocols_definition():
+    v = torch.tensor([[True, False, False, True], [True, False, True, True], [True, False, False, False]])
+    path = torch.tensor([[True, True, True, False]])
+    assert robust_under(["single"])(v, None).tolist() == [True, False, False, True]
+    assert robust_under(["worst_of_n"])(v, None).tolist() == [True, False, False, False]
+    assert robust_under(["mean_of_n"])(v, None).tolist() == [True, False, True, True]
+    assert robust_under(["ever_broken"])(v, path).tolist() == [True, False, False, False]
+    assert robust_under(["ever_broken"])(v, None).tolist() == [True, False, False, True]  # no path: draw 0
+    assert robust_under(["worst_of_n", "worst_of_n_floor"])(v, None).tolist() == [True, False, False, False]
+    assert judging_draws(["single", "ever_broken", "dwbox"], 10) == 1
+    assert judging_draws(["single", "mean_of_n"], 10) == 10 and judging_draws(None, 10) == 1
+
+
+def test_standard_rand_label_says_which_images_later_stages_attack():
+    p = attack_params("standard_rand")
+    assert p.continue_on == "any_protocol"
+    assert display_label(p).endswith("; later stages on images some protocol counts robust)")
+    assert display_label(replace(p, continue_on="single")).endswith(
+        "; later stages on images one judged draw left unbroken)"
+    )

@@ -400,3 +400,47 @@ def test_local_cluster_script_starts_reports_and_stops_a_cluster():
     finally:
         if base.exists():
             Cluster.attach(base).stop()
+
+
+@pytest.mark.slurm
+def test_requeueing_one_array_task_leaves_the_other_tasks_alone(cluster, tmp_path_factory):
+    """The script's own requeue (after an early SIGUSR1) of task 1 of a 2-task array must requeue
+    `<array>_1` only: `scontrol requeue $SLURM_JOB_ID` can name the whole array (Lightning #15022).
+    The tasks' "python" is a stand-in: task 1 dies of SIGUSR1 on its first run, task 0 runs until
+    the test has seen task 1 requeued."""
+    root = tmp_path_factory.mktemp("array")
+    marker = root / "task1_requeued"
+    fake = root / "fake_python.sh"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'if [ "$SLURM_ARRAY_TASK_ID" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then kill -USR1 $$; fi\n'
+        f'if [ "$SLURM_ARRAY_TASK_ID" = 0 ]; then for i in $(seq 600); do [ -e {marker} ] && break; sleep 0.1; done; fi\n'
+        "exit 0\n"
+    )
+    fake.chmod(0o755)
+    array = cluster.sbatch(
+        BENCHMARK_SBATCH,
+        "--array=0-1",
+        "--gres=none",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        "--time=00:05:00",
+        f"--output={root}/task_%a.log",
+        f"--chdir={root}",
+        env={"EXPERIMENT": "fmnist", "ADVPURE_TRAINER": "cpu", "PYTHON": str(fake)},
+    )
+    task0, task1 = f"{array}_0", f"{array}_1"
+    log0, log1 = root / "task_0.log", root / "task_1.log"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while int(cluster.job(task1).get("Restarts", 0)) < 1:
+        assert time.monotonic() < deadline, f"task 1 not requeued\n{job_log(log1)}"
+        time.sleep(0.2)
+    assert cluster.state(task0) == "RUNNING"  # the requeue of task 1 did not touch task 0
+    marker.touch()
+    cluster.release(task1)
+    info0 = wait_completed(cluster, task0, log0)
+    info1 = wait_completed(cluster, task1, log1)
+    assert int(info0["Restarts"]) == 0 and int(info1["Restarts"]) == 1
+    text1 = log1.read_text()
+    assert f"scontrol requeue {array}_1" in text1 and "restart 1" in text1
+    assert "restart 1" not in log0.read_text()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from advpure.config import compose as C
-from advpure.core.errors import CheckpointError, ConfigError
+from advpure.core.errors import CheckpointError, ConfigError, StorageError
 from advpure.data import get_spec
 from advpure.kinds.classifier import Classifier
 from advpure.nets import make_classifier
@@ -79,8 +79,8 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
-        save_weights(path, "classifier", arch, make_classifier(arch, spec), {"v": 2})
+    with pytest.raises(StorageError, match=f"cannot write weights file {path}: disk full"):
+        save_weights(path, "classifier", arch, make_classifier(arch, spec), {"v": 2}, force=True)
     assert read_weights(path)["meta"] == {"v": 1}  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left
 

@@ -66,3 +66,41 @@ def linear_net(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
         lin.weight.copy_(weight)
         lin.bias.copy_(bias)
     return nn.Sequential(nn.Flatten(), lin).requires_grad_(False)
+
+
+class CodeNet(nn.Module):
+    """4 classes read off a code: logits = 10 * pixels (0, 0..3) of 1x4x4 images (`code_images`). An
+    l_inf attack of eps < 0.5 cannot change the class (the code pixels are 1 and 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10.0 * x[:, 0, 0, :4] + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def code_images(y: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 4, 4) images of classes y for `CodeNet`: 0.5 everywhere, row 0 the one-hot code."""
+    x = torch.full((y.shape[0], 1, 4, 4), 0.5)
+    x[:, 0, 0, :4] = nn.functional.one_hot(y, 4).float()
+    return x
+
+
+def coin_purifier(p_keep: float):
+    """A stochastic toy purifier: each draw keeps the image with probability `p_keep` and otherwise
+    shifts its code by one class (so `CodeNet` is wrong), whatever the input, from the RNG it is
+    given (keyed per image): a defense correct on a fraction p_keep of its fresh draws that no
+    attack can change."""
+    from advpure.purify.base import Purifier, PurifyResult, rows
+
+    class CoinPurifier(Purifier):
+        stochastic = True
+        needs_score = False
+
+        def forward(self, x, rng, draws, score_fn=None, differentiable=False):
+            out = rows(x, draws)
+            u = rng.uniform(draws, x[:, :1, :1, :1]).reshape(-1)  # [-1, 1)
+            keep = (u + 1) / 2 < p_keep
+            shifted = out.clone()
+            shifted[:, 0, 0, :4] = out[:, 0, 0, :4].roll(1, dims=-1)
+            zeros = torch.zeros(out.shape[0], dtype=torch.long)
+            return PurifyResult(torch.where(keep[:, None, None, None], out, shifted), zeros, zeros.clone())
+
+    return CoinPurifier()

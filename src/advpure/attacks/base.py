@@ -237,9 +237,14 @@ class Trace:
         track_path: bool = False,
         progress: Progress | None = None,
         observer: Observer | None = None,
+        protocols: tuple[str, ...] | None = None,
+        draws: int = 1,
     ):
         self.defense, self.y = defense, y
         self.track_path = track_path
+        # what the benchmark will report (attacks made of stages read them, `run_attack`'s doc):
+        # the protocols' names and N, the fresh draws of worst-of-N / mean-of-N
+        self.protocols, self.draws = (tuple(protocols) if protocols else None), int(draws)
         self.progress, self.observer = progress, observer
         self.path_rng = rng.child("path")
         self.losses: list[torch.Tensor] = []

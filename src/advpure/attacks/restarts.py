@@ -47,6 +47,11 @@ from advpure.attacks.base import AttackResult, Trace
 from advpure.core.rng import RNG
 from advpure.purify.merge import MERGE_RULES, merge_predict, merge_scores
 
+StillRobust = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""rule(verdicts (N, R) bool, path (I, R) bool or None) -> (R,) bool: which of the R judged images
+to attack again; verdicts are N fresh defended predictions of the run's x_adv (row 0 the judging
+draw), path the correctness at every iterate of the runs so far (None when not tracked)."""
+
 RunFn = Callable[[torch.Tensor, torch.Tensor, RNG, Trace, torch.Tensor], AttackResult]
 """fn(x_rows, y_rows, rng_rows, trace_rows, rows) -> the AttackResult on those rows; `rows` (R,)
 int64 are the batch positions attacked (for per-sample inputs such as target classes)."""
@@ -137,6 +142,8 @@ def run_on_unbroken(
     runs: Sequence[Run],
     *,
     keep: str,
+    draws: int = 1,
+    still_robust: StillRobust | None = None,
 ) -> Outcome:
     """Run `runs` in order on x (B, C, H, W) in [0, 1], labels y (B,), each on the images no earlier
     run broke, judged by `judge` on stream rng.child(run.judge). Per sample the kept run is the
@@ -144,15 +151,25 @@ def run_on_unbroken(
     `adv_loss` (for runs of one objective: restarts), `keep="margin"` the run whose judged margin
     was lowest (objectives that cannot be compared: the ensemble's stages); ties keep the earlier
     run. `trace` carries the caller's hooks (track_path, progress, observer); each run gets its own
-    Trace. Raises ValueError for an unknown `keep` or no runs."""
+    Trace.
+
+    "Broke" is decided by `still_robust` when given: each run's x_adv is judged by `draws` fresh
+    defended predictions (draw 0 the judging draw above, draws 1 .. N-1 on rng.child(run.judge)
+    .child("draws")), and the images `still_robust(verdicts, path)` keeps are attacked by the next
+    run; the kept run of an image is then the one whose fraction of correct draws was lowest (ties:
+    the loss / margin rule above), which with draws = 1 is the rule above. Default: draw 0 alone.
+    Raises ValueError for an unknown `keep`, no runs or draws < 1."""
     if keep not in KEEP:
         raise ValueError(f"unknown keep rule '{keep}'; allowed: {', '.join(KEEP)}")
     if not runs:
         raise ValueError("run_on_unbroken needs at least one run")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     b, dev = x.shape[0], x.device
     todo = torch.arange(b, device=dev)
     chosen = torch.zeros(b, dtype=torch.long, device=dev)
     best: torch.Tensor | None = None  # (B,) the kept run's adv_loss or -margin so far
+    best_frac = torch.full((b,), math.inf, device=dev)  # the kept run's fraction of correct draws
     broken = torch.zeros(b, dtype=torch.bool, device=dev)
     x_adv = x.clone()
     hooks = _Hooks(trace)
@@ -176,14 +193,30 @@ def run_on_unbroken(
         paths.append(_scatter_path(res.path_correct, rows, b, run.iters))
         judge_rng = rng.child(run.judge)
         correct, margin = judge(defense, res.x_adv, y_r, judge_rng if whole else judge_rng.subset(rows.cpu()))
+        verdicts = correct[None]
+        if draws > 1:
+            more = judge_rng.child("draws")
+            more = more if whole else more.subset(rows.cpu())
+            verdicts = torch.cat(
+                [verdicts, defense.evaluate(res.x_adv, y_r, more, n=draws - 1)[defense.merge]]
+            )
+        frac = verdicts.float().mean(0)
         value = res.adv_loss() if keep == "loss" else -margin  # higher = more adversarial
         if best is None:
             best = value.new_full((b,), -math.inf)
-        take = ~correct | (value > best[rows])
+        take = (frac < best_frac[rows]) | ((frac == best_frac[rows]) & (value > best[rows]))
         best[rows] = torch.where(take, value, best[rows])
+        best_frac[rows] = torch.where(take, frac, best_frac[rows])
         chosen[rows[take]], x_adv[rows[take]] = r, res.x_adv[take]
         broken[rows[~correct]] = True
-        todo = rows[correct]
+        if still_robust is None:
+            again = correct
+        else:
+            path_rows = None
+            if trace.track_path:
+                path_rows = torch.cat([p[defense.merge] for p in paths])[:, rows]
+            again = still_robust(verdicts, path_rows).to(torch.bool)
+        todo = rows[again]
     path = {rule: torch.cat([p[rule] for p in paths]) for rule in MERGE_RULES} if trace.track_path else None
     return Outcome(x_adv.detach(), chosen, broken, results, rows_of, path)
 
@@ -308,6 +341,7 @@ __all__ = [
     "judge",
     "kept_adv_loss",
     "kept_losses",
+    "StillRobust",
     "run_on_unbroken",
     "with_restarts",
 ]

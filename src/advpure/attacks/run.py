@@ -15,6 +15,8 @@ tracking when the attack's own chains cannot be reused), `spsa` (directions), `s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from advpure.attacks.base import AttackResult, Observer, Progress, Trace, attack_class
@@ -56,6 +58,8 @@ def run_attack(
     track_path: bool = False,
     progress: Progress | None = None,
     observer: Observer | None = None,
+    protocols: Sequence[str] | None = None,
+    draws: int = 1,
 ) -> AttackResult:
     """Attack the batch (x (B, C, H, W) in [0, 1], y (B,) labels) with `p`; all randomness from `rng`.
 
@@ -63,7 +67,15 @@ def run_attack(
     plots) sees every iterate x_0 .. x_iters. Works when called under `torch.inference_mode()`
     (Lightning's test loop): the inputs are cloned into normal tensors first. The defense's nets
     are in eval mode (a `Defense` keeps them there).
+
+    `protocols` (names, as `benchmark.protocols`) and `draws` (N of worst-of-N / mean-of-N,
+    `benchmark.worst_of_n`) tell attacks made of stages which images the reported protocols still
+    count robust (`standard_rand` with continue_on=any_protocol attacks those in its later stages);
+    other attacks ignore them. None: only the single draw (AutoAttack's rule).
+    Raises ValueError for draws < 1.
     """
+    if int(draws) < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     check_attack(p, defense, eps, step)
     defense.check(x)
     if y.shape != (x.shape[0],):
@@ -71,7 +83,16 @@ def run_attack(
     cls = attack_class(p.kind)
     with torch.inference_mode(False):
         x, y = x.detach().clone(), y.detach().clone()
-        trace = Trace(defense, y, rng, track_path=track_path, progress=progress, observer=observer)
+        trace = Trace(
+            defense,
+            y,
+            rng,
+            track_path=track_path,
+            progress=progress,
+            observer=observer,
+            protocols=tuple(protocols) if protocols else None,
+            draws=draws,
+        )
         return cls.run(p, defense, x, y, rng, eps=float(eps), step=float(step), trace=trace)
 
 

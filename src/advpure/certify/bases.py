@@ -34,8 +34,21 @@ from advpure.core.errors import ConfigError
 from advpure.core.registry import Registry
 from advpure.purify.adp import DEFAULTS as ADP_DEFAULTS
 from advpure.purify.adp import adp_chain
+from advpure.purify.ranges import SIGMA_RTOL, score_sigma_range
+from advpure.purify.ranges import check_sigma_covered as _check_covered
 
-SIGMA_RTOL = 1e-6  # sigma == sigma_max written as 0.5 vs 0.50000001 is covered
+__all__ = [
+    "BASES",
+    "SIGMA_RTOL",
+    "CertifyBase",
+    "register_base",
+    "ADPBase",
+    "DenoisedBase",
+    "NoisyBase",
+    "build_base",
+    "check_sigma_covered",
+    "score_sigma_range",
+]
 
 
 class CertifyBase(nn.Module):
@@ -175,33 +188,6 @@ def build_base(
 
 def check_sigma_covered(sigma: float, sigma_min: float, sigma_max: float) -> None:
     """Raise ConfigError unless sigma_min <= sigma <= sigma_max (relative tolerance 1e-6): a DSM score
-    net does not denoise noise levels it was not trained on."""
-    lo, hi = float(sigma_min) * (1 - SIGMA_RTOL), float(sigma_max) * (1 + SIGMA_RTOL)
-    if not lo <= float(sigma) <= hi:
-        raise ConfigError(
-            f"certify: sigma={sigma:g} is outside the score net's DSM noise levels "
-            f"[{sigma_min:g}, {sigma_max:g}]; retrain it with score.dsm_sigma_min/score.dsm_sigma_max covering "
-            f"{sigma:g} or drop this sigma"
-        )
-
-
-def score_sigma_range(meta: Mapping[str, Any] | None = None, score_block: Any = None) -> tuple[float, float]:
-    """(sigma_min, sigma_max) the score net was trained on by DSM.
-
-    Read from the weights file's meta (keys `dsm_sigma_min`, `dsm_sigma_max`, `dsm_sigma_fixed`,
-    written by `advpure train`) when present, else from the score config block (same names). A net
-    trained at one fixed sigma covers only that sigma. Raises ConfigError when neither has them.
-    """
-    for src in (meta, score_block):
-        if src is None:
-            continue
-        get = src.get if isinstance(src, Mapping) else (lambda k, s=src: getattr(s, k, None))
-        fixed = get("dsm_sigma_fixed")
-        if fixed:
-            return float(fixed), float(fixed)
-        lo, hi = get("dsm_sigma_min"), get("dsm_sigma_max")
-        if lo is not None and hi is not None:
-            return float(lo), float(hi)
-    raise ConfigError(
-        "certify: the score net's DSM noise range is unknown (no dsm_sigma_min/dsm_sigma_max in its meta or config)"
-    )
+    net does not denoise noise levels it was not trained on (`advpure.purify.ranges`, shared with the
+    benchmark's screening sigmas)."""
+    _check_covered(sigma, sigma_min, sigma_max, key="certify: sigma", advice="drop this sigma")

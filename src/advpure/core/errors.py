@@ -26,6 +26,12 @@ class RunDirError(AdvpureError):
     """A run directory written by another config, or a corrupt results store."""
 
 
+class StorageError(AdvpureError):
+    """A file or folder could not be written (read-only file system, no space left, permission
+    denied, quota): one line naming the path and the reason. Exit code 1. What was stored before
+    the failed write is kept (see `advpure.core.fsio`)."""
+
+
 class TrainingError(AdvpureError):
     """Training diverged (NaN/Inf loss)."""
 

@@ -60,7 +60,8 @@ def redirect_writes(cache_dir: str | Path) -> dict[str, str]:
     absolute, so DDP children and later `chdir`s agree). Idempotent; variables already in the
     environment are never changed. Returns the variables it set, {name: directory}. Creates only
     the TMPDIR folder (Python's tempfile silently falls back to /tmp when it is missing); the
-    libraries create theirs when they first write.
+    libraries create theirs when they first write. Raises StorageError (one line) when that folder
+    cannot be created (read-only file system, permission denied, no space left).
     """
     base = Path(cache_dir).expanduser().absolute()
     chosen: dict[str, str] = {}
@@ -77,7 +78,10 @@ def redirect_writes(cache_dir: str | Path) -> dict[str, str]:
     for var, path in chosen.items():
         os.environ[var] = path
     if "TMPDIR" in chosen:  # the libraries create their own folders; a missing TMPDIR is skipped
-        Path(chosen["TMPDIR"]).mkdir(parents=True, exist_ok=True)
+        from advpure.core.fsio import storage_errors
+
+        with storage_errors(chosen["TMPDIR"], "cache folder (paths.cache)", "create"):
+            Path(chosen["TMPDIR"]).mkdir(parents=True, exist_ok=True)
         tempfile.tempdir = None  # tempfile caches its choice: make it read TMPDIR again
     return chosen
 

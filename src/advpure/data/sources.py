@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from advpure.core.errors import DataError
+from advpure.core.fsio import temp_file_beside
 from advpure.data.readers import read_cifar_batch, read_idx
 
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # module constant: tests patch it
@@ -273,8 +274,7 @@ def download_file(url: str, dest: Path, md5: str) -> Path:
     or a checksum mismatch leaves no partial file behind.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = temp_file_beside(dest, suffix=".part")  # mode 0666 & ~umask, not mkstemp's 0600
     try:
         h = hashlib.md5()
         try:

@@ -33,7 +33,7 @@ from advpure.core.errors import CheckpointError
 from advpure.core.safe_load import load_torch_file
 from advpure.importers.common import check_state_dict, file_sha256, strip_prefixes
 from advpure.nets.ncsnv2 import NCSNv2
-from advpure.nets.weights import save_weights
+from advpure.nets.weights import check_weights_output, save_weights
 from advpure.training.losses import geometric_sigmas
 
 __all__ = ["SOURCE", "CIFAR10_SIGMAS", "read_ncsnv2_checkpoint", "import_ncsnv2"]
@@ -117,6 +117,7 @@ def import_ncsnv2(
     *,
     ema: bool = False,
     any_sigmas: bool = False,
+    force: bool = False,
 ) -> tuple[Path, dict]:
     """Convert the reference NCSNv2 checkpoint `src` into the advpure score weights file `dst`.
 
@@ -126,8 +127,12 @@ def import_ncsnv2(
     ``sigmas`` must be the CIFAR-10 schedule (232 geometric levels 50 -> 0.01) unless `any_sigmas`.
     Returns (dst, meta); meta (also in the file) records the source file's name and SHA-256, the list
     element, epoch, step and the sigma schedule.
-    Raises CheckpointError naming the first missing / unexpected key, wrong shape or non-finite tensor.
+    `dst` must not exist unless `force` (`--force` on the command line), and may not be `src` itself,
+    a folder or a non-regular file: checked before the checkpoint is read (`check_weights_output`).
+    Raises CheckpointError naming the first missing / unexpected key, wrong shape or non-finite tensor,
+    or the refused output; StorageError (one line) when `dst` cannot be written.
     """
+    check_weights_output(dst, force=force, force_hint="--force", inputs=[src])
     src, dst = Path(src), Path(dst)
     where = f"NCSNv2 checkpoint {src}"
     params, sigmas, info = read_ncsnv2_checkpoint(src, ema=ema)
@@ -161,5 +166,5 @@ def import_ncsnv2(
         "output": "raw f_theta (not divided by sigma), as ADP uses it",
         "parameters": int(sum(p.numel() for p in net.parameters())),
     }
-    save_weights(dst, "score", arch, net, meta)
+    save_weights(dst, "score", arch, net, meta, force=force, force_hint="--force", inputs=[src])
     return dst, meta

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from advpure.certify import SmoothedClassifier
+from advpure.core.progress import progress
 from advpure.results.rundir import load_certificates
 from advpure.results.store import RecordStore
 
@@ -88,7 +89,8 @@ class CertifyModule(L.LightningModule):
     selection draws, estimation draws and failure probability; max_batch: rows per forward;
     block: rows per keyed noise block; measure_limit: count the time of the base's own forwards
     (`TimedBase`), summed per unit in the rank's metadata as `limit/<base>/s<sigma>` =
-    {'rows', 'seconds', 'rows_per_s'}; progress: a tqdm bar over images x units on rank 0.
+    {'rows', 'seconds', 'rows_per_s'}; progress: a tqdm bar over images x units on rank 0
+    (a line with rate and ETA every 30 s when stderr is not a TTY, `advpure.core.progress`).
     """
 
     # evaluation batches are never padded, so with few batches a rank may get none
@@ -132,13 +134,12 @@ class CertifyModule(L.LightningModule):
             if stored is not None:
                 self.limits[key] = stored
         if self.progress and self.global_rank == 0:
-            from tqdm.auto import tqdm
-
             loaders = self.trainer.test_dataloaders
             loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
             images = sum(len(b) for dl in loaders if dl is not None for b in dl.sampler)
             world = f" (rank 0 of {self.trainer.world_size})" if self.trainer.world_size > 1 else ""
-            self._bar = tqdm(total=images * len(self.units), desc=f"certify{world}", unit="img x unit")
+            # a bar in a terminal, a line with rate and ETA every 30 s in a log file
+            self._bar = progress(images * len(self.units), f"certify{world}", unit="img x unit")
 
     def on_test_epoch_end(self) -> None:
         if self._bar is not None:  # before the report callback prints the table

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from advpure.core.errors import CheckpointError
+from advpure.core.fsio import atomic_write, check_output_file
 from advpure.core.safe_load import load_torch_file
 
 FORMAT = "advpure-weights/1"
@@ -37,12 +38,61 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def save_weights(
-    path: str | Path, kind: str, arch: dict[str, Any], module: nn.Module, meta: dict | None = None
+def check_weights_output(
+    path: str | Path,
+    *,
+    force: bool = False,
+    force_hint: str = "force=True",
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written weights file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Refuse, before any work, an output weights path that `save_weights` must not write:
+
+    * empty, a folder, or not a regular file (a device node such as /dev/full, a pipe, a socket);
+    * one of the `inputs` (the same file: same realpath, or same device and inode through a link);
+    * an existing file, unless `force` (`force_hint` says how the user asks for it: "--force" for
+      `advpure import-weights`, "train.force=true" for training).
+
+    Returns `path` as a Path. Raises CheckpointError (one line)."""
+    path = check_output_file(path, "weights output", error=CheckpointError)
+    for src in inputs:
+        if _same_file(path, Path(src)):
+            raise CheckpointError(
+                f"the weights output {path} is the input file {src}; write the weights to another path"
+            )
+    if os.path.lexists(path) and not force:
+        raise CheckpointError(f"{path} exists; pass {force_hint} to replace it")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.realpath(a) == os.path.realpath(b):
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def save_weights(
+    path: str | Path,
+    kind: str,
+    arch: dict[str, Any],
+    module: nn.Module,
+    meta: dict | None = None,
+    *,
+    force: bool = False,
+    force_hint: str = "force=True",
+    inputs: Iterable[str | Path] = (),
+) -> Path:
+    """Write the weights file `path` (format in the module docstring) atomically: a temporary file in
+    the same folder, fsync'ed, then renamed, so a crash never leaves a half-written file; created with
+    mode 0666 & ~umask (readable by the other users of a shared cluster under the usual umask 022).
+
+    An existing file is replaced only with `force`; the path may not be one of `inputs`, a folder or a
+    non-regular file (`check_weights_output`, CheckpointError). A filesystem error (read-only, no
+    space left, permission denied) is a one-line StorageError naming the path; the old file, if any,
+    is left intact. Returns `path` as a Path."""
+    path = check_weights_output(path, force=force, force_hint=force_hint, inputs=inputs)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -51,14 +101,12 @@ def save_weights(
         "state_dict": state,
         "meta": dict(meta or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def exists(p: Path) -> CheckpointError:
+        return CheckpointError(f"{p} exists; pass {force_hint} to replace it")
+
+    with atomic_write(path, what="weights file", overwrite=force, on_exists=exists) as f:
+        torch.save(payload, f)
     return path
 
 

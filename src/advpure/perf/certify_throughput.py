@@ -41,6 +41,7 @@ import torch
 from advpure.api import load_net_with_meta
 from advpure.certify import SmoothedClassifier, build_base
 from advpure.certify.noise import KeyedNormal
+from advpure.core.fsio import write_text_atomic
 from advpure.nets import build_classifier, build_score_net
 
 GOAL = 1.10
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = measure(args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": out}, indent=2))
+        write_text_atomic(Path(args.json), json.dumps({"args": vars(args), "results": out}, indent=2))
     return 0 if all(r["goal_met"] for r in out) else 1
 
 

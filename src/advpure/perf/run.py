@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from advpure.core.fsio import write_text_atomic
 from advpure.core.runtime import redirect_writes
 from advpure.perf.harness import Ctx, experiment, load_sections, sizes_for
 from advpure.perf.memory import clean_heap
@@ -139,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": rep.profiles,
         "notes": rep.notes,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str))
+    path = write_text_atomic(Path(args.out), json.dumps(out, indent=2, default=str), what="perf report")
     print(f"wrote {path}", flush=True)
     return 0

@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from statsmodels.stats.proportion import proportion_confint
 
 from advpure.certify.stats import ABSTAIN, certified_accuracy
+from advpure.core.fsio import atomic_write, write_text_atomic
 from advpure.results import plots
 from advpure.results.rundir import load_certificates, rank_files
 from advpure.results.store import RecordStore
@@ -257,8 +258,9 @@ def to_console(rows: Sequence[Mapping], radii: Sequence[float]) -> str:
 
 
 def to_csv(rows: Sequence[Mapping], path: Path) -> None:
+    """Every field of every row (missing = empty), written atomically; StorageError when it cannot be."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, what="results table", text=True, newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for r in rows:
@@ -354,7 +356,9 @@ def write_certify_report(
     keep = {(r["base"], float(r["sigma"]), int(r["idx"])) for r in records}
     rows = summarize(records, units, radii, _limits(run_dir, units, keep))
     env = envelope(rows, radii)
-    (run_dir / "results.md").write_text(to_markdown(rows, env, radii, header_lines))
+    write_text_atomic(
+        run_dir / "results.md", to_markdown(rows, env, radii, header_lines), what="results file"
+    )
     to_csv(rows, run_dir / "results.csv")
     payload = {
         "rows": rows,
@@ -363,7 +367,9 @@ def write_certify_report(
         "header": list(header_lines),
         **(meta or {}),
     }
-    (run_dir / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    write_text_atomic(
+        run_dir / "results.json", json.dumps(payload, indent=1, default=str), what="results file"
+    )
     plot = plot_certified_accuracy(records, units, run_dir / "plots" / "certified_accuracy.png", radii)
     console = "\n".join([*header_lines, "", to_console(rows, radii)])
     return {

@@ -25,6 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 
+from advpure.core.fsio import atomic_write
+
 DPI = 100
 LEGEND_PAD_INCHES = 0.25  # between the legend and the figure's edge, added to the grown figure
 GRID_CELL_INCHES = 1.6  # one image of the example grid
@@ -47,9 +49,11 @@ def new_figure(width: float, height: float, layout: str | None = "constrained") 
 
 
 def save(fig: Figure, path: str | Path) -> Path:
+    """Save `fig` as a PNG at `path` atomically (the folder is created; mode 0666 & ~umask).
+    Raises StorageError (one line) when it cannot be written; an older plot there stays intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")  # no bbox="tight": the layout tested is the one saved
+    with atomic_write(path, what="plot") as f:
+        fig.savefig(f, dpi=DPI, format="png")  # no bbox="tight": the layout tested is the one saved
     return path
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advpure.core.fsio import storage_errors, write_text_atomic
 from advpure.results.checks_report import checks_markdown, checks_metrics, run_checks
 from advpure.results.plots import plot_defense_bars, plot_image_grid, plot_loss_curves, plot_robust_vs_eps
 from advpure.results.protocols import check_consistency, metric_name
@@ -171,7 +172,7 @@ def write_report(
     sections.append(labels_markdown((r["attack"] for r in table), labels, plan.descriptions))
     sections.append(figures_markdown(plots, captions, run_dir))
     md = to_markdown(table, header_lines=header_lines, merge=merge, sections=[s for s in sections if s])
-    (run_dir / "results.md").write_text(md)
+    write_text_atomic(run_dir / "results.md", md, what="results file")
     shown = [r for r in table if r["merge"] == merge]
     warnings = [c for c in checks if c.status == "warn"]
     console = "\n".join(
@@ -209,7 +210,8 @@ def _plots(
     plots: dict[str, Path] = {}
     captions: dict[str, str] = {}
     pdir = run_dir / "plots"
-    pdir.mkdir(exist_ok=True)
+    with storage_errors(pdir, "plots folder", "create"):
+        pdir.mkdir(exist_ok=True)
     desc = plan.descriptions
 
     def add(name: str, path: Path, text: str, keys: Iterable[str]) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 import torch.distributed as dist
 
 from advpure.core.errors import RunDirError
+from advpure.core.fsio import storage_errors, write_text_atomic
+from advpure.results.lock import lock_run_dir
 from advpure.results.store import Batch, Example, Record, RecordStore, records_dir
 
 
@@ -144,6 +146,7 @@ def open_run_dir(
     resume: bool,
     overwrite: bool,
     rank: int,
+    lock: bool = True,
 ) -> Path:
     """Create or reopen `run_dir` for `manifest` = {"base": fingerprint, "units": {key: fingerprint}}.
 
@@ -155,13 +158,24 @@ def open_run_dir(
     (left by a SIGUSR1 under SLURM: the nets come from their weights files and the records are
     what resumes, and Lightning's test() would otherwise load it) and then waits at a barrier.
     `section` ("benchmark", "certify") and `things` ("results", "certificates") word the errors.
+
+    One writer per run dir: with `lock` (default) the launch's rank 0 first takes the run dir's lock
+    (`advpure.results.lock.lock_run_dir`, held until the process ends or `release_run_dir`); a run
+    dir held by another live run is refused with a one-line RunDirError naming its pid, host and the
+    lock file, before anything is read or changed. `config.yaml` and `manifest.json` are written
+    atomically (mode 0666 & ~umask); a filesystem error (read-only, no space left, permission
+    denied) is a one-line StorageError naming the file.
     """
     run_dir = Path(run_dir)
+    if lock:
+        lock_run_dir(run_dir, rank=rank, section=section)
     manifest_path = run_dir / "manifest.json"
     units = manifest["units"]
     if manifest_path.exists():
         try:
-            old = json.loads(manifest_path.read_text())
+            with storage_errors(manifest_path, "run manifest", "read"):
+                text = manifest_path.read_text()
+            old = json.loads(text)
             old_base, old_units = old["base"], old["units"]
         except (ValueError, KeyError, TypeError):
             raise RunDirError(
@@ -182,12 +196,14 @@ def open_run_dir(
         elif changed and rank == 0:
             delete(run_dir, changed)
         manifest = {**manifest, "units": {**old_units, **units}}
-    for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
-        stale.unlink(missing_ok=True)
+    with storage_errors(run_dir, "run dir"):
+        for stale in run_dir.glob("hpc_ckpt_*.ckpt"):
+            stale.unlink(missing_ok=True)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        write_text_atomic(run_dir / "config.yaml", config_yaml, what="run config")
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True), what="run manifest")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return run_dir

@@ -8,6 +8,11 @@ Why one file per rank: SQLite serialises writers per file; separate files mean r
 each other and never share a lock over a network filesystem. Readers merge the files
 (`load_records` & co.) and deduplicate.
 
+Filesystem errors: a store that cannot be written (read-only file system or folder, no space left,
+quota, permission denied) raises a one-line `StorageError` naming the file and the reason
+(`advpure.core.fsio`); the failed transaction is rolled back, so every batch committed before it
+stays readable and a rerun resumes from it.
+
 Durability: the rollback journal (`journal_mode=DELETE`, which also works on NFS, unlike WAL) with
 `synchronous=FULL`. `write_batch` writes the records, traces, examples *and* the batch's "done"
 marker in one transaction: after it returns, the batch survives `kill -9` and power loss; if the
@@ -32,13 +37,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from advpure.core.errors import RunDirError
+from advpure.core.fsio import storage_error, storage_errors
 from advpure.purify.merge import MERGE_RULES
 
 NATURAL = "natural"  # the attack name of clean-accuracy records
@@ -178,11 +185,14 @@ class RecordStore:
             # one batch; timeout: a reader merging files may briefly hold the lock.
             self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         except sqlite3.Error as e:
-            raise RunDirError(f"cannot open results store {self.path}: {e}") from None
+            raise storage_error(e, self.path, "results store", "open") from None
         try:
             self._conn.execute("PRAGMA journal_mode=DELETE")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._init_schema()
+        except sqlite3.OperationalError as e:  # read-only, disk full, locked: not a corrupt file
+            self._conn.close()
+            raise storage_error(e, self.path, "results store", "open") from None
         except sqlite3.DatabaseError as e:
             self._conn.close()
             raise _corrupt(self.path, str(e)) from None
@@ -194,7 +204,8 @@ class RecordStore:
     def for_rank(cls, run_dir: str | Path, rank: int) -> RecordStore:
         """The file of process `rank` inside `run_dir` (the records/ folder is created)."""
         folder = records_dir(run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+        with storage_errors(folder, "records folder", "create"):
+            folder.mkdir(parents=True, exist_ok=True)
         return cls(folder / f"rank{int(rank)}.sqlite")
 
     # --- schema -------------------------------------------------------------------------------
@@ -240,6 +251,28 @@ class RecordStore:
             if found != columns:
                 raise _corrupt(self.path, f"table '{name}' has columns {found or 'none'}")
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT): anything raised inside rolls it back
+        (nothing of it is kept) and a filesystem error becomes a one-line StorageError."""
+        conn = self._conn
+        with self._writing():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # sqlite may already have rolled back (e.g. disk full)
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+
+    def _writing(self):
+        """Context: a sqlite3.OperationalError / OSError while writing is a one-line StorageError."""
+        return storage_errors(self.path, "results store")
+
     def _schema_state(self) -> tuple[int, set[str]]:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -274,9 +307,7 @@ class RecordStore:
         after a crash); a different value raises `RunDirError`: two runs disagree about a sample.
         If anything raises (including the `records` iterable itself), nothing of the batch is kept.
         """
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             rows = [self._record_row(defense, attack, r) for r in records]
             outside = [r[4] for r in rows if not first_idx <= r[4] < first_idx + n]
             if outside:
@@ -311,11 +342,6 @@ class RecordStore:
                 "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (defense, attack, int(batch), int(first_idx), int(n), int(score_evals), float(seconds)),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # sqlite may already have rolled back (e.g. disk full)
-                conn.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _record_row(defense: str, attack: str, r: Sequence[Any]) -> tuple:
@@ -350,26 +376,22 @@ class RecordStore:
     def delete_unit(self, defense: str, attack: str) -> None:
         """Remove every row of one (defense, attack) block (records, markers, traces, examples),
         in one transaction: the block is then recomputed, the other blocks are kept."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             for table in ("records", "batches", "traces", "examples", "stats"):
                 conn.execute(f"DELETE FROM {table} WHERE defense=? AND attack=?", (defense, attack))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def set_meta(self, key: str, value: Any) -> None:
         """Store a JSON-serialisable value (committed at once)."""
-        self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        with self._writing():
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     # --- reading ------------------------------------------------------------------------------
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         """All rows of a read; damage found only now (a page past the checks) names the file."""
         try:
             return self._conn.execute(sql, tuple(params)).fetchall()
+        except sqlite3.OperationalError as e:  # unreadable (I/O error, locked), not corrupt
+            raise storage_error(e, self.path, "results store", "read") from None
         except sqlite3.DatabaseError as e:
             raise _corrupt(self.path, str(e)) from None
 
@@ -423,29 +445,15 @@ class RecordStore:
             for k in ("counts0", "counts"):
                 row[k] = np.ascontiguousarray(_as_numpy(row[k]), dtype=np.int64).tobytes()
             data.append(tuple(row[c] for c in cols))
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             conn.executemany(
                 f"INSERT OR REPLACE INTO certificates VALUES ({', '.join('?' * len(cols))})", data
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def delete_certificates(self, base: str, sigma: float) -> None:
         """Remove every certificate of one (base, sigma) unit, in one transaction (it is then recomputed)."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             conn.execute("DELETE FROM certificates WHERE base=? AND sigma=?", (base, float(sigma)))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def certificates(self) -> list[dict[str, Any]]:
         cols = _TABLES["certificates"][1]

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from advpure.core.fsio import atomic_write, write_text_atomic
 from advpure.purify.merge import MERGE_RULES
 from advpure.results.protocols import PROTOCOLS, protocol
 from advpure.results.stats import accuracy
@@ -265,11 +266,11 @@ def to_console(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """All fields of every row; accuracies as fractions with full precision, missing = empty."""
+    """All fields of every row; accuracies as fractions with full precision, missing = empty.
+    Written atomically (`advpure.core.fsio.atomic_write`); StorageError when it cannot be."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = columns(rows)
-    with path.open("w", newline="") as f:
+    with atomic_write(path, what="results table", text=True, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -300,11 +301,11 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 
 
 def to_json(rows: Sequence[Mapping[str, Any]], path: str | Path, meta: Mapping[str, Any]) -> Path:
-    """`{"meta": meta, "rows": rows}`; meta should hold the settings (config, n images, eps...)."""
+    """`{"meta": meta, "rows": rows}`; meta should hold the settings (config, n images, eps...).
+    Written atomically; StorageError when it cannot be."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": dict(meta), "rows": [dict(r) for r in rows]}, indent=2, default=str))
-    return path
+    text = json.dumps({"meta": dict(meta), "rows": [dict(r) for r in rows]}, indent=2, default=str)
+    return write_text_atomic(path, text, what="results file")
 
 
 def read_json(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
