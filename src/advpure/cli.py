@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from advpure.core.errors import AdvpureError, ConfigError
+from advpure.core.errors import AdvpureError, ConfigError, Interrupted
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_plugins(os.environ.get("ADVPURE_PLUGINS"))
         return run(argv)
+    except Interrupted as e:
+        print(f"advpure: {e}", file=sys.stderr)
+        return e.exit_code
     except AdvpureError as e:
         print(f"advpure: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -26,6 +26,15 @@ class RunDirError(AdvpureError):
     """A run directory written by another config, or a corrupt results store."""
 
 
+class Interrupted(AdvpureError):
+    """A run stopped by Ctrl-C (SIGINT, exit code 130) or SIGTERM (143): one line saying what was
+    stored and how to resume."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class StorageError(AdvpureError):
     """A file or folder could not be written (read-only file system, no space left, permission
     denied, quota): one line naming the path and the reason. Exit code 1. What was stored before

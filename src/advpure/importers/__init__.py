@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     for source, (kind, imp) in sources.items():
         s = sub.add_parser(source, help=f"{imp.help} [{kind}]", description=imp.description)
         imp.add_arguments(s)
+        s.add_argument("--force", action="store_true", help="replace an existing output file")
     return p
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from advpure.attacks import attack_class, run_attack
 from advpure.core.errors import NonFiniteError
+from advpure.core.progress import progress
 from advpure.core.rng import SampleRNG, mix, stream_id
 from advpure.data.datamodule import is_empty_batch
 from advpure.jobs.plan import Unit
@@ -256,7 +257,7 @@ class AttackCallback(Callback):
         self.classes = spec.num_classes if spec is not None else None
         bar = self._bar(trainer, b)
         hooks = dict(progress=(lambda i: bar.update(1)) if bar else None)
-        attack = dict(eps=u.eps, step=u.step, **hooks)
+        attack = dict(eps=u.eps, step=u.step, protocols=self.protocols, draws=self.worst_of_n, **hooks)
         frozen = clean = None
         try:
             with torch.enable_grad():
@@ -339,10 +340,8 @@ class AttackCallback(Callback):
     def _bar(self, trainer, b):
         if not self.progress or not trainer.is_global_zero or trainer.progress_bar_callback is None:
             return None
-        from tqdm.auto import tqdm
-
         u = self.unit
-        return tqdm(
+        return progress(
             total=attack_class(u.spec.kind).total_iters(u.spec, self.classes)
             * (2 if "frozen" in self.runs else 1),
             desc=f"{u.defense} {u.attack} batch {b}",

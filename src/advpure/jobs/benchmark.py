@@ -30,7 +30,9 @@ from advpure.jobs.report import ReportCallback
 from advpure.jobs.stages import Stages
 from advpure.jobs.trainer import build_trainer, launch_rank, say, test_and_read_results
 from advpure.nets.compiled import compile_net
+from advpure.nets.weights import read_weights
 from advpure.purify.defense import build_defense
+from advpure.purify.ranges import check_trained_range, purifier_sigmas
 from advpure.results import NATURAL, delete_units, metric_name, protocol, with_floors
 from advpure.results.report import ReportPlan
 from advpure.results.rundir import open_run_dir as open_rundir
@@ -100,6 +102,19 @@ def report_plan(plan: Plan, class_names: tuple[str, ...] | None = None) -> Repor
     )
 
 
+def check_sigmas(plan: Plan, artifacts: Artifacts) -> None:
+    """Every noise level a defense asks of the DSM score net (ADP's and Langevin's screening sigma,
+    Langevin's dsm_sigma, reverse-VE's sigma*) lies within the levels it was trained on (its weights'
+    meta, or the score block that would train it): one ConfigError naming the key, before any work."""
+    users = {n: d for n, d in plan.defenses.items() if "score" in plan.needs(n)}
+    if not users:
+        return
+    path = artifacts.path("score")
+    meta = read_weights(path).get("meta", {}) if path.exists() else None
+    for name, params in users.items():
+        check_trained_range(purifier_sigmas(params, f"defense '{name}'"), meta, artifacts.blocks["score"])
+
+
 def unit_protocols(unit, protocols: list[str]) -> list[str]:
     """The protocols of a unit's rows: the attack's own `protocols` (with their floors) or the
     benchmark's; the check runs need the single draw only (their verdicts feed the Checks section)."""
@@ -127,6 +142,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
     plan = build_plan(cfg)
     stages = Stages.from_config(cfg)
     artifacts = stages.artifacts
+    check_sigmas(plan, artifacts)
     stages.ensure(
         sorted(plan.nets, key=list(artifacts.blocks).index), train_missing=cfg.benchmark.train_missing
     )

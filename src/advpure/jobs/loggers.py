@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from advpure.config.compose import to_dict
+from advpure.core.fsio import storage_errors, write_text_atomic
 
 
 def _has_wandb_key() -> bool:
@@ -61,7 +62,8 @@ def build_logger(spec: LoggerSpec, stage: str, save_dir: str | Path):
     a requeued job resumes the same run instead of starting another one."""
     lc = spec.block
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    with storage_errors(save_dir, "log folder", "create"):
+        save_dir.mkdir(parents=True, exist_ok=True)
     if lc.kind == "none":
         return False
     if lc.kind == "csv":
@@ -71,6 +73,8 @@ def build_logger(spec: LoggerSpec, stage: str, save_dir: str | Path):
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(lc.mode)
+    run = run_id(save_dir)
+    drop_empty_runs(save_dir, run)
     return WandbLogger(
         project=lc.project,
         entity=lc.entity,
@@ -82,7 +86,7 @@ def build_logger(spec: LoggerSpec, stage: str, save_dir: str | Path):
         mode=mode,
         job_type=stage,
         config=spec.config,
-        id=run_id(save_dir),
+        id=run,
         resume="allow",
     )
 
@@ -98,8 +102,23 @@ def run_id(save_dir: Path) -> str:
         if stored:
             return stored
     new = secrets.token_hex(4)
-    path.write_text(new + "\n")
+    write_text_atomic(path, new + "\n", what="W&B run id")
     return new
+
+
+def drop_empty_runs(save_dir: Path, run: str) -> list[Path]:
+    """Delete the offline W&B folders of run `run` under `save_dir/wandb` whose run file holds no
+    record (a start killed before anything was logged leaves a 7-byte header): `wandb sync` would
+    upload them as empty runs. Returns the folders deleted."""
+    import shutil
+
+    gone = []
+    for folder in (Path(save_dir) / "wandb").glob(f"offline-run-*-{run}"):
+        files = list(folder.glob("run-*.wandb"))
+        if all(f.stat().st_size <= 7 for f in files):
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
 
 
 def finish_loggers(trainer) -> None:

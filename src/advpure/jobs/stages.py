@@ -26,13 +26,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from advpure.config.compose import fingerprint
 from advpure.core.errors import CheckpointError, RunDirError
+from advpure.core.fsio import write_text_atomic
 from advpure.core.safe_load import check_torch_file, describe_load_error
 from advpure.data import ImageDataModule
 from advpure.jobs.artifacts import Artifacts
 from advpure.jobs.loggers import LoggerSpec, build_logger, finish_loggers
-from advpure.jobs.trainer import build_trainer, launch_rank, say
+from advpure.jobs.trainer import build_trainer, interruptible, launch_rank, say
 from advpure.nets.registry import net_kind
-from advpure.nets.weights import save_weights
+from advpure.nets.weights import check_weights_output, save_weights
 
 RESUME_ADVICE = "delete it to train this stage from the start (or pass train.force=true)"
 DATA_KEYS = ("name", "val_size", "split_seed", "train_subset", "crop_padding", "hflip")
@@ -155,9 +156,8 @@ class Stage:
                 )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if launch_rank() == 0:
-            manifest.write_text(
-                json.dumps({"fingerprint": fp, "stage": self.kind, "experiment": self.experiment})
-            )
+            info = {"fingerprint": fp, "stage": self.kind, "experiment": self.experiment}
+            write_text_atomic(manifest, json.dumps(info), what="stage manifest")
         # SIGUSR1 under SLURM saves hpc_ckpt_N.ckpt (newer than the last step checkpoint): resume from
         # whichever is newest
         found = [
@@ -202,7 +202,8 @@ class Stage:
         )
         self._trainer = trainer
         try:
-            trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
+            with interruptible(trainer, f"{self.kind} checkpoints are in {self.run_dir / 'checkpoints'}"):
+                trainer.fit(module, datamodule=dm, ckpt_path=resume, weights_only=True)
         except pickle.UnpicklingError as e:  # only a checkpoint load unpickles inside fit
             if resume is None:
                 raise
@@ -214,7 +215,9 @@ class Stage:
 
     def export(self, arch: dict, net, meta: dict) -> Path:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            save_weights(self.weights, self.kind, arch, net, meta)
+            save_weights(
+                self.weights, self.kind, arch, net, meta, force=self.force, force_hint="train.force=true"
+            )
             self.say(f"exported weights to {self.weights}")
         if dist.is_initialized():
             dist.barrier()  # other ranks load these weights next
@@ -223,6 +226,7 @@ class Stage:
     def run(self) -> dict:
         """Train and export; close this stage's W&B run. Returns the exported weights' meta."""
         self._trainer = None
+        check_weights_output(self.weights, force=self.force, force_hint="train.force=true")
         try:
             return net_kind(self.kind).train(self.block, self)
         finally:

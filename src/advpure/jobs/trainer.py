@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from advpure.core.errors import ConfigError
+from advpure.core.errors import ConfigError, Interrupted
 
 
 def launch_rank() -> int:
@@ -86,18 +87,57 @@ def build_trainer(tc: DictConfig, **kwargs):
         enable_model_summary=False,
     )
     options.update(kwargs)
+    if options.get("enable_progress_bar"):  # a redrawn bar on a terminal, a line every so often in a log
+        from advpure.core.progress import progress_bar_callback
+
+        options["callbacks"] = [*(options.get("callbacks") or []), progress_bar_callback()]
     return L.Trainer(**options)
+
+
+INTERRUPT_CODES = {"KeyboardInterrupt": 130, "SIGTERMException": 143}
+
+
+@contextlib.contextmanager
+def interruptible(trainer, stored: str):
+    """Within the block (a `trainer.fit` / `trainer.test`), Ctrl-C or SIGTERM becomes one
+    `Interrupted` line, "interrupted: <stored>; rerun the same command to resume", with exit code 130
+    or 143 (Lightning turns both into `sys.exit`, code 1 or 0, after calling `on_exception`)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Watch(Callback):
+        code: int | None = None
+
+        def on_exception(self, trainer, pl_module, exception):
+            Watch.code = INTERRUPT_CODES.get(type(exception).__name__, Watch.code)
+
+    trainer.callbacks.append(Watch())
+    message = f"interrupted: {stored}; rerun the same command to resume"
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message, 130) from None
+    except SystemExit:
+        if Watch.code is None:
+            raise
+        raise Interrupted(message, Watch.code) from None
 
 
 def test_and_read_results(trainer, module, datamodule, run_dir, what: str, t0: float) -> dict | None:
     """`trainer.test(module, datamodule)`, then a barrier, a "<what> finished in N s" line (N from
     `t0`, a `time.perf_counter()` value) and rank 0's `run_dir/results.json` (None where it is not
-    written: ranks > 0, or a run that recorded nothing)."""
+    written: ranks > 0, or a run that recorded nothing). The run dir's lock is released at the end,
+    whatever happens; an interrupt is one `Interrupted` line."""
     import json
     import time
     from pathlib import Path
 
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    from advpure.results.lock import release_run_dir
+
+    try:
+        with interruptible(trainer, f"every finished batch is stored in {run_dir}"):
+            trainer.test(module, datamodule=datamodule, verbose=False)
+    finally:
+        release_run_dir(run_dir)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     say(f"{what} finished in {time.perf_counter() - t0:.0f} s")

@@ -68,7 +68,9 @@ class NCSNv2Import(Importer):
     def run(cls, args: argparse.Namespace) -> str:
         from advpure.importers.ncsnv2 import import_ncsnv2
 
-        out, meta = import_ncsnv2(args.checkpoint, args.out, ema=args.ema, any_sigmas=args.any_sigmas)
+        out, meta = import_ncsnv2(
+            args.checkpoint, args.out, ema=args.ema, any_sigmas=args.any_sigmas, force=args.force
+        )
         return (
             f"import-weights: {out} <- {meta['source_file']} ({meta['element']}, step {meta['step']}, "
             f"{meta['parameters']:,} parameters, sha256 {meta['source_sha256'][:12]}...)"
