@@ -12,9 +12,9 @@ EXP ?= fmnist
 ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
-PYTEST_FAST := -m "not slow"
+PYTEST_FAST := -m "not slow and not slurm" --durations=15
 
-.PHONY: help setup apt train benchmark certify test test-all test-slow perf lint format clean clean-all config
+.PHONY: help setup apt train benchmark certify test test-all test-slow test-slurm perf gpu-check lint format clean clean-all config
 
 help: ## show this help
 	@echo "advpure — adversarial purification with score-based generative models"
@@ -57,14 +57,17 @@ certify: setup ## randomized-smoothing l2 certificates (Cohen et al. 2019) of EX
 config: setup ## print the resolved config of EXP with ARGS applied
 	$(PY) -m advpure config experiment=$(EXP) $(ARGS)
 
-test: setup ## fast test suite (< 10 min on 2 cores; includes the real-SLURM tests when slurm is installed)
+test: setup ## fast test suite (~10 min on 2 cores; the 15 slowest tests listed at the end)
 	$(PY) -m pytest $(PYTEST_FAST) $(ARGS)
 
-test-all: setup ## every test, including the slow ones that train nets on the embedded default
+test-all: setup ## every test: fast, slow and SLURM
 	$(PY) -m pytest $(ARGS)
 
-test-slow: setup ## only the slow tests
-	$(PY) -m pytest -m slow $(ARGS)
+test-slow: setup ## only the slow tests (trained nets on the embedded default, long runs)
+	$(PY) -m pytest -m "slow and not slurm" --durations=15 $(ARGS)
+
+test-slurm: setup ## the tests that start a real single-node SLURM cluster (root, slurm-wlm + munge)
+	$(PY) -m pytest -m slurm --durations=15 $(ARGS)
 
 perf: setup ## performance suite: ratios against baselines, written to runs/perf/perf.json
 	$(PY) -m advpure.perf $(ARGS)

@@ -3,7 +3,6 @@ SPSA's estimator, APGD vs PGD, losses, path tracking and validation. Tiny nets, 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -14,8 +13,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from advpure.attacks import (
-    ATTACKS,
-    PGD,
     aggregate_draws,
     apgd_attack,
     apgd_checkpoints,
@@ -32,6 +29,14 @@ from advpure.attacks import (
 )
 from advpure.core.rng import GeneratorRNG, SampleRNG
 from advpure.purify import Defense
+from helpers.attack_models import (
+    any_size_classifier,
+    attack_spec,
+    prototypes_data,
+    rng_for,
+    score_net,
+    trained_mlp,
+)
 from helpers.defenses import adp_defense as adp
 
 EPS, STEP = 8 / 255, 2 / 255
@@ -41,56 +46,24 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- tiny nets and defenses ---------------------------------------------------------------------
-def score_net(channels=1, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ELU(), nn.Conv2d(8, channels, 3, padding=1))
-
-
-def any_size_classifier(channels=1, classes=10, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * channels, classes))
-
-
 def adp_defense(clf=None, *, replicas=2, sigma=0.2, steps=2, channels=1, dtype=torch.float32, cls=Defense):
     clf = clf if clf is not None else any_size_classifier(channels)
     d = adp(clf, score_net(channels), sigma=sigma, steps=steps, tau=0.0, replicas=replicas, cls=cls)
     return d.to(dtype)
 
 
-def prototypes_data(n, seed, classes=4):
-    """Separable synthetic data: a noisy copy of one of `classes` fixed 8x8 patterns."""
-    protos = 0.3 + 0.4 * torch.rand(classes, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return (protos[y] + 0.2 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A small MLP trained in < 1 s to ~98% test accuracy; returns (classifier, x_test, y_test)."""
-    x, y = prototypes_data(512, 1)
-    torch.manual_seed(0)
-    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ELU(), nn.Linear(32, 4))
-    opt = torch.optim.Adam(clf.parameters(), 1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(clf(x), y).backward()
-        opt.step()
-    clf.requires_grad_(False)
+    clf = trained_mlp()
     x_test, y_test = prototypes_data(64, 2)
     assert (clf(x_test).argmax(1) == y_test).float().mean() > 0.9
     return clf, x_test, y_test
 
 
 def spec(kind="pgd", **kw):
-    """Parameters of attack `kind`, unvalidated (check_attack must catch bad values); an unknown
-    kind keeps PGD's schema."""
-    cls = ATTACKS.get(kind) if kind in ATTACKS else PGD
-    fields = {f.name for f in dataclasses.fields(cls.Params)}
-    values = {
-        k: v for k, v in {"iters": 3, "eot": 2, "samples": 4, "name": kind, **kw}.items() if k in fields
-    }
-    return replace(cls.Params(**values), kind=kind)
+    """Parameters of attack `kind`, unvalidated, with small budgets (iters 3, EOT 2, 4 SPSA samples)."""
+    return attack_spec(kind, {"iters": 3, "eot": 2, "samples": 4}, **kw)
 
 
 SPECS = {
@@ -107,10 +80,6 @@ SPECS = {
     "joint_full_bpda_vote": spec("joint_full", joint_grad="bpda", eot_aggregate="vote"),
     "spsa": spec("spsa", random_start=True),
 }
-
-
-def rng_for(b, seed=0):
-    return SampleRNG(seed, range(100, 100 + b))
 
 
 # --- sanity checks of the paper -----------------------------------------------------------------
@@ -410,7 +379,8 @@ def test_spsa_queries_use_common_random_numbers_and_chunks_do_not_matter():
     b, n, s = 2, 3, 2
     d = adp_defense(replicas=s, sigma=0.3, cls=Recording, dtype=torch.float64)
     x, y = torch.rand(b, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
-    whole = spsa_attack(d, x, y, rng_for(b), eps=EPS, step=STEP, iters=2, samples=n, delta=0.01)
+    p = attack_spec("spsa", iters=2, samples=n, delta=0.01)
+    whole = spsa_attack(d, x, y, rng_for(b), p, eps=EPS, step=STEP)
     queries = [c for c in d.calls if c[0].shape[0] == 2 * n * b]
     assert queries
     for q_in, q_out in queries:
@@ -422,9 +392,7 @@ def test_spsa_queries_use_common_random_numbers_and_chunks_do_not_matter():
         assert (q_out[:, 0] - q_out[:, 1]).abs().mean() < 0.05
         assert (q_out[0] - q_out[1]).abs().mean() > 0.1  # replicas are independent draws
     d.calls.clear()
-    chunked = spsa_attack(
-        d, x, y, rng_for(b), eps=EPS, step=STEP, iters=2, samples=n, delta=0.01, max_queries=2 * b
-    )
+    chunked = spsa_attack(d, x, y, rng_for(b), p, eps=EPS, step=STEP, max_queries=2 * b)
     assert max(c[0].shape[0] for c in d.calls) == 2 * b
     assert torch.allclose(whole.losses, chunked.losses) and torch.equal(whole.x_adv, chunked.x_adv)
 
@@ -461,11 +429,8 @@ def test_apgd_first_step_has_size_two_eps_and_the_best_iterate_is_returned():
         x,
         y,
         rng_for(b),
+        attack_spec("apgd", iters=10, gradient="bpda", eot=2, random_start=True),
         eps=eps,
-        iters=10,
-        gradient="bpda",
-        eot=2,
-        random_start=True,
         observer=lambda i, xi: iterates.append(xi),
     )
     # from a random start inside the ball, a step of 2 eps reaches its boundary in every pixel
@@ -491,11 +456,8 @@ def test_apgd_halves_and_restarts_from_the_best_point(trained):
         x,
         y,
         rng_for(64),
+        attack_spec("apgd", iters=10, gradient="classifier", rho=1.0, momentum=a),
         eps=eps,
-        iters=10,
-        gradient="classifier",
-        rho=1.0,
-        momentum=a,
         observer=lambda i, xi: iterates.append(xi),
     )
     w = apgd_checkpoints(10)[0]
@@ -523,8 +485,10 @@ def test_apgd_beats_or_equals_pgd_at_the_same_budget(trained):
     clf, x, y = trained
     d = Defense(clf)
     eps, iters = 0.08, 5
-    pgd = pgd_attack(d, x, y, rng_for(64), eps=eps, step=eps / 4, iters=iters, gradient="classifier")
-    apgd = apgd_attack(d, x, y, rng_for(64), eps=eps, iters=iters, gradient="classifier")
+    pgd = pgd_attack(
+        d, x, y, rng_for(64), attack_spec("pgd", iters=iters, gradient="classifier"), eps=eps, step=eps / 4
+    )
+    apgd = apgd_attack(d, x, y, rng_for(64), attack_spec("apgd", iters=iters, gradient="classifier"), eps=eps)
     with torch.no_grad():
         lp, la = cross_entropy(clf(pgd.x_adv), y), cross_entropy(clf(apgd.x_adv), y)
         acc_p = (clf(pgd.x_adv).argmax(1) == y).float().mean()

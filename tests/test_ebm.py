@@ -337,7 +337,11 @@ def ebm_overrides(tmp, **extra):
 
 @needs_fmnist
 def test_ebm_stage_exports_the_field_and_resume_continues_the_same_chains(tmp_path):
-    from advpure.jobs.train import stage_dir, train
+    from advpure.jobs.stages import Stages
+    from advpure.jobs.train import train
+
+    def stage_dir(cfg, kind):
+        return Stages.from_config(cfg).stage(kind).run_dir
 
     straight = C.load("fmnist", ebm_overrides(tmp_path / "straight"))
     meta = train(straight)["ebm"]
@@ -428,7 +432,12 @@ def test_two_ddp_ranks_update_one_shared_replay_buffer(tmp_path):
     """Each rank runs its own B chains; all 2B updated chains land in the (identical) buffer that
     rank 0 checkpoints: exactly the rows the shared stream picked, and nothing else."""
     from advpure.core.rng import mix
-    from advpure.jobs.train import stage_dir, train
+    from advpure.jobs.stages import Stages
+    from advpure.jobs.train import train
+
+    def stage_dir(cfg, kind):
+        return Stages.from_config(cfg).stage(kind).run_dir
+
     from advpure.training.ebm import _INIT, _SHARED
 
     extra = {

@@ -3,7 +3,6 @@ hand-made classifiers whose answers are known (tests/helpers/attack_models.py). 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 from torch import nn
 
 from advpure.attacks import (
-    ATTACKS,
     PGD,
     Run,
     apgd_attack,
@@ -40,10 +38,12 @@ from helpers.attack_models import (
     CodeNet,
     Scaled,
     StartDecides,
+    attack_spec,
     code_images,
     coin_purifier,
     linear_net,
     prototypes_data,
+    rng_for,
     trained_mlp,
 )
 from helpers.defenses import adp_defense
@@ -63,13 +63,7 @@ def mlp():
 
 def spec(kind="pgd", **kw):
     """Unvalidated parameters of attack `kind` (run_attack validates them)."""
-    cls = ATTACKS.get(kind)
-    fields = {f.name for f in dataclasses.fields(cls.Params)}
-    return replace(cls.Params(**{k: v for k, v in {"name": kind, **kw}.items() if k in fields}), kind=kind)
-
-
-def rng_for(b, seed=0):
-    return SampleRNG(seed, range(100, 100 + b))
+    return attack_spec(kind, **kw)
 
 
 def adp(clf, replicas=2, sigma=0.3):
@@ -153,11 +147,10 @@ def test_one_restart_is_exactly_the_plain_attack(kind):
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     p = spec(kind, gradient="bpda", eot=2, iters=4, random_start=True, restarts=1)
     res = run_attack(p, d, x, y, rng_for(4), eps=EPS, step=STEP, track_path=True)
-    kw = dict(eps=EPS, iters=4, gradient="bpda", eot=2, random_start=True, track_path=True)
     plain = (
-        pgd_attack(d, x, y, rng_for(4), step=STEP, **kw)
+        pgd_attack(d, x, y, rng_for(4), p, eps=EPS, step=STEP, track_path=True)
         if kind == "pgd"
-        else apgd_attack(d, x, y, rng_for(4), **kw)
+        else apgd_attack(d, x, y, rng_for(4), p, eps=EPS, track_path=True)
     )
     assert torch.equal(res.x_adv, plain.x_adv) and torch.equal(res.losses, plain.losses)
     assert all(torch.equal(res.path_correct[r], plain.path_correct[r]) for r in plain.path_correct)

@@ -232,8 +232,7 @@ def test_benchmark_help_lists_groups_options_and_schema_defaults():
 def test_help_keys_are_generated_from_the_dataclasses():
     import dataclasses
 
-    from advpure.config.compose.help import schema_rows
-
+    from advpure.config.help import schema_rows
     from advpure.core.params import at_least, choice
 
     @dataclasses.dataclass

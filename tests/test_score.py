@@ -25,6 +25,15 @@ def exact_gaussian_score(mu, s, sigma):
     return lambda x: -sigma * (x - mu) / (s**2 + sigma**2)
 
 
+def loadable(path) -> bool:
+    """The file exists and is a complete checkpoint (torch.load reads it)."""
+    try:
+        torch.load(path, weights_only=True)
+        return True
+    except Exception:  # missing, or still being written
+        return False
+
+
 def test_exact_gaussian_score_minimises_the_dsm_loss():
     torch.manual_seed(0)
     D, N, mu, s, sigma = 16, 200_000, 0.3, 0.5, 0.25
@@ -187,9 +196,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
     proc = subprocess.Popen(_train_cmd(killed, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "runs/train/fmnist/score/checkpoints/last.ckpt"
     t0 = time.time()
-    while not last.exists() and proc.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.05)
-    time.sleep(0.3)  # let the checkpoint file be complete (it is written atomically by Lightning)
+    while not loadable(last) and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)  # poll until the first step checkpoint is complete (it is the event we wait for)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     weights = killed / "artifacts/fmnist/score.pt"

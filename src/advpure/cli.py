@@ -252,6 +252,8 @@ def run(argv: list[str]) -> int:
         print(f"advpure: error: unknown command '{name}'; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if command.raw:  # argparse parses its own arguments; --help shows the (sub)command's help
+        if any(a in HELP_FLAGS for a in args):  # key=value settings before --help are not its arguments
+            args = [a for a in args if "=" not in a]
         try:
             return command.run(args)
         except SystemExit as e:  # argparse's --help exits

@@ -104,3 +104,36 @@ def coin_purifier(p_keep: float):
             return PurifyResult(torch.where(keep[:, None, None, None], out, shifted), zeros, zeros.clone())
 
     return CoinPurifier()
+
+
+def score_net(channels: int = 1, seed: int = 0) -> nn.Module:
+    """A tiny random conv net of any image size, shaped like a score net (x -> f(x), same shape)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ELU(), nn.Conv2d(8, channels, 3, padding=1))
+
+
+def any_size_classifier(channels: int = 1, classes: int = 10, seed: int = 0) -> nn.Module:
+    """A tiny random classifier of images of any size (adaptive pooling to 4x4)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * channels, classes))
+
+
+def attack_spec(kind: str = "pgd", defaults: dict | None = None, **kw):
+    """Unvalidated parameters of attack `kind` (`check_attack` / `run_attack` must catch bad values):
+    `defaults` then `kw` over the kind's Params; keys the kind does not have are dropped. An
+    unregistered kind keeps PGD's schema (to test the "unknown kind" error)."""
+    import dataclasses
+
+    from advpure.attacks import ATTACKS, PGD
+
+    cls = ATTACKS.get(kind) if kind in ATTACKS else PGD
+    fields = {f.name for f in dataclasses.fields(cls.Params)}
+    values = {k: v for k, v in {**(defaults or {}), "name": kind, **kw}.items() if k in fields}
+    return dataclasses.replace(cls.Params(**values), kind=kind)
+
+
+def rng_for(b: int, seed: int = 0):
+    """Per-image keyed randomness for a batch of `b` images with indices 100 .. 100 + b - 1."""
+    from advpure.core.rng import SampleRNG
+
+    return SampleRNG(seed, range(100, 100 + b))

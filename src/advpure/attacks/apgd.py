@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
+from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, register_attack
 from advpure.attacks.objectives import AGGREGATES, GRADIENTS, eot_gradient
 from advpure.attacks.pgd import check_vote
 from advpure.attacks.projection import project, start_point
@@ -84,26 +84,23 @@ def apgd_attack(
     x,
     y,
     rng: RNG,
+    p,
     *,
     eps: float,
-    iters: int,
-    gradient: str = "full",
-    eot: int = 1,
-    eot_aggregate: str = "mean",
-    loss: str = "ce",
-    rho: float = 0.75,
-    momentum: float = 0.75,
-    random_start: bool = False,
+    random_start: bool | None = None,
     target: torch.Tensor | None = None,
     trace: Trace | None = None,
     **hooks,
 ) -> AttackResult:
-    """APGD-EOT on x (B, C, H, W) in [0, 1]; returns the best point found (highest EOT loss),
-    not the last iterate, and that loss as `loss_adv`. `target` (B,) int64: attack those classes
-    with the targeted form of `loss` (None: untargeted)."""
+    """APGD-EOT with parameters `p` (an `APGD.Params`: iters, gradient, eot, eot_aggregate, loss,
+    rho, momentum, random_start) on x (B, C, H, W) in [0, 1]; returns the best point found (highest
+    EOT loss), not the last iterate, and that loss as `loss_adv`. `target` (B,) int64: attack those
+    classes with the targeted form of `p.loss` (None: untargeted); `random_start` overrides p's."""
     trace = trace or Trace(defense, y, rng, **hooks)  # hooks: track_path, progress, observer
     eot_rng = rng.child("eot")
-    kw = dict(gradient=gradient, eot=eot, aggregate=eot_aggregate, loss=loss, target=target)
+    iters, rho, momentum = p.iters, p.rho, p.momentum
+    random_start = p.random_start if random_start is None else random_start
+    kw = dict(gradient=p.gradient, eot=p.eot, aggregate=p.eot_aggregate, loss=p.loss, target=target)
     checkpoints = set(apgd_checkpoints(iters))
     b = x.shape[0]
     col = (b,) + (1,) * (x.dim() - 1)  # per-sample scalars broadcast over pixels
@@ -175,12 +172,11 @@ def target_classes(defense, x: torch.Tensor, y: torch.Tensor, rng: RNG, n: int) 
 def apgd_run(p, defense, x, y, rng: RNG, *, eps: float, trace: Trace, target: torch.Tensor | None = None):
     """APGD with parameters `p` (an `APGD.Params`, restarts included) on x (B, C, H, W), y (B,),
     attacking the classes `target` (B,) (None: untargeted). Returns an AttackResult."""
-    kw = kwargs_of(p, "iters", "gradient", "eot", "eot_aggregate", "loss", "rho", "momentum")
 
     def once(x_r, y_r, rng_r, trace_r, rows, random_start):
         t = None if target is None else target[rows]
         return apgd_attack(
-            defense, x_r, y_r, rng_r, eps=eps, trace=trace_r, random_start=random_start, target=t, **kw
+            defense, x_r, y_r, rng_r, p, eps=eps, trace=trace_r, random_start=random_start, target=t
         )
 
     return with_restarts(

@@ -173,11 +173,6 @@ def attack_params(kind: str, **values: Any) -> Any:
     return p
 
 
-def kwargs_of(p: Any, *names: str) -> dict[str, Any]:
-    """{name: p.name} for the attack functions' keyword arguments."""
-    return {n: getattr(p, n) for n in names}
-
-
 def _with_options(base: str, p: Any, eps: float | None, restarts_text: str) -> str:
     """`base` with the option suffixes shared by all kinds (loss, vote, restarts, eps)."""
     if p.loss != "ce" and p.loss.upper() not in base:  # APGD's label names its loss itself
@@ -307,7 +302,6 @@ __all__ = [
     "attack_params",
     "display_label",
     "short_display_label",
-    "kwargs_of",
     "path_correct",
     "register_attack",
 ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
+from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, register_attack
 from advpure.attacks.objectives import AGGREGATES, bpda_objective, classifier_objective, effective_draws
 from advpure.attacks.pgd import check_vote
 from advpure.attacks.projection import project, start_point
@@ -33,22 +33,19 @@ def joint_attack(
     x,
     y,
     rng: RNG,
+    p,
     *,
     kind: str,
     eps: float,
     step: float,
-    iters: int,
-    eps_mix: float = 0.5,
-    joint_grad: str = "input",
-    eot: int = 1,
-    eot_aggregate: str = "mean",
-    loss: str = "ce",
-    random_start: bool = False,
     trace: Trace | None = None,
     **hooks,
 ) -> AttackResult:
-    """Joint attack `kind` (score | full) on x (B, C, H, W) in [0, 1]; returns the last iterate.
-    Raises ValueError for an unknown kind or joint_grad."""
+    """Joint attack `kind` (score | full) with parameters `p` (a joint attack's Params: iters,
+    eps_mix, joint_grad, eot, eot_aggregate, loss, random_start) on x (B, C, H, W) in [0, 1];
+    returns the last iterate. Raises ValueError for an unknown kind or joint_grad."""
+    iters, eps_mix, joint_grad, eot = p.iters, p.eps_mix, p.joint_grad, p.eot
+    eot_aggregate, loss, random_start = p.eot_aggregate, p.loss, p.random_start
     if kind not in JOINT_KINDS:
         raise ValueError(f"unknown joint attack '{kind}'; allowed: {', '.join(JOINT_KINDS)}")
     if joint_grad not in JOINT_GRADS:
@@ -131,8 +128,7 @@ class _Joint(Attack):
 
     @classmethod
     def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
-        kw = kwargs_of(p, "iters", "eps_mix", "joint_grad", "eot", "eot_aggregate", "loss", "random_start")
-        return joint_attack(defense, x, y, rng, kind=cls.variant, eps=eps, step=step, trace=trace, **kw)
+        return joint_attack(defense, x, y, rng, p, kind=cls.variant, eps=eps, step=step, trace=trace)
 
 
 @register_attack("joint_score")

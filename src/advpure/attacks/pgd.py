@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
+from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, register_attack
 from advpure.attacks.objectives import AGGREGATES, GRADIENTS, eot_gradient
 from advpure.attacks.projection import project, start_point
 from advpure.attacks.restarts import with_restarts
@@ -35,24 +35,23 @@ def pgd_attack(
     x,
     y,
     rng: RNG,
+    p,
     *,
     eps: float,
     step: float,
-    iters: int,
-    gradient: str = "bpda",
-    eot: int = 1,
-    eot_aggregate: str = "mean",
-    loss: str = "ce",
-    random_start: bool = False,
+    random_start: bool | None = None,
     trace: Trace | None = None,
     **hooks,
 ) -> AttackResult:
-    """PGD with sign steps of size `step` in the l_inf ball of radius `eps`; the last iterate."""
+    """PGD with parameters `p` (a `PGD.Params`: iters, gradient, eot, eot_aggregate, loss,
+    random_start) and sign steps of size `step` in the l_inf ball of radius `eps`; returns the last
+    iterate. `random_start` overrides p's (the restarts' runs)."""
     trace = trace or Trace(defense, y, rng, **hooks)  # hooks: track_path, progress, observer
     eot_rng = rng.child("eot")
-    kw = dict(gradient=gradient, eot=eot, aggregate=eot_aggregate, loss=loss)
-    x_i = start_point(x, eps, rng, random_start)
-    for i in range(iters):
+    kw = dict(gradient=p.gradient, eot=p.eot, aggregate=p.eot_aggregate, loss=p.loss)
+    start = p.random_start if random_start is None else random_start
+    x_i = start_point(x, eps, rng, start)
+    for i in range(p.iters):
         ev = eot_gradient(defense, x_i, y, eot_rng, **kw)
         trace.visit(i, x_i, ev.loss, ev.chains, grad=ev.grad)
         x_i = project(x_i + step * ev.grad.sign(), x, eps)
@@ -96,11 +95,9 @@ class PGD(Attack):
 
     @classmethod
     def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
-        kw = kwargs_of(p, "iters", "gradient", "eot", "eot_aggregate", "loss")
-
         def once(x_r, y_r, rng_r, trace_r, rows, random_start):
             return pgd_attack(
-                defense, x_r, y_r, rng_r, eps=eps, step=step, trace=trace_r, random_start=random_start, **kw
+                defense, x_r, y_r, rng_r, p, eps=eps, step=step, trace=trace_r, random_start=random_start
             )
 
         return with_restarts(

@@ -3,7 +3,7 @@
     check_attack(p, defense, eps, step)                   one-line ValueError before any work
     run_attack(p, defense, x, y, rng, eps=..., step=...)  -> AttackResult
 
-`p` is an attack's parameters: a typed config block (`cfg.attacks.<name>`) or a Params instance
+`p` is an attack's parameters: a typed config block (an `attacks.<name>` block) or a Params instance
 (`attack_params("pgd", gradient="bpda", iters=40, eot=15)`).
 
 Random streams (children of the `rng` passed in, so a result is a function of the seed and the

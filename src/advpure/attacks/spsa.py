@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, kwargs_of, register_attack
+from advpure.attacks.base import Attack, AttackParams, AttackResult, Trace, register_attack
 from advpure.attacks.losses import defended_loss
 from advpure.attacks.projection import project, start_point
 from advpure.core.params import at_least
@@ -66,19 +66,16 @@ def spsa_attack(
     x,
     y,
     rng: RNG,
+    p,
     *,
     eps: float,
     step: float,
-    iters: int,
-    samples: int = 128,
-    delta: float = 0.01,
-    loss: str = "ce",
-    random_start: bool = False,
     max_queries: int | None = None,
     trace: Trace | None = None,
     **hooks,
 ) -> AttackResult:
-    """SPSA with sign steps on x (B, C, H, W) in [0, 1]; returns the last iterate.
+    """SPSA with parameters `p` (an `SPSA.Params`: iters, samples, delta, loss, random_start) and sign
+    steps on x (B, C, H, W) in [0, 1]; returns the last iterate.
 
     max_queries: images per defense call (each is purified S times); default: enough to keep a
     call within the defense's own budget, `defense.max_batch // defense.replicas` chains.
@@ -90,14 +87,15 @@ def spsa_attack(
     if max_queries is None:
         max_queries = max(1, defense.max_batch // defense.replicas)
     b = x.shape[0]
+    loss, samples = p.loss, p.samples
 
     def defended(x_i):
         with torch.no_grad():
             chains, _ = defense.chain_logits(x_i, eval_rng, defense.replicas)
         return defended_loss(loss, merge_scores(chains, defense.merge), y, defense.merge), chains
 
-    x_i = start_point(x, eps, rng, random_start)
-    for i in range(iters):
+    x_i = start_point(x, eps, rng, p.random_start)
+    for i in range(p.iters):
         value, chains = defended(x_i)
         trace.visit(i, x_i, value, chains)
         tiled = query_rng.tile(2 * samples)  # common random numbers for all 2N copies of an image
@@ -109,7 +107,7 @@ def spsa_attack(
                 merged = defense(q.clamp(0.0, 1.0), q_rng)
             return defended_loss(loss, merged, y.repeat(rows // b), defense.merge)
 
-        g = spsa_gradient(loss_fn, x_i, dir_rng, samples, delta, max_queries)
+        g = spsa_gradient(loss_fn, x_i, dir_rng, samples, p.delta, max_queries)
         x_i = project(x_i + step * g.sign(), x, eps)
         trace.step_done(i)
     return trace.finish(x_i, defended(x_i)[0])
@@ -138,8 +136,7 @@ class SPSA(Attack):
 
     @classmethod
     def run(cls, p, defense, x, y, rng, *, eps, step, trace) -> AttackResult:
-        kw = kwargs_of(p, "iters", "samples", "delta", "loss", "random_start")
-        return spsa_attack(defense, x, y, rng, eps=eps, step=step, trace=trace, **kw)
+        return spsa_attack(defense, x, y, rng, p, eps=eps, step=step, trace=trace)
 
 
 __all__ = ["SPSA", "spsa_attack", "spsa_gradient"]

@@ -122,7 +122,7 @@ class NCSNv2Score(NetKind):
 
     @classmethod
     def how_to_get(cls, block, path, data_name: str, experiment: str) -> str:
-        if data_name == "cifar10" and block.arch == "ncsnv2" and block.ngf == 128:
+        if data_name == "cifar10" and block.arch == "ncsnv2":
             return (
                 f"{path}: import the public NCSNv2 CIFAR-10 checkpoint (Song & Ermon 2020, {NCSNV2_CIFAR10_URL}) "
                 f"with `advpure import-weights ncsnv2 <checkpoint.pth> {path}`, or train it (`make train`)"

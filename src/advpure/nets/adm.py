@@ -315,5 +315,5 @@ class ADMUNet(DiffusionNet):
 
 def build_adm(name_or_config: str | dict) -> ADMUNet:
     """An `ADMUNet` from a name in `ADM_CONFIGS` or a dict of its constructor arguments."""
-    cfg = ADM_CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
-    return ADMUNet(**cfg)
+    config = ADM_CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+    return ADMUNet(**config)

@@ -222,5 +222,5 @@ class DDPMUNet(DiffusionNet):
 
 def build_ddpm(name_or_config: str | dict) -> DDPMUNet:
     """A `DDPMUNet` from a name in `DDPM_CONFIGS` or a dict of its constructor arguments."""
-    cfg = DDPM_CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
-    return DDPMUNet(**cfg)
+    config = DDPM_CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+    return DDPMUNet(**config)

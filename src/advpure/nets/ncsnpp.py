@@ -294,5 +294,5 @@ class NCSNpp(DiffusionNet):
 
 def build_ncsnpp(name_or_config: str | dict) -> NCSNpp:
     """An `NCSNpp` from a name in `NCSNPP_CONFIGS` or a dict of its constructor arguments."""
-    cfg = NCSNPP_CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
-    return NCSNpp(**cfg)
+    config = NCSNPP_CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+    return NCSNpp(**config)

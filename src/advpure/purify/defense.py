@@ -106,6 +106,7 @@ class Defense(nn.Module):
         nets: Mapping[str, nn.Module] | None = None,
         *,
         field_slot: str | None = None,
+        kinds: Mapping[str, str] | None = None,
         replicas: int = 1,
         merge: str = "softmax",
         max_batch: int = 4096,
@@ -132,6 +133,7 @@ class Defense(nn.Module):
                 f"field_slot '{field_slot}' is not one of the nets ({', '.join(self.nets) or 'none'})"
             )
         self.field_slot = field_slot
+        self.kinds = dict(kinds or {})  # slot -> network kind, for messages ("the score network")
         self.replicas, self.merge, self.max_batch = replicas, merge, max_batch
         self.amp_dtype, self.precision = amp_dtype, precision
         self.channels, self.image_size, self.name = channels, image_size, name
@@ -164,7 +166,7 @@ class Defense(nn.Module):
                 net,
                 self.max_batch,
                 precision or self.precision,
-                f"the {slot} network of defense '{self.name}'",
+                f"the {self.kinds.get(slot, slot)} network of defense '{self.name}'",
             )
             for slot, net in self.nets.items()
         }
@@ -271,6 +273,7 @@ def build_defense(
         purifier,
         by_slot,
         field_slot=field,
+        kinds=slots,
         replicas=params.replicas if purifier.stochastic else 1,
         merge=params.merge,
         max_batch=params.max_batch,
