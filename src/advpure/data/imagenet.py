@@ -21,6 +21,8 @@ folder per WNID, class index = rank of the WNID in sorted order (index 0 is n014
 torchvision builds it from the same two devkit files (`parse_meta_mat`: the synsets with
 `num_children == 0` are the 1000 classes; `parse_val_groundtruth_txt`; images moved into WNID
 folders). So the label of image i here is: sorted WNIDs .index(WNID of ID ground_truth[i]).
+A check for whoever has the real files: images 1, 2, 3 get 65, 970, 230 (the label lists that
+circulate for the PyTorch convention say the same).
 
 Preprocessing: torchvision's standard evaluation transform `Resize(256)`, `CenterCrop(224)`,
 `ToTensor()` on the image decoded by Pillow and converted to RGB (what RobustBench's
