@@ -31,7 +31,7 @@ class PathsConfig:
 @schema
 @dataclass
 class DataConfig:
-    name: str = choice("fmnist", "fmnist", "mnist", "cifar10", "cifar100")
+    name: str = choice("fmnist", "fmnist", "mnist", "cifar10", "cifar100", "imagenet")
     root: str | None = None  # the dataset's standard files; when set, the only place searched
     download: bool = True  # fetch from the canonical URL (checksummed) when no local copy exists
     val_size: int = at_least(5000, 0)  # held out from the training set with `split_seed`

@@ -1,5 +1,6 @@
-"""Datasets: validated readers for the standard files, the dataset registry with its file sources,
-on-device batch augmentation, and the self-sharding `ImageDataModule`."""
+"""Datasets: validated readers for the standard files (and the ImageNet validation set, `imagenet`),
+the dataset registry with its file sources, on-device batch augmentation, and the self-sharding
+`ImageDataModule`."""
 
 from advpure.data.augment import crop_at, hflip_where, random_crop, random_hflip, to_unit
 from advpure.data.datamodule import (
@@ -9,12 +10,14 @@ from advpure.data.datamodule import (
     TrainBatchSampler,
     is_empty_batch,
 )
+from advpure.data.imagenet import ValImages
 from advpure.data.readers import read_cifar_batch, read_idx
 from advpure.data.sources import (
     DEBIAN_FMNIST_DIR,
     SPECS,
     DatasetSpec,
     candidate_dirs,
+    class_names,
     dataset_files,
     download_file,
     file_names,
@@ -23,6 +26,7 @@ from advpure.data.sources import (
     load_arrays,
     resolve,
     root_dirs,
+    unavailable,
 )
 
 __all__ = [
@@ -33,7 +37,9 @@ __all__ = [
     "EvalBatchSampler",
     "ImageDataModule",
     "TrainBatchSampler",
+    "ValImages",
     "candidate_dirs",
+    "class_names",
     "crop_at",
     "dataset_files",
     "download_file",
@@ -50,4 +56,5 @@ __all__ = [
     "resolve",
     "root_dirs",
     "to_unit",
+    "unavailable",
 ]

@@ -1,7 +1,9 @@
 """`ImageDataModule`: the in-memory datasets, their splits, and batch loaders that shard themselves.
 
 Design:
-  * The whole dataset is held as uint8 tensors (at most 50000 x 3 x 32 x 32 = 150 MB). Loaders
+  * The whole dataset is held as uint8 tensors (at most 50000 x 3 x 32 x 32 = 150 MB); the ImageNet
+    validation set is the exception: its images are decoded as they are asked for
+    (`advpure.data.imagenet.ValImages`, indexed like a tensor), and it has no training split. Loaders
     yield whole batches by indexing those tensors with a tensor of indices, which is much faster
     than per-sample `__getitem__` + collate.
   * Batches are `(x_uint8, y_int64, idx_int64)`; `idx` are dataset indices (train-set indices for
@@ -204,9 +206,27 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_x is not None:
             return
         cfg = self.data_cfg
+        if self.spec.train_size == 0 and stage == "fit":
+            raise DataError(
+                f"{cfg.name}: only its evaluation images are read (the ILSVRC2012 validation set); advpure "
+                "does not train on it: use published weights (benchmark.train_missing=false)"
+            )
         tx, ty, sx, sy = load_arrays(cfg.name, cfg.root, self.paths_cfg.data, bool(cfg.download))
         self.train_x, self.train_y, self.test_x, self.test_y = tx, ty, sx, sy
-        self.train_indices, self.val_indices = self.split_indices(len(tx))
+        if self.spec.train_size == 0:  # evaluation only: no training or validation split
+            self.train_indices = self.val_indices = torch.zeros(0, dtype=torch.long)
+            self._decode_test_images()
+        else:
+            self.train_indices, self.val_indices = self.split_indices(len(tx))
+
+    def _decode_test_images(self) -> None:
+        """A lazily decoded test set (ImageNet's `ValImages`): decode the images `test_dataloader`
+        will serve now (the first `test_n`, every `test_stride`-th), so a bad file fails at setup;
+        nothing when `test_n` is unset (images are then decoded as batches ask for them)."""
+        if self.test_n is None or not hasattr(self.test_x, "decode"):
+            return
+        n = min(int(self.test_n) * self.test_stride, len(self.test_x))
+        self.test_x.decode(torch.arange(0, n, self.test_stride))
 
     def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(train, val) train-set indices, both sorted; val is a `split_seed`-seeded random subset."""

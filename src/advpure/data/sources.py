@@ -13,6 +13,10 @@ Where the files come from:
       4. otherwise a `DataError` that lists the files expected, where they were looked for and how
          to get them.
 
+The ImageNet validation set (`imagenet`) cannot be downloaded (login required): it is found in
+`data.root` or the cache only, laid out as `advpure.data.imagenet` describes, and its images are
+decoded lazily (`load_arrays` returns them as `ValImages`).
+
 IDX files are found compressed or not, under the canonical name (`train-images-idx3-ubyte.gz`),
 without `.gz`, or with the dotted spelling some mirrors use (`train-images.idx3-ubyte`); the
 reader tells gzip from raw by content.
@@ -31,7 +35,6 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 
@@ -39,50 +42,13 @@ import torch
 
 from advpure.core.errors import DataError
 from advpure.core.fsio import temp_file_beside
+from advpure.data import imagenet
 from advpure.data.readers import read_cifar_batch, read_idx
+from advpure.data.spec import DatasetSpec
 
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # module constant: tests patch it
 DOWNLOAD_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Everything the framework needs to know about one dataset.
-
-    `files` are the names expected inside the dataset directory (`subdir` for CIFAR, whose
-    archive unpacks into a directory). `archives` maps each downloadable file name to its md5;
-    it is fetched from `base_url + name`.
-    """
-
-    name: str
-    format: str  # "idx" or "cifar"
-    channels: int
-    image_size: int
-    num_classes: int
-    mean: tuple[float, ...]  # per channel, images in [0, 1]; used by the classifier's normalization
-    std: tuple[float, ...]
-    class_names: tuple[str, ...]
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    base_url: str
-    archives: tuple[tuple[str, str], ...]  # (file name, md5)
-    subdir: str = ""  # directory the archive extracts to ("" when the archives are the files)
-    train_size: int = 0
-    test_size: int = 0
-    root_layouts: tuple[str, ...] = ()  # other directories under data.root (torchvision's layout)
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        return (*self.train_files, *self.test_files)
-
-    @property
-    def urls(self) -> tuple[str, ...]:
-        return tuple(self.base_url + name for name, _ in self.archives)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
 
 
 _IDX_TRAIN = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
@@ -186,6 +152,7 @@ SPECS: dict[str, DatasetSpec] = {
         train_size=50000,
         test_size=10000,
     ),
+    "imagenet": imagenet.SPEC,  # the ILSVRC2012 validation set (advpure.data.imagenet)
 }
 
 
@@ -429,6 +396,8 @@ def resolve(name: str, root: str | Path | None, cache_dir: str | Path, download:
     `DataError` saying what is missing where.
     """
     spec = get_spec(name)
+    if spec.format == "imagenet":
+        return imagenet.find_val(root, cache_dir).images
     if root is not None:
         root = Path(root).expanduser()
         found = find_local(spec, root, cache_dir)
@@ -475,8 +444,15 @@ def _load_cifar(spec: DatasetSpec, files: list[Path]) -> tuple[torch.Tensor, tor
 def load_arrays(
     name: str, root: str | Path | None = None, cache_dir: str | Path = "data", download: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train_x, train_y, test_x, test_y): uint8 images (N, C, H, W) and int64 labels."""
+    """(train_x, train_y, test_x, test_y): uint8 images (N, C, H, W) and int64 labels.
+
+    `imagenet`: no training images (empty tensors); test_x is the validation set as `ValImages`
+    (indexed like a uint8 tensor, each image decoded on first use), test_y its sorted-WNID labels."""
     spec = get_spec(name)
+    if spec.format == "imagenet":
+        x, y, _ = imagenet.load_val(root, cache_dir)
+        empty = torch.zeros((0, *spec.shape), dtype=torch.uint8)
+        return empty, torch.zeros(0, dtype=torch.long), x, y  # type: ignore[return-value]
     d = resolve(name, root, cache_dir, download)
     files = dataset_files(spec, d)
     if files is None:  # pragma: no cover - resolve returns only complete directories
@@ -488,3 +464,15 @@ def load_arrays(
         tr = _load_cifar(spec, [files[f] for f in spec.train_files])
         te = _load_cifar(spec, [files[f] for f in spec.test_files])
     return tr[0].contiguous(), tr[1], te[0].contiguous(), te[1]
+
+
+def unavailable(name: str, root: str | Path | None, cache_dir: str | Path) -> str | None:
+    """One line naming the dataset files that are missing and cannot be downloaded (the ImageNet
+    validation set: login required), or None. Checked before any work, beside the weights."""
+    return imagenet.missing(root, cache_dir) if get_spec(name).format == "imagenet" else None
+
+
+def class_names(name: str, root: str | Path | None, cache_dir: str | Path) -> tuple[str, ...]:
+    """The dataset's class names (ImageNet: the devkit's when found; see `imagenet.class_names`)."""
+    spec = get_spec(name)
+    return imagenet.class_names(root, cache_dir) if spec.format == "imagenet" else spec.class_names

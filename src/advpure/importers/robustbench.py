@@ -12,6 +12,15 @@ simple and is reproduced here from its source (robustbench 1.1.1, ``robustbench/
   * ``Standard`` and ``Carmon2019Unlabeled`` are WRN-28-10s (the TRADES code's WideResNet) without input
     normalization: inputs are images in [0, 1]. Carmon2019Unlabeled's has an extra, unused
     ``sub_block1`` (its weights are in the file, so the net must have it to load strictly).
+  * ImageNet ``Standard_R50`` (``robustbench/model_zoo/imagenet.py``) is
+    ``normalize_model(torchvision.models.resnet50(pretrained=True), mu, sigma)`` with ImageNet's
+    mu = (0.485, 0.456, 0.406), sigma = (0.229, 0.224, 0.225): torchvision's ResNet-50
+    IMAGENET1K_V1 weights behind per-channel normalization, inputs in [0, 1] at 224 x 224 after
+    ``Res256Crop224``. ``load_model`` returns it without any file of its own (torchvision downloads
+    the weights); here its file is torchvision's weights file put at
+    ``<model_dir>/imagenet/Linf/Standard_R50.pt``, or the state dict of RobustBench's wrapped model
+    (``model.`` prefix, ``normalize.mean`` / ``normalize.std``, which must then be ImageNet's).
+    Architecture: `advpure.importers.resnet.NormalizedResNet`, torchvision's key names.
 
 `load_robustbench_classifier` loads such a file with ``torch.load(weights_only=True)`` and checks every
 key and shape. It never downloads: a missing file is a one-line CheckpointError that names the path
@@ -19,8 +28,9 @@ and the Google Drive file id / URL to fetch it from.
 
 To add a model: read its entry in ``robustbench/model_zoo/<dataset>.py`` (architecture constructor and
 ``gdrive_id``); if the architecture is a `RobustBenchWideResNet` (depth, widen, sub_block1, classes),
-add a `RobustBenchModel` to `MODELS` under (dataset, threat_model, name); other architectures need their
-own module with RobustBench's key layout.
+add a `RobustBenchModel` to `MODELS` under (dataset, threat_model, name); a torchvision ResNet-50 is a
+`TorchvisionResNet50`; other architectures need their own module with RobustBench's key layout and an
+entry with `build`, `url`, `fetch` and `complete`.
 """
 
 from __future__ import annotations
@@ -35,10 +45,12 @@ from torch import nn
 from advpure.core.errors import CheckpointError, ConfigError
 from advpure.core.safe_load import load_torch_file
 from advpure.importers.common import check_state_dict, strip_prefixes
+from advpure.importers.resnet import IMAGENET_MEAN, IMAGENET_STD, RESNET50_BLOCKS, NormalizedResNet
 
 __all__ = [
     "RobustBenchWideResNet",
     "RobustBenchModel",
+    "TorchvisionResNet50",
     "MODELS",
     "robustbench_path",
     "load_robustbench_classifier",
@@ -128,16 +140,70 @@ class RobustBenchModel:
     def url(self) -> str:
         return f"https://drive.google.com/uc?id={self.gdrive_id}"
 
+    def fetch(self, path: Path) -> str:
+        """How to get the file to `path` (one clause of a one-line error)."""
+        return f"download {self.url} (Google Drive id {self.gdrive_id}, e.g. `gdown --id {self.gdrive_id} -O {path}`)"
+
+    def complete(self, state: dict, source: str) -> dict:
+        """The file's state dict (prefixes removed) as the net's `load_state_dict` takes it: as is."""
+        return state
+
+
+TORCHVISION_RESNET50_V1 = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+
+
+@dataclass(frozen=True)
+class TorchvisionResNet50:
+    """A zoo entry that is torchvision's ResNet-50 behind ImageNet normalization (``Standard_R50``).
+
+    The file: torchvision's weights (keys ``conv1.weight`` ...; the 2017 file has no
+    ``num_batches_tracked``, filled with 0: unused in eval mode) or RobustBench's wrapped model's
+    state dict (``normalize.mean`` / ``normalize.std`` too, checked against `mean` / `std`)."""
+
+    url: str = TORCHVISION_RESNET50_V1
+    num_classes: int = 1000
+    blocks: tuple[int, ...] = RESNET50_BLOCKS
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def build(self) -> NormalizedResNet:
+        return NormalizedResNet(self.blocks, self.num_classes, self.mean, self.std)
+
+    def fetch(self, path: Path) -> str:
+        return (
+            f"download torchvision's ResNet-50 IMAGENET1K_V1 weights {self.url} (what RobustBench's "
+            f"Standard_R50 loads through torchvision.models.resnet50(pretrained=True)) and save them as {path}"
+        )
+
+    def complete(self, state: dict, source: str) -> dict:
+        """Fill what torchvision's file lacks: the normalization (this entry's mean / std; a file that
+        has them must agree) and BatchNorm's `num_batches_tracked` counters (0)."""
+        out = dict(state)
+        for key, want in (("normalize.mean", self.mean), ("normalize.std", self.std)):
+            ref = torch.tensor(want, dtype=torch.float32).view(1, -1, 1, 1)
+            got = out.setdefault(key, ref)
+            if not isinstance(got, torch.Tensor) or got.numel() != ref.numel():
+                continue  # the key-by-key check names the wrong type or shape
+            if not torch.allclose(got.detach().float().reshape(ref.shape), ref, rtol=0, atol=1e-6):
+                raise CheckpointError(
+                    f"{source}: {key} is {got.flatten().tolist()}, not ImageNet's {list(want)}: another model"
+                )
+        for key in [k for k in out if k.endswith(".running_var")]:
+            out.setdefault(key.removesuffix("running_var") + "num_batches_tracked", torch.tensor(0))
+        return out
+
 
 _STANDARD = RobustBenchModel(depth=28, widen=10, gdrive_id="1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC")
 # (dataset, threat_model, name) -> entry; facts from robustbench 1.1.1 robustbench/model_zoo/cifar10.py
-MODELS: dict[tuple[str, str, str], RobustBenchModel] = {
+# and robustbench/model_zoo/imagenet.py
+MODELS: dict[tuple[str, str, str], RobustBenchModel | TorchvisionResNet50] = {
     ("cifar10", "Linf", "Standard"): _STANDARD,
     ("cifar10", "L2", "Standard"): _STANDARD,
     ("cifar10", "corruptions", "Standard"): _STANDARD,
     ("cifar10", "Linf", "Carmon2019Unlabeled"): RobustBenchModel(
         depth=28, widen=10, gdrive_id="15tUx-gkZMYx7BfEOw1GY5OKC-jECIsPQ", sub_block1=True
     ),
+    ("imagenet", "Linf", "Standard_R50"): TorchvisionResNet50(),
 }
 
 
@@ -156,7 +222,8 @@ def load_robustbench_classifier(
 ) -> nn.Module:
     """The RobustBench classifier `name` from its file under `model_dir`, in eval mode (no network access).
 
-    Returns a module mapping images in [0, 1], (N, 3, 32, 32), to logits (N, 10).
+    Returns a module mapping images in [0, 1] to logits: (N, 3, 32, 32) -> (N, 10) for CIFAR-10's WRNs,
+    (N, 3, 224, 224) -> (N, 1000) for ImageNet's ResNet-50 (normalization inside).
     Raises ConfigError for a model not in `MODELS`; CheckpointError (one line) for a missing file (naming
     the path and the URL to fetch it from), an HTML page, a truncated or code-carrying file, or a state
     dict with a missing / unexpected key or a wrong shape.
@@ -169,7 +236,7 @@ def load_robustbench_classifier(
         )
     entry = MODELS[key]
     path = robustbench_path(name, dataset, threat_model, model_dir)
-    fetch = f"download {entry.url} (Google Drive id {entry.gdrive_id}, e.g. `gdown --id {entry.gdrive_id} -O {path}`)"
+    fetch = entry.fetch(path)
     obj = load_torch_file(
         path,
         what=f"RobustBench checkpoint {name}",
@@ -184,10 +251,11 @@ def load_robustbench_classifier(
         raise CheckpointError(
             f"RobustBench checkpoint {path} holds a {type(state).__name__}, not a state dict of named tensors"
         )
-    state = strip_prefixes(state, ("module.", "model."))
+    source = f"RobustBench checkpoint {path}"
+    state = entry.complete(strip_prefixes(state, ("module.", "model.")), source)
     with torch.device("meta"):  # no random init of 36M parameters that are overwritten next
         model = entry.build()
     expected = model.state_dict()
-    check_state_dict(state, expected, f"RobustBench checkpoint {path}")
+    check_state_dict(state, expected, source)
     model.load_state_dict({k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}, assign=True)
     return model.eval()

@@ -22,6 +22,7 @@ from advpure.attacks import attack_class, check_attack
 from advpure.config.compose import fingerprint, to_dict, to_yaml
 from advpure.core.errors import ConfigError
 from advpure.data import ImageDataModule
+from advpure.data.sources import class_names
 from advpure.jobs.artifacts import Artifacts
 from advpure.jobs.bench_loop import AttackCallback, DefendedClassifier
 from advpure.jobs.loggers import LoggerSpec, build_logger
@@ -192,7 +193,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
         header_lines=header_lines(cfg, plan),
         labels=plan.labels,
         merge=cfg.defense.merge,
-        plan=report_plan(plan, spec.class_names),
+        plan=report_plan(plan, class_names(cfg.data.name, cfg.data.root, cfg.paths.data)),
         meta={"config": to_dict(cfg)},
     )
     callbacks = [

@@ -25,10 +25,11 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from advpure.config.compose import fingerprint
-from advpure.core.errors import CheckpointError, RunDirError
+from advpure.core.errors import CheckpointError, DataError, RunDirError
 from advpure.core.fsio import write_text_atomic
 from advpure.core.safe_load import check_torch_file, describe_load_error
 from advpure.data import ImageDataModule
+from advpure.data.sources import unavailable
 from advpure.jobs.artifacts import Artifacts
 from advpure.jobs.loggers import LoggerSpec, build_logger, finish_loggers
 from advpure.jobs.trainer import build_trainer, interruptible, launch_rank, say
@@ -297,15 +298,21 @@ class Stages:
 
     def ensure(self, kinds: list[str], *, train_missing: bool) -> None:
         """Every weights file of `kinds` exists, or is trained now (`train_missing`); otherwise a
-        one-line CheckpointError lists each missing file and how to get it."""
+        one-line CheckpointError lists each missing file and how to get it, and the dataset files
+        that cannot be downloaded when they are missing too (the ImageNet validation set). Those
+        alone are a one-line DataError."""
         missing = self.artifacts.missing(kinds)
+        data = unavailable(self.data.name, self.data.root, self.paths.data)
         if not missing:
+            if data is not None:
+                raise DataError(data)
             return
         untrainable = [k for k in missing if not net_kind(k).trainable or not self._trainable_here(k)]
-        if not train_missing or untrainable:
+        if not train_missing or untrainable or data is not None:
             raise CheckpointError(
                 f"missing weights ({len(missing)}): "
                 + "; ".join(self.artifacts.how_to_get(k) for k in missing)
+                + ("" if data is None else f"; and missing data: {data}")
             )
         say(f"training what is missing: {', '.join(missing)}")
         self.train(tuple(missing))

@@ -100,8 +100,9 @@ class Classifier(NetKind):
             from advpure.importers.robustbench import MODELS
 
             entry = MODELS.get((data_name, block.threat_model, block.robustbench_name))
-            where = entry.url if entry is not None else "the RobustBench model zoo"
-            return f"{path}: the RobustBench '{block.robustbench_name}' model, download {where} to this path"
+            if entry is None:
+                return f"{path}: the RobustBench '{block.robustbench_name}' model, from the RobustBench model zoo"
+            return f"{path}: the RobustBench '{block.robustbench_name}' model: {entry.fetch(path)}"
         return super().how_to_get(block, path, data_name, experiment)
 
     @classmethod
