@@ -76,7 +76,7 @@ def _examples(defense, attack, n, eps, rng, first=0):
 
 # --- labels: the paper's names, one place -------------------------------------------------------------
 def test_fig2_arms_are_the_papers_names_in_table_rows_and_bars():
-    """The four defenses of experiments/fmnist_fig2.yaml read as Fig. 2's {DSM, ML-EBM} x {Det,
+    """The four defenses of conf/experiment/fmnist_fig2.yaml read as Fig. 2's {DSM, ML-EBM} x {Det,
     Langevin}, with the same strings in the table rows and on the bar chart's ticks."""
     from advpure.config import compose as C
     from advpure.jobs.plan import build_plan

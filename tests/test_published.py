@@ -1,6 +1,6 @@
 """The Croce et al. 2022 setting from published weights, in miniature: synthetic CIFAR-10 pickles, an
 official-format NCSNv2 checkpoint imported by `advpure import-weights`, a RobustBench `Standard`
-file in the model directory, and `experiments/cifar10_croce2022.yaml` run end to end offline; and,
+file in the model directory, and `conf/experiment/cifar10_croce2022.yaml` run end to end offline; and,
 without the files, one error that lists them and how to get them."""
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ def header_lines(cfg: DictConfig, indices: list[int], base_lines: list[str], max
         lines.append(
             "smaller than Cohen et al.'s CIFAR-10 protocol (N = 100,000, n0 = 100, α = 0.001, 500 images)"
             + (f": {', '.join(small)}" if small else f" in dataset ({cfg.data.name})")
-            + "; see experiments/cifar10_certify.yaml"
+            + "; see conf/experiment/cifar10_certify.yaml"
         )
     return lines
 

@@ -272,7 +272,7 @@ def header_lines(cfg: DictConfig, plan: Plan) -> list[str]:
     lines.append(f"protocols: {names} (N={bc.worst_of_n})")
     if cfg.data.name != "cifar10" or bc.n_images < 10000:
         lines.append(
-            "smaller than the ADP paper's protocol (CIFAR-10, 10k images, WRN-28-10): see experiments/cifar10_paper.yaml"
+            "smaller than the ADP paper's protocol (CIFAR-10, 10k images, WRN-28-10): see conf/experiment/cifar10_paper.yaml"
         )
     capped = [f"{u.attack} on the first {u.spec.max_images}" for u in plan.table_units if u.spec.max_images]
     if capped:
