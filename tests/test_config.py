@@ -88,7 +88,7 @@ def test_experiment_given_on_the_command_line():
         ("defense.steps=0", ["defense.steps"]),
         ("defense.replicas=0", ["defense.replicas"]),
         ("defense.sigma=-0.1", ["defense.sigma"]),
-        ("data=imagenet", ["data option 'imagenet'", "fmnist"]),
+        ("data=tinyimagenet", ["data option 'tinyimagenet'", "fmnist"]),
         ("attack=[nope]", ["attack option 'nope'", "bpda40_eot15"]),
         ("experiment=nope", ["experiment 'nope'", "fmnist"]),
         ("attacks.nope.iters=1", ["attack 'nope' is not selected"]),

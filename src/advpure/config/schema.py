@@ -16,6 +16,7 @@ from typing import Any
 
 from advpure.attacks.base import EPS_HINT
 from advpure.core.params import at_least, between, choice, schema
+from advpure.data.sources import SPECS
 
 
 @schema
@@ -31,7 +32,7 @@ class PathsConfig:
 @schema
 @dataclass
 class DataConfig:
-    name: str = choice("fmnist", "fmnist", "mnist", "cifar10", "cifar100", "imagenet")
+    name: str = choice("fmnist", *SPECS)
     root: str | None = None  # the dataset's standard files; when set, the only place searched
     download: bool = True  # fetch from the canonical URL (checksummed) when no local copy exists
     val_size: int = at_least(5000, 0)  # held out from the training set with `split_seed`

@@ -3,13 +3,6 @@ the dataset registry with its file sources, on-device batch augmentation, and th
 `ImageDataModule`."""
 
 from advpure.data.augment import crop_at, hflip_where, random_crop, random_hflip, to_unit
-from advpure.data.datamodule import (
-    BatchDataset,
-    EvalBatchSampler,
-    ImageDataModule,
-    TrainBatchSampler,
-    is_empty_batch,
-)
 from advpure.data.imagenet import ValImages
 from advpure.data.readers import read_cifar_batch, read_idx
 from advpure.data.sources import (
@@ -28,6 +21,18 @@ from advpure.data.sources import (
     root_dirs,
     unavailable,
 )
+
+_LIGHTNING = ("BatchDataset", "EvalBatchSampler", "ImageDataModule", "TrainBatchSampler", "is_empty_batch")
+
+
+def __getattr__(name: str):
+    """The data module's names load Lightning: imported on first use, so reading a config does not."""
+    if name in _LIGHTNING:
+        from advpure.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module 'advpure.data' has no attribute {name!r}")
+
 
 __all__ = [
     "DEBIAN_FMNIST_DIR",

@@ -14,18 +14,19 @@ from typing import Any
 from advpure.core.params import at_least, between, choice, schema
 from advpure.nets.classifiers import CLASSIFIER_ARCHS, make_classifier
 from advpure.nets.registry import NetKind, register_net_kind
+from advpure.training.optim import OPTIMIZERS, SCHEDULES
 
 
 @schema
 @dataclass
 class OptimConfig:
-    name: str = choice("sgd", "sgd", "adam", "adamw")
+    name: str = choice("sgd", *OPTIMIZERS)
     lr: float = at_least(0.1, 0.0, strict=True)
     momentum: float = between(0.9, 0.0, 1.0)
     nesterov: bool = False
     weight_decay: float = at_least(5e-4, 0.0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = choice("cosine", "none", "cosine", "multistep", "onecycle")
+    schedule: str = choice("cosine", *SCHEDULES)
     milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.8])  # fractions of training
     gamma: float = between(0.2, 0.0, 1.0)
     grad_clip: float | None = None

@@ -11,8 +11,15 @@ import torch
 
 from advpure.core.params import at_least, between, choice, schema
 from advpure.core.rng import mix, stream_id
-from advpure.nets.ebm import energy_net_from_arch, estimate_field_scale, load_energy_field
+from advpure.nets.ebm import (
+    EBM_ACTIVATIONS,
+    EBM_ARCHS,
+    energy_net_from_arch,
+    estimate_field_scale,
+    load_energy_field,
+)
 from advpure.nets.registry import NetKind, register_net_kind
+from advpure.training.mcmc import INITS
 
 
 @schema
@@ -22,9 +29,9 @@ class EBMConfig:
     (Hill, Mitchell & Zhu, ICLR 2021). Defaults: their CIFAR-10 run (conf/ebm/ebm_cifar10.yaml says
     where each number comes from); pixel units are [0, 1]."""
 
-    arch: str = choice("conv", "conv")  # Hill et al.'s lightweight conv EBM
+    arch: str = choice("conv", *EBM_ARCHS)  # Hill et al.'s lightweight conv EBM
     nf: int = at_least(32, 1)  # base channels (Hill et al.: 32)
-    activation: str = choice("silu", "silu", "softplus", "elu", "leaky_relu")  # Hill et al.: leaky_relu
+    activation: str = choice("silu", *EBM_ACTIVATIONS)  # Hill et al.: leaky_relu
     leak: float = at_least(0.05, 0.0)  # negative slope of leaky_relu
     batch_size: int = at_least(100, 1)
     lr: float = at_least(1e-4, 0.0, strict=True)  # Adam
@@ -39,7 +46,7 @@ class EBMConfig:
     data_noise: float = at_least(0.01, 0.0)  # std of the noise added to data images (positives)
     buffer_size: int = at_least(10000, 0)  # persistent chains (0: fresh short-run chains every step)
     reinit_prob: float = between(0.0, 0.0, 1.0)  # restart probability of a drawn chain
-    init: str = choice("uniform", "uniform", "data")  # where restarted chains start
+    init: str = choice("uniform", *INITS)  # where restarted chains start
     clamp: bool = False  # clip chains to [0, 1] after every Langevin step
     energy_bound: float = at_least(1e4, 0.0, strict=True)  # stop when max |E| exceeds this
     max_steps: int = at_least(250_000, 1)

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 
 from advpure.core.params import at_least, between, choice, schema
-from advpure.nets.ncsnv2 import make_score_net
+from advpure.nets.ncsnv2 import SCORE_ARCHS, make_score_net
 from advpure.nets.registry import Importer, NetKind, register_net_kind
 
 NCSNV2_CIFAR10_URL = "https://drive.google.com/drive/folders/1217uhIvLg9ZrYNKOR3XTRFSurt4miQrd"
@@ -21,7 +21,7 @@ NCSNV2_CIFAR10_URL = "https://drive.google.com/drive/folders/1217uhIvLg9ZrYNKOR3
 @schema
 @dataclass
 class ScoreConfig:
-    arch: str = choice("ncsnv2", "ncsnv2")
+    arch: str = choice("ncsnv2", *SCORE_ARCHS)
     ngf: int = at_least(128, 1)  # base channels: 128 = the paper's CIFAR-10 net
     # DSM noise levels (Song & Ermon 2020): L geometric levels dsm_sigma_max -> dsm_sigma_min
     dsm_sigma_max: float = at_least(50.0, 0.0, strict=True)

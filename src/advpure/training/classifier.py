@@ -10,30 +10,7 @@ from torch import nn
 from advpure.core.errors import TrainingError
 from advpure.data.augment import gaussian_noise
 from advpure.nets.classifiers import make_classifier
-
-
-def build_optimizer(params, oc) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam or AdamW from the classifier's `optim` config block."""
-    if oc.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov, weight_decay=oc.weight_decay
-        )
-    if oc.name == "adam":
-        return torch.optim.Adam(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
-    return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
-
-
-def build_schedule(opt, oc, total_steps: int):
-    """Step-wise schedules over the whole run (`total_steps` optimizer steps)."""
-    total_steps = max(1, int(total_steps))
-    if oc.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    if oc.schedule == "multistep":
-        milestones = sorted({max(1, int(m * total_steps)) for m in oc.milestones})
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=oc.gamma)
-    if oc.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=oc.lr, total_steps=total_steps, pct_start=0.25)
-    return None
+from advpure.training.optim import build_optimizer, build_schedule
 
 
 class ClassifierModule(L.LightningModule):
