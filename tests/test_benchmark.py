@@ -185,11 +185,17 @@ def test_kill_9_then_rerun_gives_identical_results_without_redoing_batches(tmp_p
 
     work = tmp_path / "work"
     store = work / "runs/benchmark/fmnist/records/rank0.sqlite"
-    kill_9_after(_bench_cmd(work, tiny_artifacts, **extra), store, "batches", 4, poll=0.05)
+    logged = {**extra, "logger.kind": "wandb"}  # one W&B run for the run dir, across the kill
+    kill_9_after(_bench_cmd(work, tiny_artifacts, **logged), store, "batches", 4, poll=0.05)
     assert not (work / "runs/benchmark/fmnist/results.json").exists(), "finished before the kill"
     before = {(b.defense, b.attack, b.batch): b for b in load_batches(work / "runs/benchmark/fmnist")}
     assert before
-    subprocess.run(_bench_cmd(work, tiny_artifacts, **extra), check=True, capture_output=True, timeout=600)
+    subprocess.run(_bench_cmd(work, tiny_artifacts, **logged), check=True, capture_output=True, timeout=600)
+    runs = sorted((work / "runs/benchmark/fmnist/wandb").glob("offline-run-*"))
+    assert (
+        runs and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1
+    )  # one run id: `wandb sync` makes one run
+    assert all(f.stat().st_size > 7 for r in runs for f in r.glob("run-*.wandb"))  # no empty run left
     after = {(b.defense, b.attack, b.batch): b for b in load_batches(work / "runs/benchmark/fmnist")}
     for k, b in before.items():
         assert after[k].seconds == b.seconds  # not redone: its stored timing is untouched
