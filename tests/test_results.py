@@ -368,7 +368,8 @@ def test_markdown_console_csv_json(tmp_path):
     recs, batches = _hand_records()
     rows = summarize(recs, batches)
     header = ["FMNIST, first 6 test images, eps=0.1", "ADP sigma=0.25, S=10, T=10"]
-    md = to_markdown(rows, header_lines=header)
+    assert CITED_HEADING not in to_markdown(rows, header_lines=header)  # only the experiment's cited tables
+    md = to_markdown(rows, header_lines=header, cited=["adp_paper", "adp_reevaluations"])
     measured, cited = md.split(CITED_HEADING)
     assert all(line in measured for line in header)
     # one column per protocol, in registration order, headed by its label

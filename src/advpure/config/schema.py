@@ -98,6 +98,9 @@ class BenchmarkConfig:
     protocols: list[str] = field(
         default_factory=lambda: ["single", "worst_of_n", "mean_of_n", "ever_broken", "dwbox"]
     )  # worst_of_n and ever_broken bring their noise floors (eps = 0, as many evaluations)
+    # published tables printed after the results, as cited (`advpure.results.cited`: adp_paper,
+    # adp_reevaluations, diffpure_cifar10, gdmp_cifar10, diffpure_imagenet, or a user's)
+    cited: list[str] = field(default_factory=list)
     eps_sweep: list[float] = field(default_factory=list)  # robust accuracy vs eps plot
     sweep_attack: str | None = None  # attack used for the sweep (default: the first one)
     run_dir: str = "${paths.runs}/benchmark/${experiment}"

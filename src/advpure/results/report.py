@@ -36,6 +36,9 @@ class ReportPlan:
     descriptions: dict[str, str] = field(default_factory=dict)
     eps: dict[str, float] = field(default_factory=dict)  # attack key -> its l_inf budget (grid scale)
     class_names: tuple[str, ...] | None = None  # class index -> name, under the grid's images
+    cited: list[str] = field(
+        default_factory=list
+    )  # cited tables printed after the results (`benchmark.cited`)
 
 
 # captions under the figures (results.md, W&B), before the labels they explain
@@ -171,7 +174,9 @@ def write_report(
     plots, captions = _plots(run_dir, rows, table, traces, plan, labels, merge)
     sections.append(labels_markdown((r["attack"] for r in table), labels, plan.descriptions))
     sections.append(figures_markdown(plots, captions, run_dir))
-    md = to_markdown(table, header_lines=header_lines, merge=merge, sections=[s for s in sections if s])
+    md = to_markdown(
+        table, header_lines=header_lines, merge=merge, sections=[s for s in sections if s], cited=plan.cited
+    )
     write_text_atomic(run_dir / "results.md", md, what="results file")
     shown = [r for r in table if r["merge"] == merge]
     warnings = [c for c in checks if c.status == "warn"]
