@@ -201,6 +201,8 @@ def ddpmpp_kind(tmp_path, monkeypatch):
     from helpers.registries import isolated_registries
 
     monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(tmp_path))
+    import advpure.kinds  # noqa: F401 (the built-in kinds registered before the snapshot)
+
     with isolated_registries():
         from helpers.standin_ddpmpp import register
 

@@ -20,6 +20,8 @@ def ddpmpp(tmp_path, monkeypatch):
     conf = tmp_path / "userconf"
     conf.mkdir()
     monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(conf))
+    import advpure.kinds  # noqa: F401 (the built-in kinds registered before the snapshot)
+
     with isolated_registries():
         from helpers.standin_ddpmpp import register
 

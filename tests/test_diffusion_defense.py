@@ -28,6 +28,8 @@ def _toy_kind_and_one_thread():
     """The `toy_eps` network kind registered (signature eps(u, t)); tiny nets run on one thread."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    import advpure.kinds  # noqa: F401 (the built-in kinds registered before the snapshot)
+
     with isolated_registries():
         import helpers.toy_kind  # noqa: F401 (registers toy_eps)
 
