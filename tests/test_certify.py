@@ -179,12 +179,19 @@ def small_nets(seed: int = 0):
     return clf.eval().requires_grad_(False), score.eval().requires_grad_(False)
 
 
+def eps_net() -> dict:
+    """{"eps": a small random diffusion eps-net} for the `diffusion` base (Carlini et al. 2023)."""
+    from helpers.diffusion_toys import TinyEps
+
+    return {"eps": TinyEps(channels=1).eval().requires_grad_(False)}
+
+
 @pytest.mark.parametrize("name", list(BASES))
 def test_counts_do_not_depend_on_batch_size_chunking_or_image_order(name):
     clf, score = small_nets()
     sigma, n0, n = 0.25, 10, 70
     params = {"steps": 2} if name == "adp" else {}
-    base = build_base(name, clf, sigma, score_net=score, **params)
+    base = build_base(name, clf, sigma, score_net=score, nets=eps_net(), **params)
     gen = torch.Generator().manual_seed(5)
     x = torch.rand((3, 1, 28, 28), generator=gen)
     idx = [10, 3, 42]
@@ -304,7 +311,9 @@ def _certified_then_attacked(tiny_artifacts, name: str, attack: dict):
 @pytest.mark.parametrize("name", list(BASES))
 def test_pgd_l2_differentiates_through_every_base_and_stays_in_the_ball(name):
     clf, score = small_nets()
-    base = build_base(name, clf, 0.25, score_net=score, **({"steps": 2} if name == "adp" else {}))
+    base = build_base(
+        name, clf, 0.25, score_net=score, nets=eps_net(), **({"steps": 2} if name == "adp" else {})
+    )
     x = torch.rand((2, 1, 28, 28), generator=torch.Generator().manual_seed(2))
     eps = torch.tensor([0.3, 0.1])
     with torch.inference_mode():  # callable from inference code (a certify loop) too

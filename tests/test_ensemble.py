@@ -542,6 +542,8 @@ def test_robust_under_follows_each_protocols_definition():
     assert robust_under(["ever_broken"])(v, path).tolist() == [True, False, False, False]
     assert robust_under(["ever_broken"])(v, None).tolist() == [True, False, False, True]  # no path: draw 0
     assert robust_under(["worst_of_n", "worst_of_n_floor"])(v, None).tolist() == [True, False, False, False]
+    assert robust_under(["majority_of_n"])(v, None).tolist() == [True, False, False, True]  # > N/2 correct
+    assert judging_draws(["single", "majority_of_n"], 10) == 10
     assert judging_draws(["single", "ever_broken", "dwbox"], 10) == 1
     assert judging_draws(["single", "mean_of_n"], 10) == 10 and judging_draws(None, 10) == 1
 

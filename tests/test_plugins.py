@@ -34,7 +34,7 @@ def user_root(tmp_path, monkeypatch) -> Path:
 def test_user_purifier_attack_and_protocol_run_end_to_end(tmp_path, tiny_artifacts, user_root):
     from advpure.jobs.benchmark import benchmark
 
-    protocols = "[single,worst_of_n,mean_of_n,ever_broken,helpers.toy_plugins:majority_of_n]"
+    protocols = "[single,worst_of_n,mean_of_n,ever_broken,helpers.toy_plugins:toy_majority]"
     over = tiny_bench(
         tmp_path,
         tiny_artifacts,
@@ -62,19 +62,19 @@ def test_user_purifier_attack_and_protocol_run_end_to_end(tmp_path, tiny_artifac
     assert fgsm["defense"] == "quantize" and fgsm["defense_label"] == "Quantize L=3"
     # the toy protocol's numbers are recomputed from its own per-sample records
     recs = [r for r in load_records(run) if r.attack == "fgsm" and r.merge == "softmax"]
-    maj = [r.value for r in recs if r.protocol == "majority_of_n"]
-    assert len(maj) == 4 and fgsm["majority_of_n"] == pytest.approx(sum(maj) / 4)
+    maj = [r.value for r in recs if r.protocol == "toy_majority"]
+    assert len(maj) == 4 and fgsm["toy_majority"] == pytest.approx(sum(maj) / 4)
     single = {r.idx: r.value for r in recs if r.protocol == "single"}
     assert fgsm["single"] == pytest.approx(sum(single.values()) / 4)
     # a deterministic purifier: every draw agrees, so majority = worst = single per sample
     worst = {r.idx: r.value for r in recs if r.protocol == "worst_of_n"}
-    assert {r.idx: r.value for r in recs if r.protocol == "majority_of_n"} == worst == single
+    assert {r.idx: r.value for r in recs if r.protocol == "toy_majority"} == worst == single
     # W&B: the same numbers under metric names derived from the registrations
     from helpers.wandb_offline import find_run_files, read_run
 
     summary = read_run(find_run_files(run)[0])["summary"]
-    key = f"robust/{fgsm['defense']}/fgsm/majority_of_n"
-    assert summary[key] == pytest.approx(fgsm["majority_of_n"], abs=1e-6)
+    key = f"robust/{fgsm['defense']}/fgsm/toy_majority"
+    assert summary[key] == pytest.approx(fgsm["toy_majority"], abs=1e-6)
 
 
 def test_unknown_user_kinds_are_one_line_errors(user_root):
@@ -82,7 +82,7 @@ def test_unknown_user_kinds_are_one_line_errors(user_root):
         ("defense.kind=helpers.toy_plugins:Nope", "has no 'Nope'"),
         ("defense.kind=no_such_module:X", "cannot import module 'no_such_module'"),
         ("benchmark.protocols=[single,helpers.toy_plugins:nothing]", "has no 'nothing'"),
-        ("defense.kind=helpers.toy_plugins:majority_of_n", "not a subclass of Purifier"),
+        ("defense.kind=helpers.toy_plugins:toy_majority", "not a subclass of Purifier"),
     ]:
         with pytest.raises(ConfigError) as e:
             C.load("fmnist", [over])

@@ -263,6 +263,39 @@ def test_protocol_records_by_hand():
     assert check_consistency(recs) == 10
 
 
+def test_majority_of_n_and_its_floor():
+    """DiffBreak's majority vote: robust when more than half of the N draws are correct (a tie is not);
+    its floor is the same vote over the first N clean classifications, and it comes with the protocol."""
+    from advpure.results.protocols import Observations, with_floors
+
+    t, f = True, False
+    final = torch.tensor([[t, t, f, f, t], [t, f, f, t, f], [t, t, f, t, f], [t, f, t, f, f]])  # N=4, B=5
+    out = protocol_records(final, protocols=["single", "worst_of_n", "mean_of_n", "majority_of_n"])
+    assert out["majority_of_n"].tolist() == [t, f, f, f, f]  # col 1 and col 3: 2 of 4, a tie
+    assert out["majority_of_n"].tolist() != (out["mean_of_n"] >= 0.5).tolist()
+    three = protocol_records(final[:3], protocols=["majority_of_n"])["majority_of_n"]
+    assert three.tolist() == [t, t, f, t, f]  # 2 of 3 is a majority
+    assert (
+        protocol_records(final[:1], protocols=["majority_of_n"])["majority_of_n"].tolist()
+        == final[0].tolist()
+    )
+    clean = torch.tensor([[t, f], [t, f], [f, t], [f, t], [f, t]])  # M = 5 rows; the floor reads N = 3
+    floor = protocol_records(
+        final, protocols=["majority_of_n_floor"], clean=Observations(clean, n=3, path_len=4)
+    )
+    assert floor["majority_of_n_floor"].tolist() == [t, f]
+    assert with_floors(["single", "majority_of_n"]) == ["single", "majority_of_n", "majority_of_n_floor"]
+    recs = records_for("d", "a", torch.arange(5), {"softmax": out})
+    assert check_consistency(recs) == 5
+    for bad in (
+        [("d", "a", "mean_of_n", "vote", 7, 0.75), ("d", "a", "majority_of_n", "vote", 7, 0.0)],
+        [("d", "a", "mean_of_n", "vote", 7, 0.5), ("d", "a", "majority_of_n", "vote", 7, 1.0)],
+        [("d", "a", "worst_of_n", "vote", 7, 1.0), ("d", "a", "majority_of_n", "vote", 7, 0.0)],
+    ):
+        with pytest.raises(ValueError, match="majority_of_n"):
+            check_consistency(bad)
+
+
 def test_check_consistency_catches_violations():
     good = [
         ("d", "a", "single", "softmax", 0, 1.0),
@@ -335,7 +368,8 @@ def test_markdown_console_csv_json(tmp_path):
     recs, batches = _hand_records()
     rows = summarize(recs, batches)
     header = ["FMNIST, first 6 test images, eps=0.1", "ADP sigma=0.25, S=10, T=10"]
-    md = to_markdown(rows, header_lines=header)
+    assert CITED_HEADING not in to_markdown(rows, header_lines=header)  # only the experiment's cited tables
+    md = to_markdown(rows, header_lines=header, cited=["adp_paper", "adp_reevaluations"])
     measured, cited = md.split(CITED_HEADING)
     assert all(line in measured for line in header)
     # one column per protocol, in registration order, headed by its label

@@ -60,10 +60,10 @@ class FGSM(Attack):
 
 
 @register_protocol(
-    "majority_of_n",
+    "toy_majority",
     label="Majority-of-N (toy)",
     legend="robust if more than half of the N draws are correct",
     at_most=(),
 )
-def majority_of_n(obs):
+def toy_majority(obs):
     return obs.final.float().mean(0) > 0.5

@@ -24,7 +24,7 @@ protocols decide it (`continue_on`):
   `run_attack`, the benchmark's protocols) would still count it robust on those draws: its value
   on them is > 0. Per protocol that is: single — draw 0 correct; worst_of_n — all N correct;
   mean_of_n — at least one of the N correct (its value is the fraction correct, so an image is
-  given up only when it is wrong on every draw); a majority vote — more than N/2 correct;
+  given up only when it is wrong on every draw); majority_of_n — more than N/2 correct;
   ever_broken — correct at every iterate of the stages so far and on draw 0 (once broken along the
   path it stays broken); dwbox (its own run on the frozen defense) — draw 0 correct. A protocol
   that needs the path when none is tracked counts as single. Under worst-of-N alone this is

@@ -405,6 +405,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must include 'single' (the natural and CI rows use it)")
     for name in cfg.benchmark.defenses:
         defense_option(name)  # an unknown option or a bad block: one line naming it
+    from advpure.results.cited import CITED
+
+    for name in cfg.benchmark.cited:
+        if name not in CITED:
+            raise ConfigError(
+                f"benchmark.cited: unknown cited table '{name}'; allowed: {', '.join(CITED.names())}"
+            )
     if cfg.benchmark.sigmas and not hasattr(purifier_class(cfg.defense.kind).Params, "sigma"):
         raise ConfigError(f"benchmark.sigmas: defense kind '{cfg.defense.kind}' has no screening sigma")
     for sigma in cfg.benchmark.sigmas:

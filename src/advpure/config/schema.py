@@ -99,6 +99,9 @@ class BenchmarkConfig:
     protocols: list[str] = field(
         default_factory=lambda: ["single", "worst_of_n", "mean_of_n", "ever_broken", "dwbox"]
     )  # worst_of_n and ever_broken bring their noise floors (eps = 0, as many evaluations)
+    # published tables printed after the results, as cited (`advpure.results.cited`: adp_paper,
+    # adp_reevaluations, diffpure_cifar10, gdmp_cifar10, diffpure_imagenet, or a user's)
+    cited: list[str] = field(default_factory=list)
     eps_sweep: list[float] = field(default_factory=list)  # robust accuracy vs eps plot
     sweep_attack: str | None = None  # attack used for the sweep (default: the first one)
     run_dir: str = "${paths.runs}/benchmark/${experiment}"
@@ -118,10 +121,13 @@ class BenchmarkConfig:
 @dataclass
 class CertifyConfig:
     """`advpure certify`: randomized smoothing (Cohen et al. 2019) of the classifier with each base
-    (noisy | denoised | adp) at each sigma. ADP's parameters come from the `defense` block (kind adp)."""
+    (noisy | denoised | adp | diffusion) at each sigma. ADP's parameters come from the `defense` block
+    (kind adp); the diffusion base's eps-net is the network kind `diffusion_net`."""
 
     sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5])  # smoothing noise std, [0, 1] units
     bases: list[str] = field(default_factory=lambda: ["noisy", "denoised", "adp"])
+    # network kind of the `diffusion` base's eps(u, t) net (Carlini et al. 2023's one-shot denoiser)
+    diffusion_net: str = "ddpmpp"
     n0: int = at_least(100, 1)  # selection draws (guess c_A)
     n: int = at_least(100_000, 1)  # estimation draws (bound p_A)
     alpha: float = between(0.001, 0.0, 0.5, strict=True)  # failure probability of each certificate

@@ -78,9 +78,12 @@ def open_run_dir(cfg: DictConfig, plan: Plan, artifacts: Artifacts) -> Path:
     )
 
 
-def report_plan(plan: Plan, class_names: tuple[str, ...] | None = None) -> ReportPlan:
+def report_plan(
+    plan: Plan, class_names: tuple[str, ...] | None = None, cited: list[str] | None = None
+) -> ReportPlan:
     """What the report needs to know about the plan's units (table order, worst case, checks, the
-    labels' descriptions and budgets for the figures); `class_names` label the example grid."""
+    labels' descriptions and budgets for the figures); `class_names` label the example grid; `cited`:
+    the cited tables printed after the results (`benchmark.cited`)."""
     main = list(dict.fromkeys(u.attack for u in plan.table_units))
     kinds = {u.attack: u.spec for u in plan.table_units}
     return ReportPlan(
@@ -100,6 +103,7 @@ def report_plan(plan: Plan, class_names: tuple[str, ...] | None = None) -> Repor
         descriptions=dict(plan.descriptions),
         eps={u.attack: u.eps for u in plan.units},
         class_names=class_names,
+        cited=list(cited or []),
     )
 
 
@@ -193,7 +197,7 @@ def benchmark(cfg: DictConfig) -> dict | None:
         header_lines=header_lines(cfg, plan),
         labels=plan.labels,
         merge=cfg.defense.merge,
-        plan=report_plan(plan, class_names(cfg.data.name, cfg.data.root, cfg.paths.data)),
+        plan=report_plan(plan, class_names(cfg.data.name, cfg.data.root, cfg.paths.data), list(bc.cited)),
         meta={"config": to_dict(cfg)},
     )
     callbacks = [

@@ -1,5 +1,5 @@
 """`advpure certify`: certified l2 robustness by randomized smoothing (Cohen, Rosenfeld & Kolter 2019)
-of the classifier with each base classifier (noisy | denoised | adp) at each sigma.
+of the classifier with each base classifier (noisy | denoised | adp | diffusion) at each sigma.
 
 Reads top to bottom:
   1. plan_units       (base, sigma) pairs, ADP parameters, the noisy base's classifier per sigma;
@@ -46,11 +46,23 @@ class CertifyPlan:
     units: list[tuple[str, float]]  # (base, sigma) in table order: bases outer, sigmas inner
     adp: dict = field(default_factory=dict)  # lam, delta, tau, steps of the adp base
     noisy_paths: dict[float, Path] = field(default_factory=dict)  # sigma -> classifier of the noisy base
+    options: dict = field(default_factory=dict)  # certify settings the bases read (diffusion_net)
 
     @property
     def nets(self) -> list[str]:
         """The network kinds the bases need besides the classifier, in first-use order."""
-        return list(dict.fromkeys(k for b, _ in self.units for k in BASES.get(b).nets().values()))
+        return list(dict.fromkeys(k for b, _ in self.units for k in self.slots(b).values()))
+
+    def slots(self, base: str) -> dict[str, str]:
+        """{slot: network kind} of base `base` under this plan's options."""
+        return BASES.get(base).nets(self.options)
+
+    def params(self, base: str) -> dict:
+        """What a (base, sigma) unit depends on besides sigma and weights: ADP's parameters, the
+        diffusion base's net kind."""
+        if base == "adp":
+            return self.adp
+        return {"diffusion_net": self.options["diffusion_net"]} if base == "diffusion" else {}
 
 
 def noisy_classifier_path(template: str | None, main: Path, sigma: float) -> Path:
@@ -76,13 +88,13 @@ def plan_units(cfg: DictConfig, artifacts: Artifacts) -> CertifyPlan:
                 f"'{cfg.defense.kind}'; use defense=adp or drop adp"
             )
         adp = {k: cfg.defense[k] for k in BASES.get("adp").params}
-    plan = CertifyPlan(units, adp)
+    plan = CertifyPlan(units, adp, options={"diffusion_net": str(cc.diffusion_net)})
     if "score" in plan.nets:
         path = artifacts.path("score")
         meta = read_weights(path).get("meta", {}) if path.exists() else None
         lo, hi = score_sigma_range(meta, artifacts.blocks["score"])
         for base, sigma in units:
-            if "field" in BASES.get(base).nets():
+            if "field" in plan.slots(base):
                 check_sigma_covered(sigma, lo, hi)
     if "noisy" in cc.bases:
         main = artifacts.path("classifier")
@@ -158,11 +170,11 @@ def build_bases(plan: CertifyPlan, artifacts: Artifacts) -> tuple[dict, dict, li
             bases[(name, sigma)] = build_base(name, net, sigma)
             unit_weights[unit_key(name, sigma)] = {"classifier": digest}
         else:
-            slots = BASES.get(name).nets()
+            slots = plan.slots(name)
             params = plan.adp if name == "adp" else {}
             by_slot = {slot: nets[kind] for slot, kind in slots.items()}
             bases[(name, sigma)] = build_base(
-                name, classifier, sigma, nets=by_slot, score_range=score_range, **params
+                name, classifier, sigma, nets=by_slot, score_range=score_range, options=plan.options, **params
             )
             unit_weights[unit_key(name, sigma)] = {
                 "classifier": hashes["classifier"],
@@ -196,6 +208,18 @@ def build_bases(plan: CertifyPlan, artifacts: Artifacts) -> tuple[dict, dict, li
                 f"adp = ADP's adaptive deterministic updates from x~ (T={a['steps']}, λ={a['lam']:g}, "
                 f"δ={a['delta']:g}, τ={a['tau']:g}; Yoon et al. 2021) with the same score net, then the classifier {c}"
             )
+    if "diffusion" in names:
+        kind = plan.options["diffusion_net"]
+        steps = ", ".join(
+            f"σ={s:g}: t={bases[(b, s)].t:.4g}, ᾱ={bases[(b, s)].alpha_bar:.4g}"
+            for b, s in plan.units
+            if b == "diffusion"
+        )
+        lines.append(
+            f"diffusion = one-shot denoising x̂0 of x~ scaled into diffusion space at the step with "
+            f"√((1−ᾱ)/ᾱ) ≥ 2σ ({steps}) by the eps net `{kind}` {artifacts.path(kind)} (Carlini et al. 2023), "
+            f"then the classifier {c}"
+        )
     return bases, unit_weights, lines
 
 
@@ -223,7 +247,7 @@ def unit_fingerprints(plan: CertifyPlan, unit_weights: dict) -> dict[str, str]:
     out = {}
     for name, sigma in plan.units:
         key = unit_key(name, sigma)
-        params = plan.adp if name == "adp" else {}
+        params = plan.params(name)
         out[key] = fingerprint({"base": name, "sigma": sigma, "params": params, "weights": unit_weights[key]})
     return out
 

@@ -161,7 +161,7 @@ def build_plan(cfg: DictConfig) -> Plan:
                 named[key] = attack_label(spec, float(e))
                 units.append(Unit(dname, key, spec, float(e), step, named[key].short, sweep=True))
     if bc.checks:
-        for u in check_units(cfg, attacks, plan, {n: d.kind for n, d in defenses.items()}):
+        for u in check_units(cfg, attacks, plan, defenses):
             units.append(u)
             named[u.attack] = Label(u.label, u.label)
     named = _distinct_attack_labels(named, set(defenses))
@@ -198,7 +198,9 @@ def check_attack_name(cfg: DictConfig, attacks) -> str | None:
     return None
 
 
-def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]], kinds: dict[str, str]) -> list[Unit]:
+def check_units(
+    cfg: DictConfig, attacks, plan: dict[str, list[str]], blocks: dict[str, DictConfig]
+) -> list[Unit]:
     """The extra runs of the gradient-masking checks, on the first `check_images` images:
     `<a>@unbounded` (eps = 1 with the attack's step/eps ratio: every defense must fall to ~0%) for
     every defense, and `<a>@2x` (twice the iterations and EOT draws: must not lower robust accuracy
@@ -218,7 +220,7 @@ def check_units(cfg: DictConfig, attacks, plan: dict[str, list[str]], kinds: dic
         ratio_step = min(1.0, step / eps) if eps > 0 else step
         label = f"{attack_label(spec).short} @ ε=1 (check)"
         out.append(Unit(dname, f"{name}@unbounded", wide, 1.0, ratio_step, label, check="unbounded"))
-        if purifier_class(kinds[dname]).stochastic:
+        if purifier_class(blocks[dname].kind).is_stochastic(blocks[dname]):
             more = copy.deepcopy(spec)
             more.max_images = n
             for key in attack_class(spec.kind).budget_fields:

@@ -15,8 +15,8 @@ Times are the process's CPU seconds (`time.process_time`) with one intra-op thre
 machine shared with other jobs, wall time measures the neighbours as much as the code. Each figure is
 the minimum over `--repeats` interleaved rounds (ratios: of per-round ratios, the median).
 
-Not registered as a perf section (the leading underscore keeps `load_sections` from importing it);
-the lead may turn it into one.
+Not a perf section itself (the leading underscore keeps `load_sections` from importing it): the
+registered section `diffusion` (`advpure.perf.p5_diffusion`) measures the same figures, with its net.
 """
 
 from __future__ import annotations

@@ -105,6 +105,12 @@ class Purifier(nn.Module):
     stochastic: bool = True  # False: every draw is the same (attacks then use one draw)
 
     @classmethod
+    def is_stochastic(cls, p: Any) -> bool:
+        """Whether the purifier built from `p` is stochastic (`stochastic` of its instance), known
+        before any net is loaded: a diffusion purifier at t* = 0 is the identity, deterministic."""
+        return cls.stochastic
+
+    @classmethod
     def nets(cls, p: Any) -> dict[str, str]:
         """The networks the purifier needs: {slot: registered network kind}. `forward` gets one
         callable per slot (signature of the kind: f(x), eps(u, t), ...)."""

@@ -33,7 +33,10 @@ net too). Note for the lead: DiffPure feeds ADM nets the label floor(1000 t); th
 (`DiscreteSchedule.label`) is round(1000 t) - 1, one step lower.
 
 Noise: every draw from the RNG passed in (`SampleRNG`: keyed per image and draw, one call per step),
-through a `NoiseStream`; gradients by `run_chain` (`gradient_mode`: replay | autograd | checkpoint).
+through a `NoiseStream`; gradients by `run_chain` (`gradient_mode`: replay | autograd | checkpoint, all
+exact), or `surrogate` (Lee & Kim, ICCV 2023): an attack's gradient (and its loss) comes from the same
+solver on `surrogate_steps` equal steps from t* to t_end, by plain autograd; evaluations without
+gradient always run the full grid.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import torch
 from advpure.core.params import at_least, between, choice
 from advpure.nets.schedules import DiscreteSchedule, NoiseSchedule, VPSchedule
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
-from advpure.purify.replay import GRADIENT_MODES, NOISE_KEYS, NoiseStream, run_chain
+from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, NoiseStream, run_chain
 from advpure.purify.vp import (
     EpsFn,
     continuous_vp,
@@ -133,7 +136,9 @@ class DiffPurePurifier(Purifier):
         t_end: float = at_least(1e-5, 0.0)  # where the reverse solve stops (DiffPure: 1e-5)
         diffuse: str = choice("discrete", *DIFFUSE)  # abar of the initial diffusion (see the docstring)
         clamp: bool = False  # clip the purified image to [0, 1] (DiffBreak) instead of DiffPure's raw output
-        gradient_mode: str = choice("replay", *GRADIENT_MODES)  # how exact gradients are taken
+        # how full-gradient attacks differentiate: replay | autograd | checkpoint (exact), surrogate
+        gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)
+        surrogate_steps: int = at_least(10, 1)  # gradient_mode=surrogate: solver steps in the attack's graph
         noise_keys: str = choice("key", *NOISE_KEYS)  # replay noise from RNG keys or stored tensors
         check_replay: bool = False  # check every replayed step bit for bit (slow on GPU; tests)
         offload: bool = False  # keep the replay's stored states on the CPU
@@ -153,24 +158,34 @@ class DiffPurePurifier(Purifier):
         diffuse: str = "discrete",
         clamp: bool = False,
         gradient_mode: str = "replay",
+        surrogate_steps: int = 10,
         noise_keys: str = "key",
         check_replay: bool = False,
         offload: bool = False,
     ):
         super().__init__()
-        if not 0 <= t_star <= 1 or dt <= 0 or t_end < 0:
-            raise ValueError(f"need 0 <= t_star <= 1, dt > 0, t_end >= 0; got {t_star}, {dt}, {t_end}")
+        if not 0 <= t_star <= 1 or dt <= 0 or t_end < 0 or surrogate_steps < 1:
+            raise ValueError(
+                f"need 0 <= t_star <= 1, dt > 0, t_end >= 0, surrogate_steps >= 1; "
+                f"got {t_star}, {dt}, {t_end}, {surrogate_steps}"
+            )
         if mode not in MODES or diffuse not in DIFFUSE:
             raise ValueError(f"mode must be one of {MODES}, diffuse one of {DIFFUSE}; got {mode}, {diffuse}")
-        if gradient_mode not in GRADIENT_MODES or noise_keys not in NOISE_KEYS:
+        if gradient_mode not in PURIFIER_GRADIENT_MODES or noise_keys not in NOISE_KEYS:
             raise ValueError(f"unknown gradient_mode {gradient_mode!r} or noise_keys {noise_keys!r}")
         self.vp = continuous_vp(schedule)
         self.t_star, self.mode, self.clamp = float(t_star), mode, clamp
         self.times = diffpure_times(t_star, dt, t_end) if t_star > 0 else [0.0]
+        span, short = max(t_star - t_end, 0.0), surrogate_steps < len(self.times) - 1
+        self.surrogate_times = diffpure_times(t_star, span / surrogate_steps, t_end) if short else self.times
         self.alpha_bar0 = diffusion_alpha_bar(self.vp, t_star, diffuse)
         self.gradient_mode, self.store_noise = gradient_mode, noise_keys == "stored"
         self.check_replay, self.offload = check_replay, offload
         self.stochastic = t_star > 0
+
+    @classmethod
+    def is_stochastic(cls, p) -> bool:
+        return p.t_star > 0
 
     @classmethod
     def nets(cls, p) -> dict[str, str]:
@@ -178,13 +193,25 @@ class DiffPurePurifier(Purifier):
 
     @classmethod
     def from_params(cls, p, nets) -> DiffPurePurifier:
-        keys = ("t_star", "mode", "dt", "t_end", "diffuse", "clamp", "gradient_mode", "noise_keys")
-        kw = {k: getattr(p, k) for k in (*keys, "check_replay", "offload")}
+        keys = ("t_star", "mode", "dt", "t_end", "diffuse", "clamp", "gradient_mode", "surrogate_steps")
+        kw = {k: getattr(p, k) for k in (*keys, "noise_keys", "check_replay", "offload")}
         return cls(nets["eps"].schedule, **kw)
 
     @classmethod
     def describe(cls, p) -> str:
         return f"DiffPure t*={p.t_star:g}" + (", ODE" if p.mode == "ode" else "")
+
+    @classmethod
+    def settings(cls, p) -> str:
+        """E.g. "DiffPure t*=0.1: reverse VP-SDE (Euler-Maruyama), 100 steps of dt=0.001 to t=1e-05 ..."."""
+        steps = len(diffpure_times(p.t_star, p.dt, p.t_end)) - 1 if p.t_star > 0 else 0
+        solver = "reverse VP-SDE (Euler-Maruyama)" if p.mode == "sde" else "probability-flow ODE (Euler)"
+        grad = gradient_words(p.gradient_mode, p.surrogate_steps, "solver steps")
+        return (
+            f"{cls.describe(p)}: {p.diffuse} diffusion to t*, then {solver}, {steps} steps of dt={p.dt:g} "
+            f"to t={p.t_end:g}, eps net `{p.net}`, output {'clipped to [0, 1]' if p.clamp else 'not clipped'}; "
+            f"S={p.replicas} replicas merged by {p.merge}; full-gradient attacks: {grad}"
+        )
 
     def forward(self, x, rng, draws, fns, differentiable=False) -> PurifyResult:
         """x: (B, C, H, W) in [0, 1]; fns["eps"](u, t): u (R, C, H, W) in diffusion space, t (R,) in
@@ -194,14 +221,17 @@ class DiffPurePurifier(Purifier):
         n = torch.full((xr.shape[0],), len(self.times) - 1, dtype=torch.long, device=x.device)
         if self.t_star == 0:
             return PurifyResult(x=xr if differentiable else xr.detach(), steps=n, score_evals=n.clone())
-        chain = DiffPureChain(fns["eps"], self.vp, self.times, self.mode, self.alpha_bar0)
+        surrogate = self.gradient_mode == "surrogate" and differentiable and torch.is_grad_enabled()
+        times = self.surrogate_times if surrogate else self.times
+        chain = DiffPureChain(fns["eps"], self.vp, times, self.mode, self.alpha_bar0)
         noise = NoiseStream(rng, draws, x.detach(), store=self.store_noise)
+        n = torch.full_like(n, chain.n_steps)
         u = run_chain(
             chain,
             xr,
             noise,
             differentiable=differentiable,
-            gradient_mode=self.gradient_mode,
+            gradient_mode="autograd" if self.gradient_mode == "surrogate" else self.gradient_mode,
             check_replay=self.check_replay,
             offload=self.offload,
         )
@@ -209,4 +239,23 @@ class DiffPurePurifier(Purifier):
         return PurifyResult(x=out if differentiable else out.detach(), steps=n, score_evals=n.clone())
 
 
-__all__ = ["DIFFUSE", "MODES", "DiffPureChain", "DiffPurePurifier", "diffpure_times", "diffusion_alpha_bar"]
+def gradient_words(mode: str, surrogate_steps: int, unit: str) -> str:
+    """How a purifier's full-gradient attacks differentiate, in a few words (its `settings` line)."""
+    if mode == "surrogate":
+        return f"surrogate gradients through {surrogate_steps} {unit} (Lee & Kim 2023; approximate)"
+    return {
+        "replay": "exact, step-wise replay (memory flat in the steps)",
+        "checkpoint": "exact, per-step checkpointing",
+        "autograd": "exact, plain autograd",
+    }[mode]
+
+
+__all__ = [
+    "DIFFUSE",
+    "MODES",
+    "DiffPureChain",
+    "DiffPurePurifier",
+    "diffpure_times",
+    "diffusion_alpha_bar",
+    "gradient_words",
+]

@@ -36,6 +36,8 @@ differentiate through it: a second-order path.
 
 `steps = 0` or `rounds = 0` is the identity. Noise: every draw from the RNG passed in, through a
 `NoiseStream` (per round: the diffusion; per reverse step: the guidance target's eps', then z).
+`gradient_mode: surrogate` (Lee & Kim, ICCV 2023): an attack's gradient comes from the same rounds with
+each respaced to `surrogate_steps` reverse steps, by plain autograd (evaluations run the full chain).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ import torch.nn.functional as F
 from advpure.core.params import at_least, choice
 from advpure.nets.schedules import NoiseSchedule
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
-from advpure.purify.replay import GRADIENT_MODES, NOISE_KEYS, NoiseStream, run_chain
+from advpure.purify.diffpure import gradient_words
+from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, NoiseStream, run_chain
 from advpure.purify.vp import EpsFn, discrete_alpha_bars, time_rows, to_diffusion, to_image
 
 GUIDES = ("mse", "ssim", "none")
@@ -200,7 +203,7 @@ class GDMPPurifier(Purifier):
     @dataclass
     class Params(DefenseParams):
         kind: str = "gdmp"
-        net: str = "ddpm"  # registered network kind of the eps-prediction net (Ho et al. DDPM on CIFAR-10)
+        net: str = "ddpmpp"  # registered network kind of the eps-prediction net (GDMP's CIFAR-10: ddpm)
         replicas: int = at_least(1, 1)
         rounds: int = at_least(4, 0)  # m: diffuse-and-denoise rounds (4 on CIFAR-10)
         steps: int = at_least(36, 0)  # k: diffusion steps per round (36 on CIFAR-10)
@@ -212,7 +215,8 @@ class GDMPPurifier(Purifier):
         var: str = choice("large", *VARIANCES)  # reverse-step variance (Ho et al. CIFAR-10: fixedlarge)
         diffuse_extra_step: bool = True  # diffuse to step k, denoise from k-1 (GDMP's CIFAR-10 code)
         clamp: bool = True  # clip the output to [0, 1] (GDMP does)
-        gradient_mode: str = choice("replay", *GRADIENT_MODES)
+        gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)  # as DiffPure's
+        surrogate_steps: int = at_least(4, 1)  # gradient_mode=surrogate: reverse steps per round in the graph
         noise_keys: str = choice("key", *NOISE_KEYS)
         check_replay: bool = False
         offload: bool = False
@@ -236,6 +240,7 @@ class GDMPPurifier(Purifier):
         diffuse_extra_step: bool = True,
         clamp: bool = True,
         gradient_mode: str = "replay",
+        surrogate_steps: int = 4,
         noise_keys: str = "key",
         check_replay: bool = False,
         offload: bool = False,
@@ -249,8 +254,15 @@ class GDMPPurifier(Purifier):
             )
         if guide not in GUIDES or var not in VARIANCES or ptb <= 0 or guide_batch < 1:
             raise ValueError(f"invalid guide {guide!r}, var {var!r}, ptb {ptb} or guide_batch {guide_batch}")
-        if gradient_mode not in GRADIENT_MODES or noise_keys not in NOISE_KEYS:
-            raise ValueError(f"unknown gradient_mode {gradient_mode!r} or noise_keys {noise_keys!r}")
+        if (
+            gradient_mode not in PURIFIER_GRADIENT_MODES
+            or noise_keys not in NOISE_KEYS
+            or surrogate_steps < 1
+        ):
+            raise ValueError(
+                f"unknown gradient_mode {gradient_mode!r}, noise_keys {noise_keys!r} or surrogate_steps {surrogate_steps}"
+            )
+        self.surrogate_steps = surrogate_steps
         self.rounds, self.steps, self.respace = rounds, steps, respace
         self.guide, self.ptb, self.guide_batch, self.var = guide, ptb, guide_batch, var
         self.scale = guide_scale if guide_scale is not None else GUIDE_SCALES.get(guide, 1.0)
@@ -260,26 +272,52 @@ class GDMPPurifier(Purifier):
         self.stochastic = rounds > 0 and steps > 0
 
     @classmethod
+    def is_stochastic(cls, p) -> bool:
+        return p.rounds > 0 and p.steps > 0
+
+    @classmethod
     def nets(cls, p) -> dict[str, str]:
         return {"eps": p.net}
 
     @classmethod
     def from_params(cls, p, nets) -> GDMPPurifier:
         keys = ("rounds", "steps", "respace", "guide", "guide_scale", "ptb", "guide_batch", "var")
-        keys += ("diffuse_extra_step", "clamp", "gradient_mode", "noise_keys", "check_replay", "offload")
+        keys += ("diffuse_extra_step", "clamp", "gradient_mode", "surrogate_steps", "noise_keys")
+        keys += ("check_replay", "offload")
         return cls(nets["eps"].schedule, **{k: getattr(p, k) for k in keys})
 
     @classmethod
     def describe(cls, p) -> str:
         return f"GDMP {p.rounds}x{p.steps}" + (f", {p.guide.upper()} guidance" if p.guide != "none" else "")
 
-    def chain(self, eps: EpsFn) -> GDMPChain:
+    @classmethod
+    def settings(cls, p) -> str:
+        """E.g. "GDMP 4x36, MSE guidance: 4 rounds of diffusing to step 36 and 36 guided DDPM steps ..."."""
+        reverse = min(p.respace, p.steps) if p.respace else p.steps
+        guide = (
+            f"{p.guide.upper()} guidance (scale {p.guide_scale or GUIDE_SCALES[p.guide]:g}, ptb {p.ptb:g}/255, "
+            f"per image / {p.guide_batch})"
+            if p.guide != "none"
+            else "no guidance"
+        )
+        grad = gradient_words(p.gradient_mode, p.surrogate_steps, "reverse steps per round")
+        return (
+            f"{cls.describe(p)}: {p.rounds} rounds of diffusing to step {p.steps} and {reverse} ancestral "
+            f"DDPM steps (var {p.var}), {guide}, eps net `{p.net}`, output "
+            f"{'clipped to [0, 1]' if p.clamp else 'not clipped'}; S={p.replicas} replicas merged by "
+            f"{p.merge}; full-gradient attacks: {grad}"
+        )
+
+    def chain(self, eps: EpsFn, surrogate: bool = False) -> GDMPChain:
+        respace = self.respace
+        if surrogate:
+            respace = min(self.surrogate_steps, respace or self.steps)
         return GDMPChain(
             eps,
             self.alpha_bars,
             rounds=self.rounds,
             steps=self.steps,
-            respace=self.respace,
+            respace=respace,
             guide=self.guide,
             scale=self.scale,
             ptb=self.ptb,
@@ -295,14 +333,15 @@ class GDMPPurifier(Purifier):
         if not self.stochastic:
             zero = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
             return PurifyResult(x=xr if differentiable else xr.detach(), steps=zero, score_evals=zero.clone())
-        chain = self.chain(fns["eps"])
+        surrogate = self.gradient_mode == "surrogate" and differentiable and torch.is_grad_enabled()
+        chain = self.chain(fns["eps"], surrogate)
         noise = NoiseStream(rng, draws, x.detach(), store=self.store_noise)
         u = run_chain(
             chain,
             xr,
             noise,
             differentiable=differentiable,
-            gradient_mode=self.gradient_mode,
+            gradient_mode="autograd" if self.gradient_mode == "surrogate" else self.gradient_mode,
             check_replay=self.check_replay,
             offload=self.offload,
         )

@@ -32,6 +32,9 @@ diffused input at every step), so the gradient reaches x both along the chain an
   checkpoint frame, and the recomputation re-draws the step's noise from its key.
 * `autograd`: plain autograd through every step (memory linear in N; for comparison).
 
+A purifier may also offer `surrogate` (`APPROXIMATE_MODES`): not a way to run this chain but another,
+shorter chain in the attack's graph (see the purifiers' `surrogate_steps`).
+
 Noise keys (`noise="key"`, default) cost nothing and re-draw the SAME numbers: `SampleRNG` keys every
 draw by (seed, stream, call, image, draw), so a copy at the right call counter replays it exactly.
 `noise="stored"` keeps every noise tensor instead (one state-sized tensor per draw: GDMP draws two per
@@ -51,6 +54,12 @@ from torch.utils.checkpoint import checkpoint
 from advpure.core.rng import GeneratorRNG, SampleRNG
 
 GRADIENT_MODES = ("replay", "autograd", "checkpoint")
+# named approximate modes a purifier offers besides the exact ones (`gradient_mode` of its block):
+# `surrogate` (Lee & Kim, ICCV 2023, "Robust Evaluation of Diffusion-Based Adversarial Purification"):
+# the attack differentiates a chain of fewer, larger steps (`surrogate_steps`) by plain autograd, while
+# every evaluation without gradient runs the full chain
+APPROXIMATE_MODES = ("surrogate",)
+PURIFIER_GRADIENT_MODES = (*GRADIENT_MODES, *APPROXIMATE_MODES)
 NOISE_KEYS = ("key", "stored")
 
 
@@ -232,7 +241,9 @@ def run_chain(
 
 
 __all__ = [
+    "APPROXIMATE_MODES",
     "GRADIENT_MODES",
+    "PURIFIER_GRADIENT_MODES",
     "NOISE_KEYS",
     "Chain",
     "NoiseStream",

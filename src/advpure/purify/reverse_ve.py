@@ -23,7 +23,12 @@ and at the end (`denoise: true`) Tweedie's formula x <- x + sigma_end^2 s(x, sig
 The walk: sigma* then every grid level strictly below it (every `level_stride`-th, always ending at
 sigma_min); sigma* above sigma_max is refused (the net has not seen that noise); sigma* = 0 is the
 identity. The output is x (images in [0, 1] up to the solver's overshoot), clipped with `clamp: true`.
-Noise: every draw from the RNG passed in, through a `NoiseStream`; gradients by `run_chain`.
+Noise: every draw from the RNG passed in, through a `NoiseStream`; gradients by `run_chain`, or with
+`gradient_mode: surrogate` (Lee & Kim, ICCV 2023) through a walk of at most `surrogate_steps` levels
+(a larger stride), by plain autograd; evaluations run the full walk.
+
+The net's slot holds a time-free field (signature "field"), so `Defense.field` and the joint (score)
+attack use it; sigma* is checked against the net's DSM levels before any work (`advpure.purify.ranges`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import torch
 
 from advpure.core.params import at_least, choice
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
-from advpure.purify.replay import GRADIENT_MODES, NOISE_KEYS, NoiseStream, run_chain
+from advpure.purify.diffpure import gradient_words
+from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, NoiseStream, run_chain
 
 SAMPLERS = ("em", "ancestral", "ode", "langevin")
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
@@ -131,7 +137,7 @@ class ReverseVEPurifier(Purifier):
     @dataclass
     class Params(DefenseParams):
         kind: str = "ve"
-        net: str = "ncsnv2"  # registered network kind of the score net f ~ sigma grad log p_sigma
+        net: str = "score"  # registered network kind of the time-free score net f ~ sigma grad log p_sigma
         replicas: int = at_least(1, 1)
         sigma_star: float = at_least(0.25, 0.0)  # diffusion noise std in [0, 1] image units (ADP's 0.25)
         sampler: str = choice(
@@ -142,7 +148,8 @@ class ReverseVEPurifier(Purifier):
         step_lr: float = at_least(6.2e-6, 0.0, strict=True)  # Langevin step at sigma_min (ncsnv2 CIFAR-10)
         denoise: bool = True  # final Tweedie step x + sigma_end f(x)
         clamp: bool = False  # clip the output to [0, 1]
-        gradient_mode: str = choice("replay", *GRADIENT_MODES)
+        gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)  # as DiffPure's
+        surrogate_steps: int = at_least(10, 1)  # gradient_mode=surrogate: levels of the walk in the graph
         noise_keys: str = choice("key", *NOISE_KEYS)
         check_replay: bool = False
         offload: bool = False
@@ -165,6 +172,7 @@ class ReverseVEPurifier(Purifier):
         denoise: bool = True,
         clamp: bool = False,
         gradient_mode: str = "replay",
+        surrogate_steps: int = 10,
         noise_keys: str = "key",
         check_replay: bool = False,
         offload: bool = False,
@@ -172,6 +180,7 @@ class ReverseVEPurifier(Purifier):
         super().__init__()
         if (
             sigma_star < 0
+            or surrogate_steps < 1
             or level_stride < 1
             or langevin_steps < 1
             or step_lr <= 0
@@ -181,16 +190,24 @@ class ReverseVEPurifier(Purifier):
                 f"invalid sigma_star {sigma_star}, level_stride {level_stride}, langevin_steps {langevin_steps}, "
                 f"step_lr {step_lr} or sampler {sampler!r}"
             )
-        if gradient_mode not in GRADIENT_MODES or noise_keys not in NOISE_KEYS:
+        if gradient_mode not in PURIFIER_GRADIENT_MODES or noise_keys not in NOISE_KEYS:
             raise ValueError(f"unknown gradient_mode {gradient_mode!r} or noise_keys {noise_keys!r}")
         self.grid = sigma_grid(sigma_max, sigma_min, levels)
         self.sigma_star = float(sigma_star)
         self.levels = walk(sigma_star, self.grid, level_stride) if sigma_star > 0 else [0.0]
+        self.surrogate_levels = self.levels
+        if sigma_star > 0 and len(self.levels) - 1 > surrogate_steps:
+            below = len(walk(sigma_star, self.grid)) - 1
+            self.surrogate_levels = walk(sigma_star, self.grid, math.ceil(below / surrogate_steps))
         self.sampler, self.langevin_steps, self.step_lr = sampler, langevin_steps, step_lr
         self.denoise, self.clamp = denoise, clamp
         self.gradient_mode, self.store_noise = gradient_mode, noise_keys == "stored"
         self.check_replay, self.offload = check_replay, offload
         self.stochastic = sigma_star > 0
+
+    @classmethod
+    def is_stochastic(cls, p) -> bool:
+        return p.sigma_star > 0
 
     @classmethod
     def nets(cls, p) -> dict[str, str]:
@@ -199,17 +216,35 @@ class ReverseVEPurifier(Purifier):
     @classmethod
     def from_params(cls, p, nets) -> ReverseVEPurifier:
         keys = ("sigma_star", "sampler", "level_stride", "langevin_steps", "step_lr", "denoise", "clamp")
-        keys += ("gradient_mode", "noise_keys", "check_replay", "offload")
+        keys += ("gradient_mode", "surrogate_steps", "noise_keys", "check_replay", "offload")
         return cls(*dsm_levels(nets["score"]), **{k: getattr(p, k) for k in keys})
 
     @classmethod
     def describe(cls, p) -> str:
         return f"Reverse-VE σ*={p.sigma_star:g}, {p.sampler}"
 
-    def chain(self, field: FieldFn) -> ReverseVEChain:
+    @classmethod
+    def settings(cls, p) -> str:
+        """E.g. "Reverse-VE σ*=0.25, em: x + σ* n, then the reverse VE SDE down every DSM level ..."."""
+        walk_words = "every DSM level" if p.level_stride == 1 else f"every {p.level_stride}th DSM level"
+        sampler = {
+            "em": "Euler-Maruyama",
+            "ancestral": "ancestral",
+            "ode": "probability-flow",
+            "langevin": f"annealed Langevin ({p.langevin_steps} per level, step_lr {p.step_lr:g})",
+        }[p.sampler]
+        grad = gradient_words(p.gradient_mode, p.surrogate_steps, "levels")
+        return (
+            f"{cls.describe(p)}: x + σ* n, then {sampler} steps down {walk_words} below σ* of the score net "
+            f"`{p.net}`{', a final Tweedie step' if p.denoise else ''}, output "
+            f"{'clipped to [0, 1]' if p.clamp else 'not clipped'}; S={p.replicas} replicas merged by "
+            f"{p.merge}; full-gradient attacks: {grad}"
+        )
+
+    def chain(self, field: FieldFn, surrogate: bool = False) -> ReverseVEChain:
         return ReverseVEChain(
             field,
-            self.levels,
+            self.surrogate_levels if surrogate else self.levels,
             sampler=self.sampler,
             sigma_min=self.grid[-1],
             langevin_steps=self.langevin_steps,
@@ -224,14 +259,15 @@ class ReverseVEPurifier(Purifier):
         if self.sigma_star == 0:
             zero = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
             return PurifyResult(x=xr if differentiable else xr.detach(), steps=zero, score_evals=zero.clone())
-        chain = self.chain(fns["score"])
+        surrogate = self.gradient_mode == "surrogate" and differentiable and torch.is_grad_enabled()
+        chain = self.chain(fns["score"], surrogate)
         noise = NoiseStream(rng, draws, x.detach(), store=self.store_noise)
         out = run_chain(
             chain,
             xr,
             noise,
             differentiable=differentiable,
-            gradient_mode=self.gradient_mode,
+            gradient_mode="autograd" if self.gradient_mode == "surrogate" else self.gradient_mode,
             check_replay=self.check_replay,
             offload=self.offload,
         )

@@ -5,15 +5,17 @@ protocol. A protocol is defined once, here or in a user's module, by one decorat
 the observations of one attack run; the store, the tables, the CSV/JSON, the W&B keys and the
 report all derive from its registration:
 
-    @register_protocol("majority_of_n", label="Majority-of-N", legend="robust if most of the N draws are correct")
-    def majority_of_n(obs: Observations) -> torch.Tensor:
-        return obs.final.float().mean(0) > 0.5
+    @register_protocol("nine_in_ten", label="90% of N", legend="robust if 90% of the N draws are correct")
+    def nine_in_ten(obs: Observations) -> torch.Tensor:
+        return obs.final.float().mean(0) >= 0.9
 
 Built in (computed from the same observations of one attack run):
 
 * `single`      — the final adversarial input classified once (draw 0 of the N fresh draws);
 * `worst_of_n`  — robust only if all N fresh classifications are correct;
 * `mean_of_n`   — the fraction of the N draws that are correct (expected accuracy of one query);
+* `majority_of_n` — robust if more than half of the N draws are correct: the majority vote of N fresh
+  purifications (DiffBreak's MV.Rob, Kassis et al. 2025, arXiv 2411.16598);
 * `ever_broken` — robust only if the defense was correct at every attack iterate and at the end
   (Hill et al. 2021: an attacker who checks along the way keeps any iterate that fooled it).
 
@@ -172,6 +174,45 @@ def worst_of_n_floor(obs: Observations) -> torch.Tensor:
 def mean_of_n(obs: Observations) -> torch.Tensor:
     """(B,) float in [0, 1]: the fraction of the N fresh classifications that are correct."""
     return obs.final.float().mean(dim=0)
+
+
+def _majority_invariant(v: Mapping[str, float]) -> str | None:
+    major, mean, worst = v.get("majority_of_n"), v.get("mean_of_n"), v.get("worst_of_n")
+    if major is not None and mean is not None and (major == 1.0) != (mean > 0.5):
+        return "majority_of_n == 1 must coincide with mean_of_n > 1/2"
+    if major == 0.0 and worst == 1.0:
+        return "worst_of_n == 1 but majority_of_n == 0"
+    return None
+
+
+@register_protocol(
+    "majority_of_n",
+    label="Majority-of-N",
+    legend=(
+        "classified N times with fresh randomness: robust if more than half are correct (the majority vote "
+        "of N purifications, DiffBreak's MV)"
+    ),
+    invariant=_majority_invariant,
+    floor="majority_of_n_floor",
+)
+def majority_of_n(obs: Observations) -> torch.Tensor:
+    """(B,) bool: more than N/2 of the N fresh classifications of the final input (obs.final (N, B)) are
+    correct. DiffBreak's MV.Rob takes the most frequent label of N purifications; a strict majority of
+    correct draws always makes the true label the most frequent, so this is exact when at most two
+    labels occur and otherwise a lower bound (the conservative side; a plurality of the true label
+    with N/2 or fewer correct draws counts as broken here). N = 1: the single draw."""
+    return obs.final.float().mean(dim=0) > 0.5
+
+
+@register_protocol(
+    "majority_of_n_floor",
+    label="Majority-of-N floor",
+    legend="majority-of-N at eps = 0 on the same images: what the defense's own randomness costs",
+    run="clean",
+)
+def majority_of_n_floor(obs: Observations) -> torch.Tensor:
+    """(B,) bool: more than half of the first N fresh classifications of the clean input are correct."""
+    return obs.final[: obs.n].float().mean(dim=0) > 0.5
 
 
 @register_protocol(

@@ -10,7 +10,6 @@ from typing import Any
 
 from advpure.core.fsio import storage_errors, write_text_atomic
 from advpure.results.checks_report import checks_markdown, checks_metrics, run_checks
-from advpure.results.cited_diffusion import cited_markdown
 from advpure.results.plots import plot_defense_bars, plot_image_grid, plot_loss_curves, plot_robust_vs_eps
 from advpure.results.protocols import check_consistency, metric_name
 from advpure.results.rundir import load_batches, load_examples, load_records, load_stats, load_traces
@@ -37,6 +36,9 @@ class ReportPlan:
     descriptions: dict[str, str] = field(default_factory=dict)
     eps: dict[str, float] = field(default_factory=dict)  # attack key -> its l_inf budget (grid scale)
     class_names: tuple[str, ...] | None = None  # class index -> name, under the grid's images
+    cited: list[str] = field(
+        default_factory=list
+    )  # cited tables printed after the results (`benchmark.cited`)
 
 
 # captions under the figures (results.md, W&B), before the labels they explain
@@ -172,8 +174,9 @@ def write_report(
     plots, captions = _plots(run_dir, rows, table, traces, plan, labels, merge)
     sections.append(labels_markdown((r["attack"] for r in table), labels, plan.descriptions))
     sections.append(figures_markdown(plots, captions, run_dir))
-    sections.append(cited_markdown(((meta or {}).get("config") or {}).get("experiment")))  # published rows
-    md = to_markdown(table, header_lines=header_lines, merge=merge, sections=[s for s in sections if s])
+    md = to_markdown(
+        table, header_lines=header_lines, merge=merge, sections=[s for s in sections if s], cited=plan.cited
+    )
     write_text_atomic(run_dir / "results.md", md, what="results file")
     shown = [r for r in table if r["merge"] == merge]
     warnings = [c for c in checks if c.status == "warn"]

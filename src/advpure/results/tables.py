@@ -30,6 +30,8 @@ from typing import Any
 
 from advpure.core.fsio import atomic_write, write_text_atomic
 from advpure.purify.merge import MERGE_RULES
+from advpure.results.cited import ADP_HEADING as CITED_HEADING  # noqa: F401 (re-exported)
+from advpure.results.cited import cited_markdown
 from advpure.results.protocols import PROTOCOLS, protocol
 from advpure.results.stats import accuracy
 from advpure.results.store import NATURAL
@@ -145,9 +147,11 @@ def to_markdown(
     header_lines: Sequence[str],
     merge: str = "softmax",
     sections: Sequence[str] = (),
+    cited: Sequence[str] = (),
 ) -> str:
     """The measured table (rows of one merge rule) under its settings, then `sections` (markdown
-    blocks: notes, checks), then the cited tables."""
+    blocks: notes, checks), then the cited tables named in `cited` (`advpure.results.cited`; the
+    experiment's `benchmark.cited`)."""
     shown = [r for r in rows if r["merge"] == merge]
     names = protocols_in(shown)
     legend = "; ".join(f"{_label(p)} = {protocol(p).legend}" for p in names if p in PROTOCOLS)
@@ -171,72 +175,9 @@ def to_markdown(
         out.append(f"| (no records for merge rule {merge}) |" + " |" * (len(names) + 7))
     for block in sections:
         out += ["", block.rstrip("\n")]
-    out += ["", *_cited_markdown()]
+    if cited:
+        out += ["", *cited_markdown(cited)]
     return "\n".join(out) + "\n"
-
-
-# Numbers copied as printed in the sources (strings: their precision is theirs, not ours).
-CITED_HEADING = "Cited from the ADP paper (Yoon et al. 2021), not measured here"
-CITED_STRONG_ADAPTIVE = [  # CIFAR-10, l_inf eps = 8/255, strong adaptive attacks
-    ("ADP (σ=0.25), BPDA40+EOT", "86.14", "70.01", "WRN-28-10"),
-    ("ADP (σ=0.25), BPDA100+EOT", "86.14", "69.71", "WRN-28-10"),
-    ("ADP (σ=0.25), Joint (score)+EOT", "86.14", "70.61", "WRN-28-10"),
-    ("ADP (σ=0.25), Joint (full)+EOT", "86.14", "78.39", "WRN-28-10"),
-    ("ADP (σ=0.25), SPSA", "86.14", "80.80", "WRN-28-10"),
-    ("Hill et al. 2021", "84.12", "54.90", "WRN-28-10"),
-    ("Song et al. 2018", "95.00", "9", "ResNet-62"),
-    ("Yang et al. 2019", "88.7", "55.1", "WRN-28-10"),
-    ("Shi et al. 2021", "91.89", "53.58", "WRN-28-10"),
-    ("Madry et al. 2018", "87.3", "45.8", "ResNet-18"),
-    ("Zhang et al. 2019", "84.90", "56.43", "ResNet-18"),
-    ("Carmon et al. 2019", "89.67", "63.1", "WRN-28-10"),
-    ("Gowal et al. 2020", "89.48", "64.08", "WRN-28-10"),
-]
-CITED_PREPROCESSOR_BLIND = [  # CIFAR-10, attacks that do not see the purifier
-    ("Raw WRN-28-10 (no defense)", "95.80", "0.00", "WRN-28-10"),
-    ("ADP (σ=0.1)", "93.09", "85.45", "WRN-28-10"),
-    ("ADP (σ=0.25)", "86.14", "80.24", "WRN-28-10"),
-    ("Hill et al. 2021", "84.12", "78.91", "–"),
-    ("Shi et al. 2021", "96.93", "63.10", "–"),
-    ("Du & Mordatch 2019", "48.7", "37.5", "–"),
-    ("Grathwohl et al. 2020", "75.5", "23.8", "–"),
-    ("Yang et al. 2019 (p = 0.8→1.0)", "94.9", "82.5", "ResNet-18"),
-    ("Yang et al. 2019 (p = 0.6→0.8)", "92.1", "80.3", "ResNet-18"),
-    ("Yang et al. 2019 (p = 0.4→0.6)", "89.2", "77.4", "ResNet-18"),
-    ("Song et al. 2018, Natural + PixelCNN", "82", "61", "ResNet-62"),
-    ("Song et al. 2018, AT + PixelCNN", "90", "70", "ResNet-62"),
-    ("Madry et al. 2018 (transfer)", "87.3", "70.2", "ResNet-56"),
-    ("Zhang et al. 2019 (transfer)", "84.9", "72.2", "ResNet-56"),
-]
-CITED_REEVALUATION = (
-    "ADP on CIFAR-10 under exact-gradient adaptive attacks: Croce et al. 2022 (RobustBench Standard "
-    "WRN-28-10 + the public NCSNv2 checkpoint, APGD with the CW loss, 10 iterations, EOT 200, 1000 "
-    "images): 33.7 ± 0.54% robust, 86.9 ± 0.44% clean; Lee & Kim 2023 (PGD-EOT, exact gradients): "
-    "33.48% robust, 85.66% clean. Compare the BPDA+EOT rows above (70.01%)."
-)
-
-
-def _cited_markdown() -> list[str]:
-    out = [
-        f"## {CITED_HEADING}",
-        "",
-        "These rows are copied from the paper for comparison; none of them was run by this benchmark.",
-        "",
-    ]
-    for title, rows in (
-        ("CIFAR-10, strong adaptive attacks", CITED_STRONG_ADAPTIVE),
-        ("CIFAR-10, preprocessor-blind attacks", CITED_PREPROCESSOR_BLIND),
-    ):
-        out += [f"### {title}", "", "| Method | Natural | Robust | Architecture |", "|---|---:|---:|---:|"]
-        out += [f"| {m} | {nat} | {rob} | {arch} |" for m, nat, rob, arch in rows]
-        out.append("")
-    out += [
-        "## Cited from later re-evaluations (Lee & Kim 2023; Croce et al. 2022), not measured here",
-        "",
-        CITED_REEVALUATION,
-        "",
-    ]
-    return out
 
 
 def to_console(rows: Sequence[Mapping[str, Any]]) -> str:
