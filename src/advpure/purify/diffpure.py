@@ -50,6 +50,7 @@ from advpure.core.params import at_least, between, choice
 from advpure.nets.schedules import DiscreteSchedule, NoiseSchedule, VPSchedule
 from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
 from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, NoiseStream, run_chain
+from advpure.purify.resize import purify_resized
 from advpure.purify.vp import (
     EpsFn,
     continuous_vp,
@@ -119,49 +120,57 @@ class DiffPureChain:
         return out
 
 
+@dataclass
+class DiffPureParams(DefenseParams):
+    kind: str = "diffpure"
+    net: str = "ddpmpp"  # registered network kind of the eps-prediction net
+    replicas: int = at_least(1, 1)  # DiffPure classifies one purification
+    t_star: float = between(0.1, 0.0, 1.0)  # diffusion time (0.1 CIFAR-10 linf, 0.075 l2, 0.15 ImageNet)
+    mode: str = choice("sde", *MODES)  # reverse SDE (Euler-Maruyama) or probability-flow ODE (Euler)
+    dt: float = at_least(1e-3, 0.0, strict=True)  # solver step (DiffPure: 1e-3)
+    t_end: float = at_least(1e-5, 0.0)  # where the reverse solve stops (DiffPure: 1e-5)
+    diffuse: str = choice("discrete", *DIFFUSE)  # abar of the initial diffusion (see the docstring)
+    clamp: bool = False  # clip the purified image to [0, 1] (DiffBreak) instead of DiffPure's raw output
+    # how full-gradient attacks differentiate: replay | autograd | checkpoint (exact), surrogate
+    gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)
+    surrogate_steps: int = at_least(10, 1)  # gradient_mode=surrogate: solver steps in the attack's graph
+    noise_keys: str = choice("key", *NOISE_KEYS)  # replay noise from RNG keys or stored tensors
+    check_replay: bool = False  # check every replayed step bit for bit (slow on GPU; tests)
+    offload: bool = False  # keep the replay's stored states on the CPU
+    # purify at resize x resize (DiffPure's ImageNet: 224 -> 256 -> 224, bilinear); null: the image's own size
+    resize: int | None = at_least(None, 1)
+
+
+_D = DiffPureParams()  # the one place these defaults live
+
+
 @register_purifier("diffpure")
 class DiffPurePurifier(Purifier):
     """DiffPure (see the module docstring) with an eps-prediction net in slot `eps`.
 
     Raises ValueError for invalid parameters."""
 
-    @dataclass
-    class Params(DefenseParams):
-        kind: str = "diffpure"
-        net: str = "ddpmpp"  # registered network kind of the eps-prediction net
-        replicas: int = at_least(1, 1)  # DiffPure classifies one purification
-        t_star: float = between(0.1, 0.0, 1.0)  # diffusion time (0.1 CIFAR-10 linf, 0.075 l2, 0.15 ImageNet)
-        mode: str = choice("sde", *MODES)  # reverse SDE (Euler-Maruyama) or probability-flow ODE (Euler)
-        dt: float = at_least(1e-3, 0.0, strict=True)  # solver step (DiffPure: 1e-3)
-        t_end: float = at_least(1e-5, 0.0)  # where the reverse solve stops (DiffPure: 1e-5)
-        diffuse: str = choice("discrete", *DIFFUSE)  # abar of the initial diffusion (see the docstring)
-        clamp: bool = False  # clip the purified image to [0, 1] (DiffBreak) instead of DiffPure's raw output
-        # how full-gradient attacks differentiate: replay | autograd | checkpoint (exact), surrogate
-        gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)
-        surrogate_steps: int = at_least(10, 1)  # gradient_mode=surrogate: solver steps in the attack's graph
-        noise_keys: str = choice("key", *NOISE_KEYS)  # replay noise from RNG keys or stored tensors
-        check_replay: bool = False  # check every replayed step bit for bit (slow on GPU; tests)
-        offload: bool = False  # keep the replay's stored states on the CPU
+    Params = DiffPureParams
 
     label = "DiffPure"
     stochastic = True
-    needs_score = False
 
     def __init__(
         self,
         schedule: NoiseSchedule,
         *,
-        t_star: float = 0.1,
-        mode: str = "sde",
-        dt: float = 1e-3,
-        t_end: float = 1e-5,
-        diffuse: str = "discrete",
-        clamp: bool = False,
-        gradient_mode: str = "replay",
-        surrogate_steps: int = 10,
-        noise_keys: str = "key",
-        check_replay: bool = False,
-        offload: bool = False,
+        t_star: float = _D.t_star,
+        mode: str = _D.mode,
+        dt: float = _D.dt,
+        t_end: float = _D.t_end,
+        diffuse: str = _D.diffuse,
+        clamp: bool = _D.clamp,
+        gradient_mode: str = _D.gradient_mode,
+        surrogate_steps: int = _D.surrogate_steps,
+        noise_keys: str = _D.noise_keys,
+        check_replay: bool = _D.check_replay,
+        offload: bool = _D.offload,
+        resize: int | None = _D.resize,
     ):
         super().__init__()
         if not 0 <= t_star <= 1 or dt <= 0 or t_end < 0 or surrogate_steps < 1:
@@ -182,6 +191,7 @@ class DiffPurePurifier(Purifier):
         self.gradient_mode, self.store_noise = gradient_mode, noise_keys == "stored"
         self.check_replay, self.offload = check_replay, offload
         self.stochastic = t_star > 0
+        self.resize = resize
 
     @classmethod
     def is_stochastic(cls, p) -> bool:
@@ -194,7 +204,7 @@ class DiffPurePurifier(Purifier):
     @classmethod
     def from_params(cls, p, nets) -> DiffPurePurifier:
         keys = ("t_star", "mode", "dt", "t_end", "diffuse", "clamp", "gradient_mode", "surrogate_steps")
-        kw = {k: getattr(p, k) for k in (*keys, "noise_keys", "check_replay", "offload")}
+        kw = {k: getattr(p, k) for k in (*keys, "noise_keys", "check_replay", "offload", "resize")}
         return cls(nets["eps"].schedule, **kw)
 
     @classmethod
@@ -216,7 +226,10 @@ class DiffPurePurifier(Purifier):
     def forward(self, x, rng, draws, fns, differentiable=False) -> PurifyResult:
         """x: (B, C, H, W) in [0, 1]; fns["eps"](u, t): u (R, C, H, W) in diffusion space, t (R,) in
         [0, 1] -> eps (R, C, H, W). Returns `draws` purifications per image, draw-major, in [0, 1]
-        (up to the unclipped solver output unless `clamp`)."""
+        (up to the unclipped solver output unless `clamp`), at x's size (purified at `resize` when set)."""
+        return purify_resized(lambda z: self._purify(z, rng, draws, fns, differentiable), x, self.resize)
+
+    def _purify(self, x, rng, draws, fns, differentiable) -> PurifyResult:
         xr = rows(x, draws)
         n = torch.full((xr.shape[0],), len(self.times) - 1, dtype=torch.long, device=x.device)
         if self.t_star == 0:
@@ -251,6 +264,7 @@ def gradient_words(mode: str, surrogate_steps: int, unit: str) -> str:
 
 
 __all__ = [
+    "DiffPureParams",
     "DIFFUSE",
     "MODES",
     "DiffPureChain",

@@ -194,56 +194,61 @@ class GDMPChain:
         return mean
 
 
+@dataclass
+class GDMPParams(DefenseParams):
+    kind: str = "gdmp"
+    net: str = "ddpmpp"  # registered network kind of the eps-prediction net (GDMP's CIFAR-10: ddpm)
+    replicas: int = at_least(1, 1)
+    rounds: int = at_least(4, 0)  # m: diffuse-and-denoise rounds (4 on CIFAR-10)
+    steps: int = at_least(36, 0)  # k: diffusion steps per round (36 on CIFAR-10)
+    respace: int | None = at_least(None, 1)  # reverse steps per round (null: all k)
+    guide: str = choice("mse", *GUIDES)  # guidance objective
+    guide_scale: float | None = at_least(None, 0.0, strict=True)  # null: 60000 (mse), 70000 (ssim)
+    ptb: float = at_least(8.0, 0.0, strict=True)  # the perturbation budget in pixel units (x/255)
+    guide_batch: int = at_least(1, 1)  # divide each image's guidance by this (GDMP's batch: 100)
+    var: str = choice("large", *VARIANCES)  # reverse-step variance (Ho et al. CIFAR-10: fixedlarge)
+    diffuse_extra_step: bool = True  # diffuse to step k, denoise from k-1 (GDMP's CIFAR-10 code)
+    clamp: bool = True  # clip the output to [0, 1] (GDMP does)
+    gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)  # as DiffPure's
+    surrogate_steps: int = at_least(4, 1)  # gradient_mode=surrogate: reverse steps per round in the graph
+    noise_keys: str = choice("key", *NOISE_KEYS)
+    check_replay: bool = False
+    offload: bool = False
+
+
+_D = GDMPParams()  # the one place these defaults live
+
+
 @register_purifier("gdmp")
 class GDMPPurifier(Purifier):
     """GDMP (see the module docstring) with an eps-prediction DDPM net in slot `eps`.
 
     Raises ValueError for invalid parameters."""
 
-    @dataclass
-    class Params(DefenseParams):
-        kind: str = "gdmp"
-        net: str = "ddpmpp"  # registered network kind of the eps-prediction net (GDMP's CIFAR-10: ddpm)
-        replicas: int = at_least(1, 1)
-        rounds: int = at_least(4, 0)  # m: diffuse-and-denoise rounds (4 on CIFAR-10)
-        steps: int = at_least(36, 0)  # k: diffusion steps per round (36 on CIFAR-10)
-        respace: int | None = at_least(None, 1)  # reverse steps per round (null: all k)
-        guide: str = choice("mse", *GUIDES)  # guidance objective
-        guide_scale: float | None = at_least(None, 0.0, strict=True)  # null: 60000 (mse), 70000 (ssim)
-        ptb: float = at_least(8.0, 0.0, strict=True)  # the perturbation budget in pixel units (x/255)
-        guide_batch: int = at_least(1, 1)  # divide each image's guidance by this (GDMP's batch: 100)
-        var: str = choice("large", *VARIANCES)  # reverse-step variance (Ho et al. CIFAR-10: fixedlarge)
-        diffuse_extra_step: bool = True  # diffuse to step k, denoise from k-1 (GDMP's CIFAR-10 code)
-        clamp: bool = True  # clip the output to [0, 1] (GDMP does)
-        gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)  # as DiffPure's
-        surrogate_steps: int = at_least(4, 1)  # gradient_mode=surrogate: reverse steps per round in the graph
-        noise_keys: str = choice("key", *NOISE_KEYS)
-        check_replay: bool = False
-        offload: bool = False
+    Params = GDMPParams
 
     label = "GDMP"
     stochastic = True
-    needs_score = False
 
     def __init__(
         self,
         schedule: NoiseSchedule,
         *,
-        rounds: int = 4,
-        steps: int = 36,
-        respace: int | None = None,
-        guide: str = "mse",
-        guide_scale: float | None = None,
-        ptb: float = 8.0,
-        guide_batch: int = 1,
-        var: str = "large",
-        diffuse_extra_step: bool = True,
-        clamp: bool = True,
-        gradient_mode: str = "replay",
-        surrogate_steps: int = 4,
-        noise_keys: str = "key",
-        check_replay: bool = False,
-        offload: bool = False,
+        rounds: int = _D.rounds,
+        steps: int = _D.steps,
+        respace: int | None = _D.respace,
+        guide: str = _D.guide,
+        guide_scale: float | None = _D.guide_scale,
+        ptb: float = _D.ptb,
+        guide_batch: int = _D.guide_batch,
+        var: str = _D.var,
+        diffuse_extra_step: bool = _D.diffuse_extra_step,
+        clamp: bool = _D.clamp,
+        gradient_mode: str = _D.gradient_mode,
+        surrogate_steps: int = _D.surrogate_steps,
+        noise_keys: str = _D.noise_keys,
+        check_replay: bool = _D.check_replay,
+        offload: bool = _D.offload,
     ):
         super().__init__()
         self.alpha_bars = discrete_alpha_bars(schedule)
@@ -352,6 +357,7 @@ class GDMPPurifier(Purifier):
 
 
 __all__ = [
+    "GDMPParams",
     "GUIDES",
     "GUIDE_SCALES",
     "VARIANCES",

@@ -128,35 +128,38 @@ def dsm_levels(net) -> tuple[float, float, int]:
     return float(hi), float(lo), int(n)
 
 
+@dataclass
+class ReverseVEParams(DefenseParams):
+    kind: str = "ve"
+    net: str = "score"  # registered network kind of the time-free score net f ~ sigma grad log p_sigma
+    replicas: int = at_least(1, 1)
+    sigma_star: float = at_least(0.25, 0.0)  # diffusion noise std in [0, 1] image units (ADP's 0.25)
+    sampler: str = choice("em", *SAMPLERS)  # reverse step: Euler-Maruyama, ancestral, prob. flow, Langevin
+    level_stride: int = at_least(1, 1)  # use every n-th DSM level below sigma* (fewer steps)
+    langevin_steps: int = at_least(5, 1)  # Langevin updates per level (sampler=langevin; ncsnv2: 5)
+    step_lr: float = at_least(6.2e-6, 0.0, strict=True)  # Langevin step at sigma_min (ncsnv2 CIFAR-10)
+    denoise: bool = True  # final Tweedie step x + sigma_end f(x)
+    clamp: bool = False  # clip the output to [0, 1]
+    gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)  # as DiffPure's
+    surrogate_steps: int = at_least(10, 1)  # gradient_mode=surrogate: levels of the walk in the graph
+    noise_keys: str = choice("key", *NOISE_KEYS)
+    check_replay: bool = False
+    offload: bool = False
+
+
+_D = ReverseVEParams()  # the one place these defaults live
+
+
 @register_purifier("ve")
 class ReverseVEPurifier(Purifier):
     """Reverse-VE purification on a time-free NCSNv2 score net in slot `score` (see the module docstring).
 
     Raises ValueError for invalid parameters or a sigma* above the net's levels."""
 
-    @dataclass
-    class Params(DefenseParams):
-        kind: str = "ve"
-        net: str = "score"  # registered network kind of the time-free score net f ~ sigma grad log p_sigma
-        replicas: int = at_least(1, 1)
-        sigma_star: float = at_least(0.25, 0.0)  # diffusion noise std in [0, 1] image units (ADP's 0.25)
-        sampler: str = choice(
-            "em", *SAMPLERS
-        )  # reverse step: Euler-Maruyama, ancestral, prob. flow, Langevin
-        level_stride: int = at_least(1, 1)  # use every n-th DSM level below sigma* (fewer steps)
-        langevin_steps: int = at_least(5, 1)  # Langevin updates per level (sampler=langevin; ncsnv2: 5)
-        step_lr: float = at_least(6.2e-6, 0.0, strict=True)  # Langevin step at sigma_min (ncsnv2 CIFAR-10)
-        denoise: bool = True  # final Tweedie step x + sigma_end f(x)
-        clamp: bool = False  # clip the output to [0, 1]
-        gradient_mode: str = choice("replay", *PURIFIER_GRADIENT_MODES)  # as DiffPure's
-        surrogate_steps: int = at_least(10, 1)  # gradient_mode=surrogate: levels of the walk in the graph
-        noise_keys: str = choice("key", *NOISE_KEYS)
-        check_replay: bool = False
-        offload: bool = False
+    Params = ReverseVEParams
 
     label = "Reverse-VE"
     stochastic = True
-    needs_score = False
 
     def __init__(
         self,
@@ -164,18 +167,18 @@ class ReverseVEPurifier(Purifier):
         sigma_min: float,
         levels: int,
         *,
-        sigma_star: float = 0.25,
-        sampler: str = "em",
-        level_stride: int = 1,
-        langevin_steps: int = 5,
-        step_lr: float = 6.2e-6,
-        denoise: bool = True,
-        clamp: bool = False,
-        gradient_mode: str = "replay",
-        surrogate_steps: int = 10,
-        noise_keys: str = "key",
-        check_replay: bool = False,
-        offload: bool = False,
+        sigma_star: float = _D.sigma_star,
+        sampler: str = _D.sampler,
+        level_stride: int = _D.level_stride,
+        langevin_steps: int = _D.langevin_steps,
+        step_lr: float = _D.step_lr,
+        denoise: bool = _D.denoise,
+        clamp: bool = _D.clamp,
+        gradient_mode: str = _D.gradient_mode,
+        surrogate_steps: int = _D.surrogate_steps,
+        noise_keys: str = _D.noise_keys,
+        check_replay: bool = _D.check_replay,
+        offload: bool = _D.offload,
     ):
         super().__init__()
         if (
@@ -276,4 +279,12 @@ class ReverseVEPurifier(Purifier):
         return PurifyResult(x=out if differentiable else out.detach(), steps=n, score_evals=n.clone())
 
 
-__all__ = ["SAMPLERS", "ReverseVEChain", "ReverseVEPurifier", "dsm_levels", "sigma_grid", "walk"]
+__all__ = [
+    "ReverseVEParams",
+    "SAMPLERS",
+    "ReverseVEChain",
+    "ReverseVEPurifier",
+    "dsm_levels",
+    "sigma_grid",
+    "walk",
+]
