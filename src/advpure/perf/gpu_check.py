@@ -41,7 +41,7 @@ from advpure.nets.classifiers import Normalize, WideResNet
 from advpure.nets.ncsnv2 import NCSNv2
 from advpure.perf.bf16_adp import probe_defense
 from advpure.perf.peak import Peaks, autocast, count_flops, rate
-from advpure.perf.projection import FORMULA, SETTINGS, project
+from advpure.perf.projection import FORMULA, project
 from advpure.perf.timing import sync
 from advpure.purify.base import screened_rows
 from advpure.purify.probe import curvature, jvp_field
@@ -66,10 +66,10 @@ class Size:
     eot: int = 15
     apgd_images: int = 2
     apgd_eot: int = 8
-    certify_images: int = 4
-    n0: int = 64
-    n: int = 1024
-    repeats: int = 5  # timed calls per measurement (median); 0: time the FLOP-counting call itself (tiny)
+    certify_images: int = 2
+    n0: int = 32
+    n: int = 256
+    repeats: int = 3  # timed calls per measurement (median); 0: time the FLOP-counting call itself (tiny)
     rates: bool = True  # count FLOPs (GFLOP/s, % of peak) everywhere; False: in the unit part only (tiny)
 
 
@@ -157,8 +157,9 @@ def make_nets(sz: Size, dev: torch.device) -> tuple[nn.Module, nn.Module]:
     return score.to(dev).eval().requires_grad_(False), clf.to(dev).eval().requires_grad_(False)
 
 
-def run(size: str, dev: torch.device) -> dict:
-    """Every part at `size` on `dev`; returns the JSON document."""
+def run(size: str, dev: torch.device, on_part: Callable[[dict], None] | None = None) -> dict:
+    """Every part at `size` on `dev`; returns the JSON document (also passed to `on_part` after
+    each part, so that a run cut short still leaves its figures)."""
     sz, c = SIZES[size], Check()
     score, clf = make_nets(sz, dev)
     peaks = Peaks(dev, repeats=1 if size == "tiny" else 3, matmul_n=256 if size == "tiny" else None)
@@ -370,7 +371,7 @@ def run(size: str, dev: torch.device) -> dict:
             base = build_base(
                 base_name, clf, 0.25, score_net=score if base_name != "noisy" else None, **params
             )
-            sc = SmoothedClassifier(base, 0.25, 10, seed=0, max_batch=1024)
+            sc = SmoothedClassifier(base, 0.25, 10, seed=0, max_batch=512)
             t0 = time.perf_counter()
             res = sc.certify(x, idx, n0=sz.n0, n=sz.n, alpha=0.001)
             sync(dev)
@@ -407,16 +408,18 @@ def run(size: str, dev: torch.device) -> dict:
         ("purify", part_purify, None),
         ("attack", part_attack, None),
         ("ddp", part_ddp, cuda_skip),
-        ("compile", part_compile, cuda_skip),
         ("certify", part_certify, None),
         ("project", part_project, None),
+        ("compile", part_compile, cuda_skip),  # last: a cold inductor compile of the big net takes minutes
     ):
         c.part(name, fn, skip)
         if skip:  # the figure keys exist either way (value null)
             for key in SKIPPED_KEYS[name]:
                 c.figures.setdefault(key, {"value": None, "unit": "", "note": skip})
-    return {"figures": c.figures, "parts": c.parts, "projections": c.projections, "formula": FORMULA,
-            "settings": {k: v.name for k, v in SETTINGS.items()}}  # fmt: skip
+        doc = {"figures": c.figures, "parts": c.parts, "projections": c.projections, "formula": FORMULA}
+        if on_part is not None:
+            on_part(doc)
+    return doc
 
 
 SKIPPED_KEYS = {
@@ -472,14 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"advpure gpu-check ({args.size}) on {name} [{dev}], torch {torch.__version__}", flush=True)
     t0 = time.perf_counter()
-    doc = run(args.size, dev)
-    doc.update(
-        size=args.size, device=str(dev), device_name=name, torch=torch.__version__,
-        cuda=torch.version.cuda, python=platform.python_version(), seconds=time.perf_counter() - t0,
-    )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=str))
+
+    def write(doc: dict) -> None:
+        doc.update(
+            size=args.size, device=str(dev), device_name=name, torch=torch.__version__,
+            cuda=torch.version.cuda, python=platform.python_version(), seconds=time.perf_counter() - t0,
+        )  # fmt: skip
+        out.write_text(json.dumps(doc, indent=2, default=str))
+
+    doc = run(args.size, dev, on_part=write)
+    write(doc)
     failed = [k for k, v in doc["parts"].items() if v.get("ok") is False]
     print(f"\nparts failed: {', '.join(failed) or 'none'}; {doc['seconds']:.0f} s; wrote {out}", flush=True)
     return 1 if failed else 0
