@@ -24,6 +24,7 @@ reason in the JSON; `--size full` takes a few minutes on one GPU (budget: 8).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -44,6 +45,7 @@ from advpure.perf.peak import Peaks, autocast, count_flops, rate
 from advpure.perf.projection import FORMULA, project
 from advpure.perf.timing import sync
 from advpure.purify.base import screened_rows
+from advpure.purify.defense import no_tf32
 from advpure.purify.probe import curvature, jvp_field
 
 DTYPES = ("fp32", "bf16")
@@ -195,9 +197,6 @@ def run(size: str, dev: torch.device, on_part: Callable[[dict], None] | None = N
     def part_unit():
         xg, v = imgs(sz.grad_rows), torch.randn_like(x_rows)
 
-        def fwd(net, x):
-            return lambda: net(x)
-
         def fwd_bwd(net, x):
             def go():
                 xr = x.detach().requires_grad_(True)
@@ -207,16 +206,18 @@ def run(size: str, dev: torch.device, on_part: Callable[[dict], None] | None = N
 
         for dt in DTYPES:
             units = {
-                "t_s": (fwd(score, x_rows), sz.rows, torch.no_grad),
+                "t_s": (lambda: score(x_rows), sz.rows, torch.no_grad),
                 "t_dual": (lambda: jvp_field(score, x_rows, v), sz.rows, torch.no_grad),
                 "t_sfb": (fwd_bwd(score, xg), sz.grad_rows, torch.enable_grad),
-                "t_c": (fwd(clf, x_rows), sz.rows, torch.no_grad),
+                "t_c": (lambda: clf(x_rows), sz.rows, torch.no_grad),
                 "t_cfb": (fwd_bwd(clf, xg), sz.grad_rows, torch.enable_grad),
             }
             for name, (fn, n, mode) in units.items():
 
-                def call(fn=fn, mode=mode, dt=dt):
-                    with mode(), autocast(dev, dt):
+                def call(fn=fn, mode=mode, dt=dt, score_net=name != "t_c" and name != "t_cfb"):
+                    # the score net in fp32 without TF32, as purification runs it (Defense.score_fp32)
+                    strict = no_tf32(dev) if score_net and dt == "fp32" else contextlib.nullcontext()
+                    with mode(), autocast(dev, dt), strict:
                         return fn()
 
                 ref = conv[dt] if name.startswith("t_s") or name == "t_dual" else None

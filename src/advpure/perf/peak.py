@@ -11,7 +11,7 @@ in GFLOP/s (1e9 FLOP per second), and two percentages:
                      stride, padding, dilation, groups, memory format) timed alone at its batch
                      shape, best of repeats; the peak is sum_i n_i FLOP_i / sum_i n_i t_i over the
                      n_i calls of each in one forward: what the conv library reaches on exactly
-                     these shapes. The gap between it and the net's forward is everything else
+                     these shapes (fp32 without TF32 on CUDA, as purification runs). The gap between it and the net's forward is everything else
                      (normalisation, ELU, pooling, copies, Python).
 
 Both are measured per dtype (fp32; bf16 under `torch.autocast`). The conv peak is that of the
@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from advpure.perf.timing import timed
+from advpure.purify.defense import no_tf32
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -144,7 +145,12 @@ def conv_peak_gflops(
         inp = torch.rand(c.shape, device=dev).contiguous(memory_format=fmt)
 
         def one(m=m, inp=inp):
-            with torch.no_grad(), autocast(dev, dtype):
+            # fp32 without TF32 on CUDA, as purification runs (`Defense.score_fp32`)
+            with (
+                torch.no_grad(),
+                autocast(dev, dtype),
+                no_tf32(dev) if dtype == "fp32" else contextlib.nullcontext(),
+            ):
                 return F.conv2d(inp, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
 
         flop, _ = count_flops(one)
