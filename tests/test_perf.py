@@ -172,6 +172,20 @@ def test_tiny_suite_writes_every_figure(tmp_path):
         *[f"throughput.attack.{a}.images_per_s" for a in attacks],
         *[f"P2.score_evals_per_image.{a}" for a in attacks],
         *[f"P2.benchmark_score_evals_per_image.{a}" for a in attacks],
+        *[f"peak.{k}_gflops.{dt}" for k in ("matmul", "conv") for dt in ("fp32", "bf16")],
+        *[
+            f"flops.{k}.{dt}_gflops"
+            for k in ("forward", "purify", "bpda_step", "full_step")
+            for dt in ("fp32", "bf16")
+        ],
+        *[
+            f"probe.alpha.{f}.{v}.median_rel_diff"
+            for f in ("net", "gaussian")
+            for v in ("jvp_fp32", "jvp_bf16")
+        ],
+        "probe.steps_equal.jvp_fp32",
+        "probe.speedup_bf16_jvp_vs_fp32_secant.28x28_ngf16",
+        "probe.speedup_bf16_jvp_vs_fp32_secant.32x32_ngf4",
     ]
     t_keys = [k for k in figs if k.startswith("P3.peak_mib_ckpt_T")]
     assert len(t_keys) >= 2 and all(k.replace("_ckpt_", "_nockpt_") in figs for k in t_keys)
@@ -180,13 +194,19 @@ def test_tiny_suite_writes_every_figure(tmp_path):
     for key, fig in figs.items():
         v = fig["value"]
         assert math.isfinite(v), key
-        # counts can be zero (the blind PGD makes no score evaluation); everything else is > 0
-        assert v >= 0 if "score_evals" in key else v > 0, (key, v)
+        # counts can be zero (the blind PGD makes no score evaluation), so can the probe's differences and
+        # agreement fractions (tiny random nets: alphas at the same clamp); everything else is > 0
+        assert v >= 0 if ("score_evals" in key or key.startswith("probe.")) else v > 0, (key, v)
         assert fig["met"] in (None, True, False)
     bpda = C.load("fmnist").attacks.bpda40_eot15  # the suite reads the experiment's budget
     evals = (bpda.iters + 1) * bpda.eot * 2 * C.load("fmnist").defense.steps
     assert data["figures"]["P2.score_evals_per_image.bpda40_eot15"]["value"] == evals
     assert all(c["ok"] for c in data["checks"].values()), data["checks"]
+    # every timed figure carries its rate; the run's peaks are in the JSON
+    for key in ("P1.overhead", "flops.purify.bf16_gflops", "formats.bf16_autocast_vs_fp32"):
+        r = figs[key]["rate"]
+        assert r["gflops"] > 0 and r["pct_matmul_peak"] > 0 and r["pct_conv_peak"] > 0, (key, r)
+    assert set(data["peaks"]["matmul_gflops"]) == {"fp32", "bf16"} and data["peaks"]["convs"]
     m = data["machine"]
     assert m["cpu_model"] and m["torch"] == torch.__version__ and m["threads"] == 1 and m["device_name"]
 
@@ -199,7 +219,8 @@ def test_a_registered_section_runs_alone_and_writes_its_figure(tmp_path, capsys)
 
     sections, _ = harness.load_sections()
     assert [s.name for s in sections] == [
-        "P1", "P2", "evals", "P3", "P4", "train", "inference", "attacks", "formats", "compile", "threads"
+        "peak", "P1", "flops", "probe", "P2", "evals", "P3", "P4", "train", "inference", "attacks", "formats",
+        "compile", "threads",
     ]  # fmt: skip
 
     @harness.section("toy", order=95)

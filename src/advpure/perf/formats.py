@@ -74,8 +74,14 @@ def formats(ctx: Ctx) -> None:
     if bf16_ok:
         fns["bf16"] = run(lambda: shipped(x), bf16=True)
         fns["bf16_nchw"] = run(lambda: nchw_forward(nchw, x), bf16=True)
-    times, first = interleaved(fns, dev, ctx.repeats)
+    fl: dict[str, int] = {}
+    times, first = interleaved(fns, dev, ctx.repeats, flops=fl)
     base = times["nchw"]
+    conv = (shipped, x, f"ncsnv2-{sz.image_size}-ngf{sz.ngf}")
+
+    def r(name: str):
+        return ctx.rate(fl[name], med(times[name]), "bf16" if name.startswith("bf16") else "fp32", conv)
+
     print(
         f"  [formats] score-net forward, {sz.format_rows} rows, ngf={sz.ngf}; shipped = channels-last "
         f"activations, {layout} conv weights; baseline fp32 NCHW {fmt(med(base) * 1e3)} ms",
@@ -86,22 +92,28 @@ def formats(ctx: Ctx) -> None:
         paired_ratio(times["channels_last"], base),
         "time ratio",
         note="< 1: channels-last faster",
+        rate=r("channels_last"),
     )
     rep.add(
         "formats.cl_activations_nchw_weights_vs_nchw",
         paired_ratio(times["cl_act_nchw_weights"], base),
         "time ratio",
+        rate=r("cl_act_nchw_weights"),
     )
-    rep.add("formats.shipped_vs_nchw", paired_ratio(times["shipped"], base), "time ratio")
+    rep.add("formats.shipped_vs_nchw", paired_ratio(times["shipped"], base), "time ratio", rate=r("shipped"))
     if bf16_ok:
         rep.add(
             "formats.bf16_autocast_vs_fp32",
             paired_ratio(times["bf16"], times["shipped"]),
             "time ratio",
             note="shipped layout; < 1: bf16 faster",
+            rate=r("bf16"),
         )
         rep.add(
-            "formats.bf16_autocast_nchw_vs_fp32_nchw", paired_ratio(times["bf16_nchw"], base), "time ratio"
+            "formats.bf16_autocast_nchw_vs_fp32_nchw",
+            paired_ratio(times["bf16_nchw"], base),
+            "time ratio",
+            rate=r("bf16_nchw"),
         )
         err = (first["bf16"].float() - first["shipped"]).abs().max().item()
         scale = first["shipped"].abs().max().item()

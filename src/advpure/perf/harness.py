@@ -25,8 +25,10 @@ from advpure.attacks import attack_params
 from advpure.config.compose import load as load_config
 from advpure.core.rng import GeneratorRNG
 from advpure.nets import build_classifier, build_score_net
+from advpure.perf.peak import Peaks, Rate, rate
 from advpure.perf.report import Report
 from advpure.purify import ADPPurifier, Defense
+from advpure.purify.defense import build_defense
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Experiment:
     sigma: float = 0.25  # ADP (conf/defense/adp.yaml)
     lam: float = 0.05
     delta: float = 1e-3
+    tau: float = 1e-3
     replicas: int = 10
     steps: int = 10
     ngf: int = 16  # score net (conf/score/ncsnv2_small.yaml)
@@ -57,6 +60,7 @@ CONFIG_KEYS = {
     "sigma": "defense.sigma",
     "lam": "defense.lam",
     "delta": "defense.delta",
+    "tau": "defense.tau",
     "replicas": "defense.replicas",
     "steps": "defense.steps",
     "ngf": "score.ngf",
@@ -104,6 +108,10 @@ class Sizes:
     spsa_samples: int = 4
     format_rows: int = 80
     max_repeats_slow: int = 3  # cap on repeats of the slowest measurements (P2, attacks)
+    probe_batch: int = 4  # probe speed-up: images at 28x28 (S * probe_batch rows)
+    probe_batch32: int = 2  # ... and at 32x32x3, the official layout with ngf32
+    probe_ngf32: int = 32
+    probe_steps: int = 10  # T of the probe speed-up chains
 
 
 def sizes_for(quick: bool, tiny: bool, exp: Experiment | None = None) -> Sizes:
@@ -128,6 +136,10 @@ def sizes_for(quick: bool, tiny: bool, exp: Experiment | None = None) -> Sizes:
             spsa_samples=1,
             format_rows=4,
             max_repeats_slow=1,
+            probe_batch=1,
+            probe_batch32=1,
+            probe_ngf32=4,
+            probe_steps=2,
         )
     # S = 10 replicas as in the paper (and in P2's goal), whatever the fmnist default trims it to
     base = dict(ngf=exp.ngf, replicas=10, steps=exp.steps, train_batch=exp.train_batch)
@@ -145,6 +157,9 @@ def sizes_for(quick: bool, tiny: bool, exp: Experiment | None = None) -> Sizes:
             spsa_samples=2,
             format_rows=40,
             max_repeats_slow=2,
+            probe_batch=2,
+            probe_batch32=1,
+            probe_steps=3,
         )
     return Sizes(**base)
 
@@ -182,33 +197,22 @@ def grng(seed: int, device: torch.device) -> GeneratorRNG:
     return GeneratorRNG(gen)
 
 
-class Counter(nn.Module):
-    """Counts rows through a net (for the reference, which does not go through `Defense`)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net, self.rows = net, 0
-
-    def forward(self, x):
-        self.rows += x.shape[0]
-        return self.net(x)
+def adp_params(exp: Experiment, *, steps: int, replicas: int, tau: float = 0.0) -> ADPPurifier.Params:
+    """The typed `defense` block of ADP (Yoon et al. 2021) with the experiment's sigma, lambda and
+    delta and the given T (`steps`), S (`replicas`) and tau."""
+    return ADPPurifier.Params(
+        sigma=exp.sigma, lam=exp.lam, delta=exp.delta, tau=tau, steps=steps, replicas=replicas
+    )
 
 
 def adp_defense(
     score, clf, exp: Experiment, *, steps: int, replicas: int, tau: float = 0.0, checkpointing: bool = True
 ) -> Defense:
-    """ADP (Yoon et al. 2021) with the experiment's sigma, lambda and delta and the given T
-    (`steps`), S (`replicas`) and tau, defending `clf`."""
-    purifier = ADPPurifier(
-        score,
-        sigma=exp.sigma,
-        lam=exp.lam,
-        delta=exp.delta,
-        tau=tau,
-        steps=steps,
-        checkpointing=checkpointing,
-    )
-    return Defense(clf, purifier, replicas=replicas)
+    """ADP defending `clf`, built by the package's own `build_defense` from `adp_params`.
+    `checkpointing=False` (P3's comparison) is not a config key: it is set on the built purifier."""
+    defense = build_defense(adp_params(exp, steps=steps, replicas=replicas, tau=tau), clf, score)
+    defense.purifier.checkpointing = checkpointing
+    return defense
 
 
 # --- the context ----------------------------------------------------------------------------------
@@ -227,6 +231,12 @@ class Ctx:
     compile: bool
     threads: int
     exp: Experiment
+    peaks: Peaks | None = None  # the machine's peaks of this run (`advpure.perf.peak`); None: no rates
+    score_weights: str | None = None  # trained score-net weights for the probe figures (None: random)
+
+    def rate(self, flops: float, seconds: float, dtype: str = "fp32", conv=None) -> Rate:
+        """Achieved GFLOP/s of `flops` in `seconds` and its % of this run's peaks (`peak.rate`)."""
+        return rate(self.peaks, flops, seconds, dtype, conv)
 
     @property
     def slow_repeats(self) -> int:

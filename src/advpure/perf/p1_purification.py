@@ -10,10 +10,11 @@ import copy
 
 import torch
 
-from advpure.perf.harness import Counter, Ctx, Sizes, adp_defense, grng, images, make_nets, section
+from advpure.perf.harness import Ctx, Sizes, adp_defense, grng, images, make_nets, section
 from advpure.perf.reference import reference_adp_purify
 from advpure.perf.report import fmt
 from advpure.perf.timing import interleaved, med, paired_ratio
+from advpure.purify.defense import Counted
 
 
 def reference_purify(ctx: Ctx, x: torch.Tensor, score, noise: torch.Tensor, steps: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ def p1_purification(ctx: Ctx, sz: Sizes, label: str = "") -> None:
     x, _ = images(b, sz, dev)
     defense = adp_defense(score, clf, ctx.exp, steps=t, replicas=s, tau=0.0)
     rows_x = images(s * b, sz, dev, seed=3)[0]
-    counted = Counter(score)
+    counted = Counted(score)
     n_fwd = 2 * t  # what a chain that never stops makes; the measured count is checked below
 
     def ours():
@@ -43,9 +44,9 @@ def p1_purification(ctx: Ctx, sz: Sizes, label: str = "") -> None:
         return out.x, defense.score_evals - e0
 
     def ref():
-        r0 = counted.rows
+        r0 = counted.evals
         out = reference_purify(ctx, x, counted, grng(11, dev).normal(s, x), t)
-        return out, counted.rows - r0
+        return out, counted.evals - r0
 
     def fwd():
         # n_fwd back-to-back forwards of S*B rows (the same count and the same warm caches as
@@ -55,7 +56,11 @@ def p1_purification(ctx: Ctx, sz: Sizes, label: str = "") -> None:
                 out = score(rows_x)
         return out
 
-    times, first = interleaved({"ours": ours, "reference": ref, "forward": fwd}, dev, ctx.repeats)
+    flops: dict[str, int] = {}
+    times, first = interleaved(
+        {"ours": ours, "reference": ref, "forward": fwd}, dev, ctx.repeats, flops=flops
+    )
+    conv = (score, rows_x, f"ncsnv2-{sz.image_size}-ngf{sz.ngf}")
     (x_ours, ev_rows), (x_ref, ref_rows) = first["ours"], first["reference"]
     n_evals = ev_rows / (s * b)  # batched evaluations of S*B rows
     per_fwd = [tf / n_fwd for tf in times["forward"]]
@@ -72,15 +77,28 @@ def p1_purification(ctx: Ctx, sz: Sizes, label: str = "") -> None:
         "ratio",
         ("<=", 1.10),
         note=f"{n_evals:g} evaluations of {s * b} rows",
+        rate=ctx.rate(flops["ours"], med(times["ours"]), conv=conv),
     )
     rep.add(
         f"{key}.speedup_vs_loop",
         paired_ratio(times["reference"], times["ours"]),
         "x",
         note="loop over replicas, same noise",
+        rate=ctx.rate(flops["reference"], med(times["reference"]), conv=conv),
     )
-    rep.add(f"{key}.ours_seconds", med(times["ours"]), "s")
-    rep.add(f"{key}.forward_ms", med(per_fwd) * 1e3, "ms", note=f"one forward of {s * b} rows")
+    rep.add(
+        f"{key}.ours_seconds",
+        med(times["ours"]),
+        "s",
+        rate=ctx.rate(flops["ours"], med(times["ours"]), conv=conv),
+    )
+    rep.add(
+        f"{key}.forward_ms",
+        med(per_fwd) * 1e3,
+        "ms",
+        note=f"one forward of {s * b} rows",
+        rate=ctx.rate(flops["forward"], med(times["forward"]), conv=conv),
+    )
     rep.add(f"{key}.score_evals_per_chain", n_evals, "evals", note=f"reference: {ref_rows / (s * b):g}")
     # Equality on the same noise, in float64: in fp32 the nets see different batch sizes (S*B rows
     # vs B), convolutions may round differently in the last bit, and the step-size probe divides by

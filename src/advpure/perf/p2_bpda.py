@@ -12,10 +12,12 @@ import torch
 
 from advpure.attacks import attack_params, run_attack
 from advpure.core.rng import SampleRNG
-from advpure.perf.harness import Counter, Ctx, adp_defense, grng, images, make_nets, section
+from advpure.perf.harness import Ctx, adp_defense, grng, images, make_nets, section
+from advpure.perf.peak import count_flops
 from advpure.perf.reference import reference_bpda_eot_attack
 from advpure.perf.report import fmt
 from advpure.perf.timing import interleaved, med, paired_ratio
+from advpure.purify.defense import Counted
 
 
 def bpda_spec(iters: int, eot: int):
@@ -62,7 +64,7 @@ def p2_bpda(ctx: Ctx) -> None:
     b, s, t, k, iters = sz.p2_batch, sz.replicas, sz.steps, sz.eot, sz.p2_iters
     x, y = images(b, sz, dev)
     defense = adp_defense(score, clf, ctx.exp, steps=t, replicas=s, tau=0.0)
-    cs, cc = Counter(score), Counter(clf)
+    cs, cc = Counted(score), Counted(clf)
 
     def ours(n_iters=iters, sample_rng=False):
         rng = SampleRNG(7, list(range(b))) if sample_rng else grng(7, dev)
@@ -71,9 +73,9 @@ def p2_bpda(ctx: Ctx) -> None:
         return x_adv, probs, defense.score_evals - e0, defense.classifier.evals - c0
 
     def ref(n_iters=iters):
-        s0, c0 = cs.rows, cc.rows
+        s0, c0 = cs.evals, cc.evals
         x_adv, probs = reference_attack(ctx, x, y, cs, cc, n_iters, k, s, t)
-        return x_adv, probs, cs.rows - s0, cc.rows - c0
+        return x_adv, probs, cs.evals - s0, cc.evals - c0
 
     warm = {"ours": lambda: ours(1), "reference": lambda: ref(1)}
     print(
@@ -81,18 +83,39 @@ def p2_bpda(ctx: Ctx) -> None:
         f"{ctx.slow_repeats} repeat(s) ...",
         flush=True,
     )
-    times, first = interleaved({"ours": ours, "reference": ref}, dev, ctx.slow_repeats, warmup=warm)
+    fl: dict[str, int] = {}  # FLOPs of the 1-iteration warm-ups, then of 2 iterations: linear in iters
+    times, first = interleaved({"ours": ours, "reference": ref}, dev, ctx.slow_repeats, warmup=warm, flops=fl)
+    # ours counted at 2 iterations too (FLOPs are linear in iters); the loop reference only at 1 (its
+    # counting costs minutes), scaled by ours' growth
+    ours2 = count_flops(lambda: ours(2))[0]
+    flops = {"ours": fl["ours"] + (iters - 1) * (ours2 - fl["ours"])}
+    flops["reference"] = fl["reference"] * flops["ours"] / fl["ours"]
+    conv = (score, images(s * k * b, sz, dev)[0], f"ncsnv2-{sz.image_size}-ngf{sz.ngf}")
     xo, po, so, co = first["ours"]
     xr, pr, sr, cr = first["reference"]
     speedup = paired_ratio(times["reference"], times["ours"])
     print(f"  [P2] ours {fmt(med(times['ours']))} s, reference {fmt(med(times['reference']))} s", flush=True)
     met = rep.add(
-        "P2.speedup_vs_reference", speedup, "x", (">=", 4.0), note=f"BPDA{iters}+EOT{k}, B={b}, S={s}, T={t}"
+        "P2.speedup_vs_reference",
+        speedup,
+        "x",
+        (">=", 4.0),
+        note=f"BPDA{iters}+EOT{k}, B={b}, S={s}, T={t}",
+        rate=ctx.rate(flops["ours"], med(times["ours"]), conv=conv),
     )
     rep.add(
-        "P2.ours_images_per_s", b / med(times["ours"]), "images/s", note=f"BPDA{iters}+EOT{k} + prediction"
+        "P2.ours_images_per_s",
+        b / med(times["ours"]),
+        "images/s",
+        note=f"BPDA{iters}+EOT{k} + prediction",
+        rate=ctx.rate(flops["ours"], med(times["ours"]), conv=conv),
     )
-    rep.add("P2.reference_images_per_s", b / med(times["reference"]), "images/s")
+    rep.add(
+        "P2.reference_images_per_s",
+        b / med(times["reference"]),
+        "images/s",
+        rate=ctx.rate(flops["reference"], med(times["reference"]), conv=conv),
+    )
     rep.add("P2.ours_score_evals_per_image", so / b, "evals", note=f"reference: {sr / b:g}")
     rep.add("P2.ours_classifier_evals_per_image", co / b, "evals", note=f"reference: {cr / b:g}")
     diff = (xo - xr).abs()

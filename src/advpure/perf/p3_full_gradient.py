@@ -42,7 +42,8 @@ def p3_full_gradient(ctx: Ctx) -> None:
             return project(x + ctx.exp.step * ev.grad.sign(), x, ctx.exp.eps)
 
         fns = {name: (lambda d=d: one_iter(d)) for name, d in variants.items()}
-        times, first = interleaved(fns, dev, ctx.repeats)
+        fl: dict[str, int] = {}
+        times, first = interleaved(fns, dev, ctx.repeats, flops=fl)
         same = torch.equal(first["ckpt"], first["nockpt"])
         for name, d in variants.items():
             if dev.type == "cuda" or cpu_peak_supported():
@@ -50,7 +51,13 @@ def p3_full_gradient(ctx: Ctx) -> None:
                 mems[(name, t)] = peak_memory(lambda d=d: one_iter(d), dev)
         tratio[t] = paired_ratio(times["ckpt"], times["nockpt"])
         m_c, m_n = mems.get(("ckpt", t), float("nan")), mems.get(("nockpt", t), float("nan"))
-        rep.add(f"P3.time_ckpt_T{t}", med(times["ckpt"]), "s/iteration")
+        conv = (score, images(b * k * sz.replicas, sz, dev)[0], f"ncsnv2-{sz.image_size}-ngf{sz.ngf}")
+        rep.add(
+            f"P3.time_ckpt_T{t}",
+            med(times["ckpt"]),
+            "s/iteration",
+            rate=ctx.rate(fl["ckpt"], med(times["ckpt"]), conv=conv),
+        )
         rep.add(f"P3.time_ratio_ckpt_vs_nockpt_T{t}", tratio[t], "ratio", ("<=", 1.5))
         rep.add(f"P3.peak_mib_ckpt_T{t}", m_c / 2**20, "MiB")
         rep.add(f"P3.peak_mib_nockpt_T{t}", m_n / 2**20, "MiB")

@@ -60,8 +60,11 @@ def p4_dsm(ctx: Ctx) -> None:
         bare_opt.step()
 
     u0 = int(module.ema.updates)
-    times, _ = interleaved({"full": full_step, "bare": bare_step}, dev, ctx.repeats)
+    fl: dict[str, int] = {}
+    times, _ = interleaved({"full": full_step, "bare": bare_step}, dev, ctx.repeats, flops=fl)
     steps_run = ctx.repeats + 1  # + the warm-up
+    conv = (module.net, x, f"ncsnv2-{sz.image_size}-ngf{sz.ngf}-train")
+    r_full = ctx.rate(fl["full"], med(times["full"]), conv=conv)
     rep.check(
         "P4.ema_updated_every_step",
         int(module.ema.updates) - u0 == steps_run,
@@ -74,9 +77,10 @@ def p4_dsm(ctx: Ctx) -> None:
         "ratio",
         ("<=", 1.10),
         note=f"batch {sz.train_batch}, ngf={sz.ngf}",
+        rate=r_full,
     )
-    rep.add("P4.dsm_images_per_s", sz.train_batch / med(times["full"]), "images/s")
-    rep.add("throughput.dsm_train_images_per_s", sz.train_batch / med(times["full"]), "images/s")
+    rep.add("P4.dsm_images_per_s", sz.train_batch / med(times["full"]), "images/s", rate=r_full)
+    rep.add("throughput.dsm_train_images_per_s", sz.train_batch / med(times["full"]), "images/s", rate=r_full)
     if met is False and ctx.profile:
         rep.profile("P4.bare_step", bare_step, dev, "overhead goal missed; the bare step")
         rep.profile("P4.full_step", full_step, dev, "the full DSM step", versus="P4.bare_step")

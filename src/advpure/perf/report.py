@@ -43,10 +43,17 @@ class Report:
         self._all_ops: dict[str, dict[str, tuple[int, float]]] = {}
 
     def add(
-        self, key: str, value: float, unit: str = "", goal: tuple[str, float] | None = None, note: str = ""
+        self,
+        key: str,
+        value: float,
+        unit: str = "",
+        goal: tuple[str, float] | None = None,
+        note: str = "",
+        rate=None,
     ) -> bool | None:
-        """Record figure `key`; `goal` = ("<=" or ">=", bound). Returns whether the goal is met
-        (None without a goal)."""
+        """Record figure `key`; `goal` = ("<=" or ">=", bound); `rate`: the achieved GFLOP/s and % of
+        peak of the figure's measurement (`advpure.perf.peak.Rate`), printed beside it. Returns
+        whether the goal is met (None without a goal)."""
         value = float(value)
         met = None
         if goal is not None:
@@ -58,8 +65,13 @@ class Report:
             "met": met,
             "note": note,
         }
+        if rate is not None:
+            self.figures[key]["rate"] = rate.as_dict()
         mark = "" if met is None else ("  goal " + self.figures[key]["goal"] + (" met" if met else " MISSED"))
-        print(f"  {key:<52} {fmt(value):>12} {unit}{mark}" + (f"   ({note})" if note else ""), flush=True)
+        peak = f"  [{rate.text()}]" if rate is not None else ""
+        print(
+            f"  {key:<52} {fmt(value):>12} {unit}{mark}{peak}" + (f"   ({note})" if note else ""), flush=True
+        )
         return met
 
     def check(self, key: str, ok: bool, **detail) -> None:
@@ -111,10 +123,16 @@ class Report:
 
     def table(self) -> str:
         """Every figure and check as a fixed-width table."""
-        lines = [f"{'figure':<54} {'value':>12}  {'unit':<22} {'goal':<9} met?", "-" * 106]
+        head = f"{'figure':<54} {'value':>12}  {'unit':<22} {'goal':<9} {'met?':<5} {'GFLOP/s':>8} {'%mm':>6} {'%conv':>6}"
+        lines = [head, "-" * len(head)]
         for k, f in self.figures.items():
             met = "" if f["met"] is None else ("yes" if f["met"] else "NO")
-            lines.append(f"{k:<54} {fmt(f['value']):>12}  {f['unit'][:22]:<22} {f['goal']:<9} {met}")
+            r = f.get("rate") or {}
+            peak = "".join(
+                f" {fmt(v) if v is not None else '':>{w}}"
+                for v, w in ((r.get("gflops"), 8), (r.get("pct_matmul_peak"), 6), (r.get("pct_conv_peak"), 6))
+            )
+            lines.append(f"{k:<54} {fmt(f['value']):>12}  {f['unit'][:22]:<22} {f['goal']:<9} {met:<5}{peak}")
         for k, c in self.checks.items():
             lines.append(f"{'check ' + k:<54} {'OK' if c['ok'] else 'FAILED':>12}")
         return "\n".join(lines)

@@ -10,10 +10,14 @@ One module per figure (figure keys in the JSON in brackets):
   p2_score_evals    evals [P2.*score_evals_per_image.*]: score evaluations per image per attack
   p3_full_gradient  P3 [P3.*]: time and peak memory of a full-gradient iteration vs T
   p4_dsm            P4 [P4.*]: DSM training-step overhead
+  flops             peak, flops [peak.*, flops.*]: the machine's peaks (dense matmul, the net's convs)
+                    and GFLOP/s + % of peak of forward, purification, BPDA and full-gradient steps
+  probe_bench       probe [probe.*]: the jvp step-size probe vs the secant (alpha, steps, bf16 speed-up)
   throughput        train, inference, attacks [throughput.*]
   formats           formats, compile [formats.*]: channels-last, bf16, torch.compile
   threads           threads [threads.*]: 1 vs 2 intra-op threads
 
+Every timed figure also carries its achieved GFLOP/s and % of the run's peaks (`advpure.perf.peak`).
 Where a goal is missed, the suite prints a torch.profiler summary (top ops by self CPU time) of
 that measurement. All timings synchronise CUDA around the measured call.
 """
@@ -35,6 +39,7 @@ from advpure.core.fsio import write_text_atomic
 from advpure.core.runtime import redirect_writes
 from advpure.perf.harness import Ctx, experiment, load_sections, sizes_for
 from advpure.perf.memory import clean_heap
+from advpure.perf.peak import Peaks
 from advpure.perf.report import Report, machine
 
 
@@ -50,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 5, quick 3)")
     p.add_argument("--out", default="runs/perf/perf.json", help="JSON of all figures")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile probe")
+    p.add_argument(
+        "--score",
+        default=None,
+        help="trained fmnist score-net weights for the probe figures (default: artifacts/fmnist/score.pt if present)",
+    )
     p.add_argument("--no-profile", action="store_true", help="no profiler summaries for missed goals")
     p.add_argument(
         "--only", default="", help=f"comma-separated sections: {','.join(s.name for s in sections)}"
@@ -75,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*self.log.*")  # LightningModule.log without a Trainer
     repeats = args.repeats or (1 if args.tiny else 3 if args.quick else 5)
     exp = experiment("fmnist")
+    score_weights = args.score
+    if score_weights is None and not args.tiny:
+        from advpure.config.compose import project_root
+
+        default = project_root() / "artifacts" / "fmnist" / "score.pt"
+        score_weights = str(default) if default.is_file() else None
     ctx = Ctx(
         device=device,
         sz=sizes_for(args.quick, args.tiny, exp),
@@ -87,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         compile=not (args.no_compile or args.quick or args.tiny),
         threads=args.threads,
         exp=exp,
+        peaks=Peaks(device, repeats=1 if args.tiny else 3, matmul_n=256 if args.tiny else None),
+        score_weights=score_weights,
     )
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in names]
@@ -139,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         "checks": rep.checks,
         "profiles": rep.profiles,
         "notes": rep.notes,
+        "peaks": {
+            "matmul_gflops": ctx.peaks.matmul,
+            "conv_gflops": {f"{k[0]}{list(k[1])}.{k[2]}": v for k, v in ctx.peaks.conv.items()},
+            "convs": ctx.peaks.records,
+        },
     }
     path = write_text_atomic(Path(args.out), json.dumps(out, indent=2, default=str), what="perf report")
     print(f"wrote {path}", flush=True)

@@ -9,7 +9,7 @@ import os
 import torch
 
 from advpure.perf.harness import Ctx, images, make_nets, section
-from advpure.perf.timing import interleaved, paired_ratio
+from advpure.perf.timing import interleaved, med, paired_ratio
 
 
 @section("threads", order=90)
@@ -33,10 +33,12 @@ def thread_scaling(ctx: Ctx) -> None:
 
         return go
 
-    times, _ = interleaved({"t1": with_threads(1), "t2": with_threads(2)}, dev, ctx.repeats)
+    fl: dict[str, int] = {}
+    times, _ = interleaved({"t1": with_threads(1), "t2": with_threads(2)}, dev, ctx.repeats, flops=fl)
     rep.add(
         "threads.fwd_2_vs_1",
         paired_ratio(times["t2"], times["t1"]),
         "time ratio",
         note=f"score forward {sz.format_rows} rows; < 1: 2 threads faster; load avg {os.getloadavg()[0]:.2f}",
+        rate=ctx.rate(fl["t2"], med(times["t2"]), conv=(score, x, f"ncsnv2-{sz.image_size}-ngf{sz.ngf}")),
     )

@@ -14,6 +14,7 @@ from advpure.config.compose import attack_eps_step
 from advpure.config.compose import load as load_config
 from advpure.core.rng import SampleRNG
 from advpure.perf.harness import Ctx, adp_defense, fmnist_attacks, grng, images, make_nets, section
+from advpure.perf.peak import count_flops
 from advpure.perf.report import fmt
 from advpure.perf.timing import interleaved, med
 
@@ -51,12 +52,14 @@ def classifier_train(ctx: Ctx) -> None:
         loss.backward()
         opt.step()
 
-    times, _ = interleaved({"step": step}, dev, ctx.repeats)
+    fl: dict[str, int] = {}
+    times, _ = interleaved({"step": step}, dev, ctx.repeats, flops=fl)
     rep.add(
         "throughput.classifier_train_images_per_s",
         b / med(times["step"]),
         "images/s",
         note=f"small_cnn 28x28, batch {b}",
+        rate=ctx.rate(fl["step"], med(times["step"])),
     )
 
 
@@ -72,12 +75,15 @@ def defended_inference(ctx: Ctx) -> None:
         with torch.no_grad():
             return defense(x, grng(3, dev))
 
-    times, _ = interleaved({"fwd": fwd}, dev, ctx.repeats)
+    fl: dict[str, int] = {}
+    times, _ = interleaved({"fwd": fwd}, dev, ctx.repeats, flops=fl)
+    conv = (score, images(sz.replicas * sz.batch, sz, dev)[0], f"ncsnv2-{sz.image_size}-ngf{sz.ngf}")
     rep.add(
         "throughput.defended_inference_images_per_s",
         sz.batch / med(times["fwd"]),
         "images/s",
         note=f"Defense.forward S={sz.replicas} T={sz.steps} tau=0, B={sz.batch}",
+        rate=ctx.rate(fl["fwd"], med(times["fwd"]), conv=conv),
     )
 
 
@@ -112,6 +118,8 @@ def attack_throughput(ctx: Ctx) -> None:
                 small, defense, x, y, SampleRNG(0, list(range(b)), stream=name), eps=eps, step=step
             )
 
+        fl: dict[str, int] = {}  # counted on a separate call (the timed runs have no warm-up)
+        fl["run"] = count_flops(run)[0]
         times, _ = interleaved({"run": run}, dev, ctx.slow_repeats, warmup={})
         per_image = med(times["run"]) / b * scale
         rep.add(
@@ -119,4 +127,5 @@ def attack_throughput(ctx: Ctx) -> None:
             1.0 / per_image,
             "images/s (extrap.)",
             note=f"{fmt(per_image)} s/image for {spec.iters} iters, eot {getattr(spec, 'eot', 1)}",
+            rate=ctx.rate(fl["run"], med(times["run"])),
         )
