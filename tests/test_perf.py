@@ -219,7 +219,8 @@ def test_a_registered_section_runs_alone_and_writes_its_figure(tmp_path, capsys)
 
     sections, _ = harness.load_sections()
     assert [s.name for s in sections] == [
-        "peak", "P1", "flops", "probe", "P2", "evals", "P3", "P4", "train", "inference", "attacks", "formats",
+        "peak", "P1", "flops", "probe", "P2", "evals", "P3", "diffusion", "P4", "train", "inference", "attacks",
+        "formats",
         "compile", "threads",
     ]  # fmt: skip
 

@@ -127,7 +127,7 @@ class ADPBase(CertifyBase):
     defaults: `ADPPurifier.Params`). Input (rows, C, H, W), output logits (rows, K). Differentiable
     when gradients are enabled."""
 
-    params = ("lam", "delta", "tau", "steps")
+    params = ("lam", "delta", "tau", "steps", "probe")
 
     @classmethod
     def nets(cls, options=None) -> dict[str, str]:
@@ -143,10 +143,12 @@ class ADPBase(CertifyBase):
         delta: float = ADP_DEFAULTS.delta,
         tau: float = ADP_DEFAULTS.tau,
         steps: int = ADP_DEFAULTS.steps,
+        probe: str = ADP_DEFAULTS.probe,
     ):
         super().__init__()
         self.classifier, self.score_net, self.sigma = classifier, score_net, float(sigma)
         self.lam, self.delta, self.tau, self.steps = float(lam), float(delta), float(tau), int(steps)
+        self.probe = probe
 
     def purify(self, x_noisy: torch.Tensor) -> torch.Tensor:
         out = adp_chain(
@@ -156,6 +158,7 @@ class ADPBase(CertifyBase):
             delta=self.delta,
             tau=self.tau,
             steps=self.steps,
+            probe=self.probe,
             differentiable=torch.is_grad_enabled(),
         )
         return out.x

@@ -46,7 +46,7 @@ from advpure.core.params import check_finite_tree
 from advpure.core.params import validate as validate_fields
 from advpure.core.registry import load_plugins
 from advpure.nets.registry import NET_KINDS
-from advpure.purify.base import purifier_class
+from advpure.purify.base import purifier_class, purify_precision
 from advpure.results.protocols import PROTOCOLS
 
 # keys that were renamed: a config that still uses the old name gets a one-line pointer
@@ -383,6 +383,7 @@ def validate(cfg: DictConfig) -> None:
     validate_fields(cfg, root_schema(), "")
     kind = cfg.defense.get("kind", "adp") if isinstance(cfg.defense, DictConfig) else "adp"
     cfg.defense = typed_block(cfg.defense, purifier_class(kind), "defense.", "defense kind")
+    purify_precision(purifier_class(kind), cfg.defense, None)  # bf16 refused with its reason, before any work
     for name in list(cfg.attacks):
         block = cfg.attacks[name]
         cls = attack_class(block.get("kind", "pgd"))

@@ -6,7 +6,7 @@ flops  GFLOP/s and % of peak, fp32 and bf16 (autocast), of four measurements on 
          forward     one score-net forward of S*B rows (no grad)
          purify      ADP purification, S replicas x T steps of B images, tau = 0; fp32 with the
                      secant probe (the paper's), bf16 with the jvp probe (`advpure.purify.probe`;
-                     the secant's is noise in bf16), through `advpure.perf.bf16_adp`
+                     the secant's is noise in bf16), through `advpure.perf.defenses`
          bpda_step   one BPDA+EOT iteration (`eot_gradient`, gradient "bpda", K = eot draws)
          full_step   one exact-gradient EOT iteration (gradient "full", through the T steps,
                      checkpointed), K = p3_eot draws
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from advpure.attacks import eot_gradient
-from advpure.perf.bf16_adp import probe_defense
+from advpure.perf.defenses import probe_defense
 from advpure.perf.harness import Ctx, grng, images, make_nets, section
 from advpure.perf.peak import autocast
 from advpure.perf.report import fmt

@@ -40,12 +40,12 @@ from torch import nn
 
 from advpure.nets.classifiers import Normalize, WideResNet
 from advpure.nets.ncsnv2 import NCSNv2
-from advpure.perf.bf16_adp import probe_defense
+from advpure.nets.precision import Precision
+from advpure.perf.defenses import probe_defense
 from advpure.perf.peak import Peaks, autocast, count_flops, rate
 from advpure.perf.projection import FORMULA, project
 from advpure.perf.timing import sync
 from advpure.purify.base import screened_rows
-from advpure.purify.defense import no_tf32
 from advpure.purify.probe import curvature, jvp_field
 
 DTYPES = ("fp32", "bf16")
@@ -215,8 +215,10 @@ def run(size: str, dev: torch.device, on_part: Callable[[dict], None] | None = N
             for name, (fn, n, mode) in units.items():
 
                 def call(fn=fn, mode=mode, dt=dt, score_net=name != "t_c" and name != "t_cfb"):
-                    # the score net in fp32 without TF32, as purification runs it (Defense.score_fp32)
-                    strict = no_tf32(dev) if score_net and dt == "fp32" else contextlib.nullcontext()
+                    # the score net in fp32 without TF32, as purification runs it (advpure.nets.precision.Precision)
+                    strict = (
+                        Precision("fp32", dev) if score_net and dt == "fp32" else contextlib.nullcontext()
+                    )
                     with mode(), autocast(dev, dt), strict:
                         return fn()
 
@@ -286,7 +288,12 @@ def run(size: str, dev: torch.device, on_part: Callable[[dict], None] | None = N
             refused = False
         except ValueError:
             refused = True
-        c.fig("purify.secant_bf16_refused", float(refused), "bool", "AmpDefense refuses bf16 with the secant")
+        c.fig(
+            "purify.secant_bf16_refused",
+            float(refused),
+            "bool",
+            "bf16 purification with the secant probe is refused (ConfigError)",
+        )
         if not refused:
             raise RuntimeError("bf16 purification with the secant probe was not refused")
         # each probe's curvature against the fp32 jvp's, in units of |J g| / |g| (random weights)

@@ -28,40 +28,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
+from advpure.nets.precision import Precision
+from advpure.perf.flopcount import FlopCount, count_flops  # noqa: F401 (re-exported)
 from advpure.perf.timing import timed
-from advpure.purify.defense import no_tf32
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class FlopCount(TorchDispatchMode):
-    """Total FLOPs of the ops run inside, by `torch.utils.flop_counter`'s formulas (those of
-    `FlopCounterMode`). `FlopCounterMode` itself cannot be used around the attacks: its module
-    tracker's backward hooks make `torch.autograd.grad` w.r.t. a leaf fail ("A leaf node was
-    passed to _will_engine_execute_node ..."), so this mode applies the same formulas without it."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
-        return out
-
-
-def count_flops(fn: Callable[[], object]) -> tuple[int, object]:
-    """(FLOPs of one call of `fn`, its output), by `FlopCount` (torch.utils.flop_counter's formulas)."""
-    mode = FlopCount()
-    with mode:
-        out = fn()
-    return mode.total, out
 
 
 def autocast(device: torch.device, dtype: str):
@@ -145,11 +117,11 @@ def conv_peak_gflops(
         inp = torch.rand(c.shape, device=dev).contiguous(memory_format=fmt)
 
         def one(m=m, inp=inp):
-            # fp32 without TF32 on CUDA, as purification runs (`Defense.score_fp32`)
+            # fp32 without TF32 on CUDA, as purification runs (`advpure.nets.precision.Precision`)
             with (
                 torch.no_grad(),
                 autocast(dev, dtype),
-                no_tf32(dev) if dtype == "fp32" else contextlib.nullcontext(),
+                Precision("fp32", dev) if dtype == "fp32" else contextlib.nullcontext(),
             ):
                 return F.conv2d(inp, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
 

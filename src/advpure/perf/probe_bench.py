@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from advpure.perf.bf16_adp import probe_chain
 from advpure.perf.harness import Ctx, Sizes, grng, images, make_nets, section
 from advpure.perf.peak import autocast
 from advpure.perf.report import fmt
 from advpure.perf.timing import interleaved, med, paired_ratio
+from advpure.purify.adp import adp_chain as probe_chain
 from advpure.purify.adp import adp_step, step_size
 from advpure.purify.base import screened_rows
 from advpure.purify.probe import adp_step_jvp, jvp_field, step_size_jvp

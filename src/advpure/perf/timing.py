@@ -39,14 +39,14 @@ def interleaved(
     """Time each fn `repeats` times, interleaved (order reversed every other round, so a drift in
     the machine's load hits all alike), after one warm-up call of each (of `warmup`'s fns where
     given; `{}` for none). With a `flops` dict, the warm-up calls run under
-    `advpure.perf.peak.count_flops` (torch.utils.flop_counter's formulas) and `flops[name]` receives the FLOPs of each (the
+    `advpure.perf.flopcount.count_flops` (torch.utils.flop_counter's formulas) and `flops[name]` receives the FLOPs of each (the
     fns themselves when `warmup` is None: their measured work). Returns ({name: [seconds]},
     {name: first output})."""
     for name, fn in (warmup if warmup is not None else fns).items():
         if flops is None:
             fn()
         else:
-            from advpure.perf.peak import count_flops
+            from advpure.perf.flopcount import count_flops
 
             flops[name] = count_flops(fn)[0]
     times: dict[str, list[float]] = {n: [] for n in fns}

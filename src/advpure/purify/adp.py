@@ -35,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from advpure.core.params import at_least, choice, validate
 from advpure.core.rng import RNG, GeneratorRNG
 from advpure.purify.base import (
+    ALPHA_MAX,
+    ALPHA_MIN,
     NOISE_TYPES,
     FieldParams,
     Purifier,
@@ -43,10 +45,10 @@ from advpure.purify.base import (
     register_purifier,
     screened_rows,
 )
+from advpure.purify.probe import adp_step_jvp
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
-
-ALPHA_MIN, ALPHA_MAX = 1e-5, 1e-1
+PROBES = ("secant", "jvp")
 
 
 @dataclass
@@ -60,6 +62,9 @@ class ADPParams(FieldParams):
     tau: float = at_least(1e-3, 0.0)  # stop a sample once its step alpha <= tau
     steps: int = at_least(10, 1)  # T: at most this many updates
     noise: str = choice("gaussian", *NOISE_TYPES)  # screening noise distribution
+    # step-size probe: the paper's secant (1 - z from f(x + delta g), fp32 only) or its delta -> 0 limit
+    # from one forward-mode Jacobian-vector product (`advpure.purify.probe`; valid in bf16 too)
+    probe: str = choice("secant", *PROBES)
 
 
 DEFAULTS = ADPParams()  # the one place ADP's default values live
@@ -120,8 +125,13 @@ def adp_chain(
     steps: int = DEFAULTS.steps,
     differentiable: bool = False,
     checkpointing: bool = True,
+    probe: str = DEFAULTS.probe,
+    input_grad: bool | None = None,
 ) -> PurifyResult:
     """The adaptive deterministic updates (step 2) from the screened images `x0` (R, C, H, W).
+    `probe`: "secant" (`adp_step`, the paper's) or "jvp" (`advpure.purify.probe.adp_step_jvp`, its
+    delta -> 0 limit, two evaluations per step as well; its dual pass is never checkpointed;
+    `input_grad`: True for a field that is itself a gradient, the EBM's, see `jvp_field`).
 
     Only the rows still active are sent through the score net, so stopped samples cost nothing.
     `differentiable=True` keeps the graph through every step for full-gradient attacks: alpha
@@ -131,6 +141,8 @@ def adp_chain(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe '{probe}'; allowed: {', '.join(PROBES)}")
     grad_mode = differentiable and torch.is_grad_enabled()
     fn = checkpointed(score_fn) if grad_mode and checkpointing else score_fn
     rows = x0.shape[0]
@@ -145,7 +157,10 @@ def adp_chain(
                 break
             all_rows = idx.numel() == rows
             xa = x if all_rows else x.index_select(0, idx)
-            xa_next, alpha = adp_step(xa, fn, lam, delta)
+            if probe == "jvp":
+                xa_next, alpha = adp_step_jvp(xa, fn, lam, probe_fn=score_fn, input_grad=input_grad)
+            else:
+                xa_next, alpha = adp_step(xa, fn, lam, delta)
             still = alpha > tau
             evals[idx] += 2
             xa_next = torch.where(still.view(-1, *([1] * (xa.dim() - 1))), xa_next, xa)
@@ -185,10 +200,20 @@ class ADPPurifier(Purifier):
         return {k: getattr(self.p, k) for k in ("lam", "delta", "tau", "steps")}
 
     @classmethod
+    def low_precision(cls, p) -> str | None:
+        if p.probe == "secant":
+            return (
+                "ADP's secant step-size probe divides by 1 - <g, f(x + delta g)>/<g, g> ~ delta/sigma (~4e-3), "
+                "below bf16's resolution; use defense.probe=jvp (its delta -> 0 limit) for bf16 purification"
+            )
+        return None
+
+    @classmethod
     def settings(cls, p) -> str:
+        probe = "secant probe" if p.probe == "secant" else "jvp probe (delta -> 0)"
         return (
             f"{cls.describe(p)}: T={p.steps}, S={p.replicas} replicas merged by {p.merge}, "
-            f"lambda={p.lam}, delta={p.delta}, tau={p.tau}, {p.noise} screening"
+            f"lambda={p.lam}, delta={p.delta}, tau={p.tau}, {p.noise} screening, {probe}"
         )
 
     def forward(self, x, rng, draws, fns, differentiable=False) -> PurifyResult:
@@ -199,6 +224,8 @@ class ADPPurifier(Purifier):
             **self.chain_args(),
             differentiable=differentiable,
             checkpointing=self.checkpointing,
+            probe=self.p.probe,
+            input_grad=True if self.p.field == "ebm" else None,
         )
 
 

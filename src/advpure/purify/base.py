@@ -42,13 +42,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from advpure.core.errors import ConfigError
 from advpure.core.params import at_least, choice, schema
 from advpure.core.registry import Registry
 from advpure.core.rng import RNG
+from advpure.nets.precision import PRECISIONS
 from advpure.nets.registry import field_kinds, field_names
 from advpure.purify.merge import MERGE_RULES
 
 NOISE_TYPES = ("gaussian", "rademacher")
+ALPHA_MIN, ALPHA_MAX = 1e-5, 1e-1  # the clamp of ADP's step size (Yoon et al. 2021), both probes
 
 NetFns = Mapping[str, Callable[..., torch.Tensor]]
 
@@ -71,6 +74,9 @@ class DefenseParams:
     replicas: int = at_least(10, 1)  # S: independent chains merged into one prediction
     merge: str = choice("softmax", *MERGE_RULES)  # default merge rule of the table (all are recorded)
     max_batch: int = at_least(4096, 1)  # memory budget: rows per net forward (chunking)
+    # precision of the purifier's nets: auto = bf16 under trainer.precision=bf16-mixed when the
+    # purifier allows it (`Purifier.low_precision`), else fp32; fp32 / bf16 force it
+    precision: str = choice("auto", "auto", *PRECISIONS)
 
 
 @dataclass
@@ -80,6 +86,19 @@ class FieldParams(DefenseParams):
     EBM (Hill et al. 2021) — every network kind with a time-free field (`field_kinds`)."""
 
     field: str = choice("dsm", lambda: known_kinds(field_names))
+
+
+def purify_precision(cls: type[Purifier], p: Any, amp_dtype: torch.dtype | None) -> str:
+    """The precision of the purifier's nets: `p.precision` ("fp32" / "bf16"), or with "auto" bf16
+    when the classifier runs under bf16 autocast (`amp_dtype`) and the purifier allows it. Raises
+    ConfigError (one line, the reason) for bf16 asked of a purifier that must not run in it."""
+    want = getattr(p, "precision", "auto")
+    reason = cls.low_precision(p)
+    if want == "bf16" and reason:
+        raise ConfigError(f"defense.precision=bf16: {reason}")
+    if want == "auto":
+        return "bf16" if amp_dtype == torch.bfloat16 and reason is None else "fp32"
+    return want
 
 
 def known_kinds(fn: Callable[[], Any]) -> Any:
@@ -122,6 +141,11 @@ class Purifier(nn.Module):
         for their metadata, e.g. a diffusion net's `.schedule`; the calls go through `forward`'s
         callables). Raises ConfigError for a combination the kind cannot run."""
         raise NotImplementedError
+
+    @classmethod
+    def low_precision(cls, p: Any) -> str | None:
+        """Why this purifier must not run its nets in bf16 with parameters `p`, or None if it may."""
+        return None
 
     @classmethod
     def describe(cls, p: Any) -> str:
@@ -241,6 +265,7 @@ class IdentityPurifier(Purifier):
 
 __all__ = [
     "FieldParams",
+    "purify_precision",
     "field_slot",
     "NetFns",
     "NOISE_TYPES",

@@ -40,6 +40,7 @@ from advpure.purify.base import (
     check_images,
     known_kinds,
     purifier_class,
+    purify_precision,
 )
 from advpure.purify.merge import MERGE_RULES, correct_by_merge, merge_scores
 
@@ -252,12 +253,14 @@ def build_defense(
     channels=None,
     image_size=None,
     amp_dtype=None,
-    precision: str = "fp32",
+    precision: str | None = None,
     name=None,
 ) -> Defense:
     """A `Defense` from a typed defense block (see `advpure.config`): the purifier registered as
     `params.kind` built by its `from_params`. `nets`: {network kind: loaded net} holding at least the
-    kinds the purifier names (`Purifier.nets(params)`). Raises ValueError when one is missing."""
+    kinds the purifier names (`Purifier.nets(params)`). `precision` of the purifier's nets: None =
+    `purify_precision` (the block's `precision`, bf16 under a bf16 `amp_dtype` when the purifier
+    allows it). Raises ValueError when a net is missing, ConfigError for bf16 the purifier refuses."""
     cls = purifier_class(params.kind)
     slots = cls.nets(params)
     nets = nets or {}
@@ -266,6 +269,7 @@ def build_defense(
         raise ValueError(f"defense kind '{params.kind}' needs the network(s) {', '.join(missing)}")
     by_slot = {slot: nets[kind] for slot, kind in slots.items()}
     purifier = cls.from_params(params, by_slot)
+    precision = precision or purify_precision(cls, params, amp_dtype)
     signature = {slot: known_kinds(lambda k=kind: NET_KINDS.get(k)).signature for slot, kind in slots.items()}
     field = next((slot for slot, sig in signature.items() if sig == "field"), None)
     return Defense(

@@ -50,7 +50,7 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from advpure.purify.adp import ALPHA_MAX, ALPHA_MIN
+from advpure.purify.base import ALPHA_MAX, ALPHA_MIN
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
