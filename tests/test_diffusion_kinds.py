@@ -230,6 +230,22 @@ def test_tiny_training_exports_the_ema_and_logs_the_t_buckets(tmp_path):
 
 
 @needs_fmnist
+def test_ddpm_stage_trains_on_the_discrete_chain(tmp_path):
+    from advpure.jobs.train import train
+
+    ddpm = {"train.stages": "[ddpm]", "ddpm.ch_mult": "[1,2]", "ddpm.batch_size": 8, "ddpm.max_steps": 3,
+            "ddpm.warmup": 1, "ddpm.ckpt_every_n_steps": 3, "ddpm.val_every_n_steps": 3, "ddpm.val_batches": 1}  # fmt: skip
+    cfg = C.load("fmnist", _diffusion_overrides(tmp_path, **ddpm))
+    meta = train(cfg)["ddpm"]
+    assert (
+        meta["steps"] == 3
+        and meta["schedule"].startswith("discrete, T = 1000")
+        and meta["ema_warmup"] is True
+    )
+    assert load_net(cfg.ddpm.weights, "ddpm").schedule.steps == 1000
+
+
+@needs_fmnist
 def test_nan_loss_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
     from advpure.jobs.train import train
     from advpure.training import diffusion as D
