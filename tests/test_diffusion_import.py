@@ -5,7 +5,6 @@ independent references; every malformed variant fails with one line."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from advpure.nets.ncsnpp import build_ncsnpp
 from advpure.nets.weights import file_sha256
 from helpers import reference_adm as RA
 from helpers import reference_diffusion as R
+from helpers.diffusion_files import write_score_sde
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,29 +31,7 @@ class NotWeights:  # pickled as code: a weights-only load must refuse it
     pass
 
 
-def _score_sde_parts(cfg: dict, seed: int = 0):
-    """(model, ema, optimizer) as score_sde_pytorch saves them: DataParallel keys with the float64 sigmas
-    buffer first, the EMA a positional list over parameters() with weights different from the model's."""
-    shapes = R.ddpmpp_shapes(cfg)
-    model = OrderedDict(sigmas=R.vp_sigmas(cfg))
-    model.update(R.random_diffusion_state(shapes, seed, torch.float32))
-    model = OrderedDict((f"module.{k}", v) for k, v in model.items())
-    shadow = list(R.random_diffusion_state(shapes, seed + 1, torch.float32).values())
-    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
-    opt = torch.optim.Adam(params, lr=2e-4, eps=1e-8)
-    sum(p.sum() for p in params).backward()
-    opt.step()
-    ema = {"decay": 0.9999, "num_updates": 1234, "shadow_params": shadow}
-    return model, ema, opt.state_dict()
-
-
-def _write_score_sde(path: Path, cfg: dict, *, mutate=None, seed: int = 0) -> dict:
-    model, ema, opt = _score_sde_parts(cfg, seed)
-    obj = {"optimizer": opt, "model": model, "ema": ema, "step": 1234}
-    if mutate:
-        mutate(obj)
-    torch.save(obj, path)
-    return obj
+_write_score_sde = write_score_sde
 
 
 def _small_forward_check(net, sd_float32: dict, fwd, ref_cfg, labels, t):

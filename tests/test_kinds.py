@@ -34,11 +34,11 @@ def test_built_in_kinds_drive_blocks_stages_groups_and_importers():
     from advpure.nets.registry import NET_KINDS
 
     cfg = C.load("fmnist")
-    assert [k for k in NET_KINDS] == ["classifier", "score", "ebm"]
+    assert [k for k in NET_KINDS] == ["classifier", "score", "ebm", "ddpmpp", "ddpm", "adm"]
     assert all(k in cfg for k in NET_KINDS)
-    assert C.train_stages() == ["classifier", "score", "ebm"]
-    assert {"classifier", "score", "ebm"} <= set(C.groups())
-    assert importers()["ncsnv2"][0] == "score"
+    assert C.train_stages() == ["classifier", "score", "ebm", "ddpmpp", "ddpm"]  # adm is import-only
+    assert {"classifier", "score", "ebm", "ddpmpp", "ddpm", "adm"} <= set(C.groups())
+    assert importers()["ncsnv2"][0] == "score" and importers()["score_sde"][0] == "ddpmpp"
 
 
 def test_help_lists_the_toy_kind(toy_kind, capsys):

@@ -4,6 +4,9 @@ Every network kind names its importers (`NetKind.importers`, `advpure.nets.regis
 command has one subcommand per importer of every registered kind (plugins included):
 
   advpure import-weights ncsnv2 <checkpoint.pth> <out/score.pt> [--ema] [--any-sigmas]
+  advpure import-weights score_sde <checkpoint_8.pth> <out/ddpmpp.pt> [--no-ema] [--config NAME]
+  advpure import-weights ddpm <model-790000.ckpt> <out/ddpm.pt> [--config NAME]
+  advpure import-weights adm <256x256_diffusion_uncond.pt> <out/adm.pt> [--config NAME]
 
 RobustBench classifiers load directly from RobustBench's model directory
 (`advpure.importers.robustbench.load_robustbench_classifier`); they need no conversion.
