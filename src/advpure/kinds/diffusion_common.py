@@ -1,7 +1,7 @@
 """What the three diffusion network kinds (`advpure.kinds.ddpmpp`, `.ddpm`, `.adm`) share: the "eps"
 signature (``net(u, t)`` -> eps for u in [-1, 1], t in [0, 1], ``net.schedule``, ``net.score``; see
 `advpure.nets.diffusion`), an arch dict ``{"family": ..., **constructor arguments}`` (lists for tuples)
-built by `advpure.nets.diffusion.build_diffusion_net`, the `import-weights` subcommand wrapping an
+built by `advpure.nets.families.build_diffusion_net`, the `import-weights` subcommand wrapping an
 importer function of `advpure.importers.{score_sde,ddpm,adm}`, and the training stage (`train_eps_kind`,
 `advpure.training.diffusion.DiffusionModule`).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from advpure.core.errors import ConfigError
-from advpure.nets.diffusion import build_diffusion_net
+from advpure.nets.families import build_diffusion_net
 from advpure.nets.registry import Importer, NetKind
 
 __all__ = ["DiffusionImport", "EpsKind", "plain_arch", "check_levels", "train_eps_kind", "TRAIN_RESUME_FREE"]

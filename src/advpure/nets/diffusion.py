@@ -29,9 +29,7 @@ from torch import nn
 from advpure.nets.schedules import NoiseSchedule
 
 __all__ = [
-    "DIFFUSION_FAMILIES",
     "DiffusionNet",
-    "build_diffusion_net",
     "diffuse",
     "eps_to_score",
     "score_to_eps",
@@ -160,22 +158,3 @@ class DiffusionNet(nn.Module):
     def alpha_bar(self, t) -> torch.Tensor:
         """abar(t) of this net's schedule, float64."""
         return self.schedule.alpha_bar(torch.as_tensor(t, dtype=torch.float64))
-
-
-DIFFUSION_FAMILIES = ("ncsnpp", "ddpm", "adm")
-
-
-def build_diffusion_net(arch) -> DiffusionNet:
-    """The untrained net of an arch dict ``{"family": "ncsnpp" | "ddpm" | "adm", **constructor arguments}``
-    (what the importers record and the diffusion network kinds store with their weights; lists stand for
-    the constructors' tuples). Raises ValueError for an unknown family."""
-    from advpure.nets.adm import ADMUNet
-    from advpure.nets.ddpm import DDPMUNet
-    from advpure.nets.ncsnpp import NCSNpp
-
-    arch = dict(arch)
-    family = arch.pop("family", None)
-    cls = {"ncsnpp": NCSNpp, "ddpm": DDPMUNet, "adm": ADMUNet}.get(family)
-    if cls is None:
-        raise ValueError(f"unknown diffusion net family {family!r} (known: {', '.join(DIFFUSION_FAMILIES)})")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.items()})

@@ -39,7 +39,8 @@ import torch
 
 from advpure.core.errors import TrainingError
 from advpure.core.rng import mix
-from advpure.nets.diffusion import DiffusionNet, build_diffusion_net
+from advpure.nets.diffusion import DiffusionNet
+from advpure.nets.families import build_diffusion_net
 from advpure.training.ema import EMA
 from advpure.training.losses import psnr
 from advpure.training.losses_diffusion import VP_T_EPS, sample_times, vp_dsm_loss
@@ -88,7 +89,7 @@ def keyed_torch_rng(key: int, device: torch.device):
 
 class DiffusionModule(L.LightningModule):
     """Continuous-time DSM of an eps-prediction net (see the module docstring). Batches (B, C, H, W) in
-    [0, 1]; `arch` is a diffusion arch dict (`advpure.nets.diffusion.build_diffusion_net`)."""
+    [0, 1]; `arch` is a diffusion arch dict (`advpure.nets.families.build_diffusion_net`)."""
 
     def __init__(
         self,
