@@ -22,7 +22,7 @@ help: ## show this help
 	@echo
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 	@echo
-	@echo "experiments: $$(ls experiments/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
+	@echo "experiments: $$(ls src/advpure/conf/experiment/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ')"
 
 setup: apt $(STAMP) ## create .venv: pinned CPU torch first (TORCH=... to override), then the package + dev extras; apt packages when root
 
@@ -45,10 +45,10 @@ apt: ## apt-get install the dataset and slurm when running as root on Debian (sk
 	  fi; \
 	fi
 
-train: setup ## train the classifier, then the score model (each skipped when its weights exist; ARGS='train.force=true')
+train: setup ## train train.stages (default classifier, score; each skipped when its weights exist; ARGS='train.stages=[ddpmpp]', 'train.force=true')
 	$(PY) -m advpure train experiment=$(EXP) $(ARGS)
 
-benchmark: setup ## train what is missing, then attack the undefended and the ADP-defended classifier; prints the table
+benchmark: setup ## train what is missing, then attack the undefended and the defended classifier (EXP=fmnist_diffusion: ADP vs DiffPure/GDMP/VE); prints the table
 	$(PY) -m advpure benchmark experiment=$(EXP) $(ARGS)
 
 certify: setup ## randomized-smoothing l2 certificates (Cohen et al. 2019) of EXP (default fmnist_certify): table + plot
@@ -69,8 +69,11 @@ test-slow: setup ## only the slow tests (trained nets on the embedded default, l
 test-slurm: setup ## the tests that start a real single-node SLURM cluster (root, slurm-wlm + munge)
 	$(PY) -m pytest -m slurm --durations=15 $(ARGS)
 
-perf: setup ## performance suite: ratios against baselines, written to runs/perf/perf.json
+perf: setup ## performance suite: ratios against baselines and % of the machine's peak -> runs/perf/perf.json
 	$(PY) -m advpure.perf $(ARGS)
+
+gpu-check: setup ## one-command GPU check (<= 8 min on one GPU, no network): CUDA paths, throughput, GPU-hours -> runs/perf/gpu_check.json
+	$(PY) -m advpure.perf.gpu_check $(ARGS)
 
 lint: setup ## ruff check + format check
 	$(VENV)/bin/ruff check src tests experiments

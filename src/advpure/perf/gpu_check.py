@@ -28,7 +28,6 @@ import contextlib
 import json
 import platform
 import statistics
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -41,10 +40,12 @@ from torch import nn
 from advpure.nets.classifiers import Normalize, WideResNet
 from advpure.nets.ncsnv2 import NCSNv2
 from advpure.nets.precision import Precision
+from advpure.perf.ddp_check import ddp_check
 from advpure.perf.defenses import probe_defense
 from advpure.perf.peak import Peaks, autocast, count_flops, rate
 from advpure.perf.projection import FORMULA, project
 from advpure.perf.timing import sync
+from advpure.purify.adp import DEFAULTS as ADP_DEFAULTS
 from advpure.purify.base import screened_rows
 from advpure.purify.probe import curvature, jvp_field
 
@@ -83,7 +84,7 @@ SIZES = {
     ),
 }  # fmt: skip
 DSM_SIGMAS = (50.0, 0.01, 232)  # conf/score/ncsnv2_cifar10.yaml: dsm_sigma_max, dsm_sigma_min, dsm_levels
-ADP = {"sigma": 0.25, "lam": 0.05, "delta": 1e-3}  # conf/defense/adp.yaml
+ADP = {k: getattr(ADP_DEFAULTS, k) for k in ("sigma", "lam", "delta")}  # ADP's defaults (`ADPParams`)
 
 
 class Check:
@@ -434,42 +435,6 @@ SKIPPED_KEYS = {
     "ddp": ["ddp.process_group_initialized"],
     "compile": ["compile.first_call_seconds", "compile.speedup_vs_eager"],
 }
-
-
-def ddp_check(dev: torch.device) -> bool:
-    """A 2-step Lightning fit with strategy="ddp", devices=1 on `dev`; True when the training step saw
-    an initialised process group of world size 1 (destroyed afterwards)."""
-    import lightning as L
-    import torch.distributed as dist
-
-    seen: dict = {}
-
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 1)
-
-        def training_step(self, batch, i):
-            seen["initialized"] = dist.is_available() and dist.is_initialized()
-            seen["world_size"] = dist.get_world_size() if seen["initialized"] else 0
-            seen["backend"] = dist.get_backend() if seen["initialized"] else None
-            return self.lin(batch[0]).square().mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
-    with tempfile.TemporaryDirectory(prefix="advpure-gpu-check-") as tmp:
-        trainer = L.Trainer(
-            accelerator="gpu" if dev.type == "cuda" else "cpu", devices=1, strategy="ddp", max_steps=2,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=tmp,
-        )  # fmt: skip
-        trainer.fit(Tiny(), data)
-    print(f"  ddp: {seen}", flush=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    return bool(seen.get("initialized")) and seen.get("world_size") == 1
 
 
 def main(argv: list[str] | None = None) -> int:
