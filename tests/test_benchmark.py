@@ -190,7 +190,9 @@ def test_kill_9_then_rerun_gives_identical_results_without_redoing_batches(tmp_p
     assert not (work / "runs/benchmark/fmnist/results.json").exists(), "finished before the kill"
     before = {(b.defense, b.attack, b.batch): b for b in load_batches(work / "runs/benchmark/fmnist")}
     assert before
-    again = subprocess.run(_bench_cmd(work, tiny_artifacts, **logged), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        _bench_cmd(work, tiny_artifacts, **logged), capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     runs = sorted((work / "runs/benchmark/fmnist/wandb").glob("offline-run-*"))
     assert (

@@ -12,12 +12,13 @@ from advpure.config import compose as C
 from advpure.core.errors import ConfigError, RunDirError
 from advpure.results import load_records, read_csv
 from conftest import needs_fmnist, tiny_bench
+from helpers.registries import isolated_registries
 
 pytestmark = needs_fmnist
 
 
 @pytest.fixture()
-def user_root(tmp_path, monkeypatch) -> Path:
+def user_root(tmp_path, monkeypatch):
     """A user's own config folder (ADVPURE_CONFIG_PATH, searched before the package's): one YAML per
     new kind, in the package's layout (<group>/<option>.yaml)."""
     root = tmp_path / "root"
@@ -28,7 +29,8 @@ def user_root(tmp_path, monkeypatch) -> Path:
     )
     (root / "attack" / "fgsm.yaml").write_text("kind: helpers.toy_plugins:FGSM\n")
     monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(root))
-    return root
+    with isolated_registries():  # the toy kinds and protocol do not outlive the test
+        yield root
 
 
 def test_user_purifier_attack_and_protocol_run_end_to_end(tmp_path, tiny_artifacts, user_root):

@@ -74,6 +74,7 @@ class EnergyModel(NetKind):
     Config = EBMConfig
     signature = "field"
     field = "ebm"
+    field_label = "ML-EBM"
     label = "maximum-likelihood EBM (Hill et al. 2021)"
     # a run may be extended (max_steps) or logged differently; the field scale is set at export
     resume_free = (

@@ -84,6 +84,7 @@ class NCSNv2Score(NetKind):
     Config = ScoreConfig
     signature = "field"
     field = "dsm"
+    field_label = "DSM"
     label = "NCSNv2 score net (DSM)"
     importers = {"ncsnv2": NCSNv2Import}
     # a run may be extended (max_steps) or validated / checkpointed differently when resumed

@@ -155,6 +155,8 @@ class EnergyField(nn.Module):
     stored in the exported weights' meta as "field_scale".
     """
 
+    is_gradient = True  # the field is itself a gradient: a jvp of it is a Hessian-vector product
+
     def __init__(self, ebm: nn.Module, scale: float = 1.0):
         super().__init__()
         if not math.isfinite(scale) or scale <= 0:

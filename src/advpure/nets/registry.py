@@ -102,6 +102,7 @@ class NetKind:
     Config: type | None = None  # the typed config block (a dataclass with a `weights` field)
     signature: str = "field"  # one of SIGNATURES
     field: str | None = None  # for signature "field": the name `defense.field` uses for this kind
+    field_label: str = ""  # how tables and plots name that field ("DSM", "ML-EBM")
     label: str = ""  # a few words for --help and messages
     importers: Mapping[str, type[Importer]] = {}
     trainable: bool = False  # True when the kind defines `train`
@@ -203,6 +204,13 @@ def field_kinds() -> dict[str, str]:
 
 def field_names() -> tuple[str, ...]:
     return tuple(field_kinds())
+
+
+def field_labels() -> dict[str, str]:
+    """{field name: its label in tables and plots} of the time-free field kinds."""
+    return {
+        cls.field: cls.field_label or cls.field.upper() for cls in NET_KINDS._entries.values() if cls.field
+    }
 
 
 __all__ = [

@@ -184,6 +184,7 @@ class ADPPurifier(Purifier):
     def __init__(self, p: Params | None = None, *, checkpointing: bool = True):
         super().__init__()
         self.p = p if p is not None else self.Params()
+        self.input_grad: bool | None = None  # None: `jvp_field` finds out (one wasted pass per step)
         validate(self.p, self.Params, "defense.")  # a bad value through the Python API: one ConfigError
         self.checkpointing = checkpointing
 
@@ -193,7 +194,11 @@ class ADPPurifier(Purifier):
 
     @classmethod
     def from_params(cls, p, nets) -> ADPPurifier:
-        return cls(p)
+        purifier = cls(p)
+        # a field that is itself a gradient (the EBM's -c grad E): the jvp probe's dual pass needs
+        # input gradients (`advpure.purify.probe.jvp_field`)
+        purifier.input_grad = True if getattr(nets.get("field"), "is_gradient", False) else None
+        return purifier
 
     def chain_args(self) -> dict:
         """lam, delta, tau, steps of `adp_chain`."""
@@ -225,7 +230,7 @@ class ADPPurifier(Purifier):
             differentiable=differentiable,
             checkpointing=self.checkpointing,
             probe=self.p.probe,
-            input_grad=True if self.p.field == "ebm" else None,
+            input_grad=self.input_grad,
         )
 
 

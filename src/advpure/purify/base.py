@@ -47,7 +47,7 @@ from advpure.core.params import at_least, choice, schema
 from advpure.core.registry import Registry
 from advpure.core.rng import RNG
 from advpure.nets.precision import PRECISIONS
-from advpure.nets.registry import field_kinds, field_names
+from advpure.nets.registry import field_kinds, field_labels, field_names
 from advpure.purify.merge import MERGE_RULES
 
 NOISE_TYPES = ("gaussian", "rademacher")
@@ -152,7 +152,10 @@ class Purifier(nn.Module):
         """Row label of a defense in tables, e.g. "ADP σ=0.25" ("..., ML-EBM field" for field=ebm)."""
         label = cls.label or cls.name
         label = f"{label} σ={p.sigma:g}" if hasattr(p, "sigma") else label
-        return f"{label}, ML-EBM field" if getattr(p, "field", "dsm") == "ebm" else label
+        field = getattr(p, "field", None)
+        if field is None or field == FieldParams.field:  # the default field (the DSM score net) goes unsaid
+            return label
+        return f"{label}, {known_kinds(field_labels).get(field, field)} field"
 
     @classmethod
     def settings(cls, p: Any) -> str:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from advpure.attacks.base import display_label, short_display_label
-from advpure.purify.base import purifier_class
+from advpure.nets.registry import field_labels
+from advpure.purify.base import known_kinds, purifier_class
 
-FIELD_NAMES = {"dsm": "DSM", "ebm": "ML-EBM"}  # the field a purifier follows (`defense.field`)
 UPDATE_NAMES = {"adp": "Det", "langevin": "Langevin"}  # the purification (`defense.kind`)
 METHOD_OF_ARM = {("dsm", "adp"): "ADP", ("ebm", "langevin"): "Hill et al."}  # the published recipes
 
@@ -44,7 +44,7 @@ def fig2_arm(block: Any) -> str | None:
     if kind not in UPDATE_NAMES:
         return None
     field = str(getattr(block, "field", "dsm"))
-    arm = f"{FIELD_NAMES[field]} + {UPDATE_NAMES[kind]}"
+    arm = f"{known_kinds(field_labels)[field]} + {UPDATE_NAMES[kind]}"
     method = METHOD_OF_ARM.get((field, kind))
     return f"{arm} ({method})" if method else arm
 
@@ -93,7 +93,6 @@ def attack_label(spec: Any, eps: float | None = None) -> Label:
 
 
 __all__ = [
-    "FIELD_NAMES",
     "METHOD_OF_ARM",
     "UPDATE_NAMES",
     "Label",
