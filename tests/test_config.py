@@ -223,3 +223,13 @@ def test_every_experiment_composes_and_plans(name, ddpmpp_kind):
     assert plan.units or cfg.certify.sigmas  # something to run
     for unit in plan.units:
         assert unit.defense in plan.defenses and unit.label
+
+
+def test_experiment_may_be_a_yaml_path_and_defenses_a_flow_list_on_the_command_line(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: fmnist\nbenchmark:\n  n_images: 3\n")
+    cfg = C.load(None, [f"experiment={mine}", "benchmark.defenses=[langevin,{option: adp_ebm, replicas: 4}]"])
+    assert cfg.experiment == "mine" and cfg.benchmark.n_images == 3
+    assert cfg.benchmark.defenses[0] == "langevin" and cfg.benchmark.defenses[1]["replicas"] == 4
+    with pytest.raises(ConfigError, match="experiment file not found"):
+        C.load(None, [f"experiment={tmp_path / 'nope.yaml'}"])
