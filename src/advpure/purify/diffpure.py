@@ -48,8 +48,8 @@ import torch
 
 from advpure.core.params import at_least, between, choice
 from advpure.nets.schedules import DiscreteSchedule, NoiseSchedule, VPSchedule
-from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
-from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, NoiseStream, run_chain
+from advpure.purify.base import DefenseParams, PurifyResult, register_purifier, rows
+from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, ChainPurifier, NoiseStream
 from advpure.purify.resize import purify_resized
 from advpure.purify.vp import (
     EpsFn,
@@ -145,7 +145,7 @@ _D = DiffPureParams()  # the one place these defaults live
 
 
 @register_purifier("diffpure")
-class DiffPurePurifier(Purifier):
+class DiffPurePurifier(ChainPurifier):
     """DiffPure (see the module docstring) with an eps-prediction net in slot `eps`.
 
     Raises ValueError for invalid parameters."""
@@ -180,16 +180,13 @@ class DiffPurePurifier(Purifier):
             )
         if mode not in MODES or diffuse not in DIFFUSE:
             raise ValueError(f"mode must be one of {MODES}, diffuse one of {DIFFUSE}; got {mode}, {diffuse}")
-        if gradient_mode not in PURIFIER_GRADIENT_MODES or noise_keys not in NOISE_KEYS:
-            raise ValueError(f"unknown gradient_mode {gradient_mode!r} or noise_keys {noise_keys!r}")
         self.vp = continuous_vp(schedule)
         self.t_star, self.mode, self.clamp = float(t_star), mode, clamp
         self.times = diffpure_times(t_star, dt, t_end) if t_star > 0 else [0.0]
         span, short = max(t_star - t_end, 0.0), surrogate_steps < len(self.times) - 1
         self.surrogate_times = diffpure_times(t_star, span / surrogate_steps, t_end) if short else self.times
         self.alpha_bar0 = diffusion_alpha_bar(self.vp, t_star, diffuse)
-        self.gradient_mode, self.store_noise = gradient_mode, noise_keys == "stored"
-        self.check_replay, self.offload = check_replay, offload
+        self.set_gradients(gradient_mode, surrogate_steps, noise_keys, check_replay, offload)
         self.stochastic = t_star > 0
         self.resize = resize
 
@@ -231,24 +228,12 @@ class DiffPurePurifier(Purifier):
 
     def _purify(self, x, rng, draws, fns, differentiable) -> PurifyResult:
         xr = rows(x, draws)
-        n = torch.full((xr.shape[0],), len(self.times) - 1, dtype=torch.long, device=x.device)
         if self.t_star == 0:
-            return PurifyResult(x=xr if differentiable else xr.detach(), steps=n, score_evals=n.clone())
-        surrogate = self.gradient_mode == "surrogate" and differentiable and torch.is_grad_enabled()
-        times = self.surrogate_times if surrogate else self.times
+            return self.unchanged(xr, differentiable, len(self.times) - 1)
+        times = self.surrogate_times if self.surrogate(differentiable) else self.times
         chain = DiffPureChain(fns["eps"], self.vp, times, self.mode, self.alpha_bar0)
-        noise = NoiseStream(rng, draws, x.detach(), store=self.store_noise)
-        n = torch.full_like(n, chain.n_steps)
-        u = run_chain(
-            chain,
-            xr,
-            noise,
-            differentiable=differentiable,
-            gradient_mode="autograd" if self.gradient_mode == "surrogate" else self.gradient_mode,
-            check_replay=self.check_replay,
-            offload=self.offload,
-        )
-        out = to_image(u, self.clamp)
+        n = torch.full((xr.shape[0],), chain.n_steps, dtype=torch.long, device=x.device)
+        out = to_image(self.run(chain, xr, x, rng, draws, differentiable), self.clamp)
         return PurifyResult(x=out if differentiable else out.detach(), steps=n, score_evals=n.clone())
 
 

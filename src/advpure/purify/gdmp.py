@@ -50,9 +50,9 @@ import torch.nn.functional as F
 
 from advpure.core.params import at_least, choice
 from advpure.nets.schedules import NoiseSchedule
-from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
+from advpure.purify.base import DefenseParams, PurifyResult, register_purifier, rows
 from advpure.purify.diffpure import gradient_words
-from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, NoiseStream, run_chain
+from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, ChainPurifier, NoiseStream
 from advpure.purify.vp import EpsFn, discrete_alpha_bars, time_rows, to_diffusion, to_image
 
 GUIDES = ("mse", "ssim", "none")
@@ -220,7 +220,7 @@ _D = GDMPParams()  # the one place these defaults live
 
 
 @register_purifier("gdmp")
-class GDMPPurifier(Purifier):
+class GDMPPurifier(ChainPurifier):
     """GDMP (see the module docstring) with an eps-prediction DDPM net in slot `eps`.
 
     Raises ValueError for invalid parameters."""
@@ -259,21 +259,11 @@ class GDMPPurifier(Purifier):
             )
         if guide not in GUIDES or var not in VARIANCES or ptb <= 0 or guide_batch < 1:
             raise ValueError(f"invalid guide {guide!r}, var {var!r}, ptb {ptb} or guide_batch {guide_batch}")
-        if (
-            gradient_mode not in PURIFIER_GRADIENT_MODES
-            or noise_keys not in NOISE_KEYS
-            or surrogate_steps < 1
-        ):
-            raise ValueError(
-                f"unknown gradient_mode {gradient_mode!r}, noise_keys {noise_keys!r} or surrogate_steps {surrogate_steps}"
-            )
-        self.surrogate_steps = surrogate_steps
+        self.set_gradients(gradient_mode, surrogate_steps, noise_keys, check_replay, offload)
         self.rounds, self.steps, self.respace = rounds, steps, respace
         self.guide, self.ptb, self.guide_batch, self.var = guide, ptb, guide_batch, var
         self.scale = guide_scale if guide_scale is not None else GUIDE_SCALES.get(guide, 1.0)
         self.extra_step, self.clamp = diffuse_extra_step, clamp
-        self.gradient_mode, self.store_noise = gradient_mode, noise_keys == "stored"
-        self.check_replay, self.offload = check_replay, offload
         self.stochastic = rounds > 0 and steps > 0
 
     @classmethod
@@ -336,21 +326,9 @@ class GDMPPurifier(Purifier):
         per image, draw-major, in [0, 1] (clipped unless `clamp: false`)."""
         xr = rows(x, draws)
         if not self.stochastic:
-            zero = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
-            return PurifyResult(x=xr if differentiable else xr.detach(), steps=zero, score_evals=zero.clone())
-        surrogate = self.gradient_mode == "surrogate" and differentiable and torch.is_grad_enabled()
-        chain = self.chain(fns["eps"], surrogate)
-        noise = NoiseStream(rng, draws, x.detach(), store=self.store_noise)
-        u = run_chain(
-            chain,
-            xr,
-            noise,
-            differentiable=differentiable,
-            gradient_mode="autograd" if self.gradient_mode == "surrogate" else self.gradient_mode,
-            check_replay=self.check_replay,
-            offload=self.offload,
-        )
-        out = to_image(u, self.clamp)
+            return self.unchanged(xr, differentiable)
+        chain = self.chain(fns["eps"], self.surrogate(differentiable))
+        out = to_image(self.run(chain, xr, x, rng, draws, differentiable), self.clamp)
         evals = torch.full((xr.shape[0],), self.rounds * chain.n, dtype=torch.long, device=x.device)
         steps = torch.full_like(evals, chain.n_steps)
         return PurifyResult(x=out if differentiable else out.detach(), steps=steps, score_evals=evals)

@@ -52,6 +52,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from advpure.core.rng import GeneratorRNG, SampleRNG
+from advpure.purify.base import Purifier, PurifyResult
 
 GRADIENT_MODES = ("replay", "autograd", "checkpoint")
 # named approximate modes a purifier offers besides the exact ones (`gradient_mode` of its block):
@@ -240,7 +241,55 @@ def run_chain(
     return u
 
 
+class ChainPurifier(Purifier):
+    """Base of the purifiers whose chain runs through `run_chain` (diffpure, gdmp, ve): the shared
+    gradient settings, the noise stream, and the identity result of a chain without noise."""
+
+    def set_gradients(
+        self, gradient_mode: str, surrogate_steps: int, noise_keys: str, check_replay: bool, offload: bool
+    ) -> None:
+        """How full-gradient attacks differentiate the chain (`PURIFIER_GRADIENT_MODES`), and how its
+        noise is replayed (`NOISE_KEYS`). Raises ValueError for an unknown mode or surrogate_steps < 1."""
+        if (
+            gradient_mode not in PURIFIER_GRADIENT_MODES
+            or noise_keys not in NOISE_KEYS
+            or surrogate_steps < 1
+        ):
+            raise ValueError(
+                f"unknown gradient_mode {gradient_mode!r} or noise_keys {noise_keys!r}, or surrogate_steps "
+                f"{surrogate_steps} < 1"
+            )
+        self.gradient_mode, self.surrogate_steps = gradient_mode, surrogate_steps
+        self.store_noise, self.check_replay, self.offload = noise_keys == "stored", check_replay, offload
+
+    def surrogate(self, differentiable: bool) -> bool:
+        """Whether this call differentiates the shorter surrogate chain (Lee & Kim 2023)."""
+        return self.gradient_mode == "surrogate" and differentiable and torch.is_grad_enabled()
+
+    def run(self, chain: Chain, xr: torch.Tensor, x: torch.Tensor, rng, draws: int, differentiable: bool):
+        """u_N of `chain` from the rows xr (draws * B, C, H, W) of the images x, its noise keyed by
+        `rng` (per image), by this purifier's gradient mode."""
+        noise = NoiseStream(rng, draws, x.detach(), store=self.store_noise)
+        mode = "autograd" if self.gradient_mode == "surrogate" else self.gradient_mode
+        return run_chain(
+            chain,
+            xr,
+            noise,
+            differentiable=differentiable,
+            gradient_mode=mode,
+            check_replay=self.check_replay,
+            offload=self.offload,
+        )
+
+    @staticmethod
+    def unchanged(xr: torch.Tensor, differentiable: bool, steps: int = 0) -> PurifyResult:
+        """The rows themselves (a chain without noise: t* = 0, sigma* = 0, no rounds)."""
+        n = torch.full((xr.shape[0],), steps, dtype=torch.long, device=xr.device)
+        return PurifyResult(x=xr if differentiable else xr.detach(), steps=n, score_evals=n.clone())
+
+
 __all__ = [
+    "ChainPurifier",
     "APPROXIMATE_MODES",
     "GRADIENT_MODES",
     "PURIFIER_GRADIENT_MODES",

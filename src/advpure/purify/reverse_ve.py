@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from advpure.core.params import at_least, choice
-from advpure.purify.base import DefenseParams, Purifier, PurifyResult, register_purifier, rows
+from advpure.purify.base import DefenseParams, PurifyResult, register_purifier, rows
 from advpure.purify.diffpure import gradient_words
-from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, NoiseStream, run_chain
+from advpure.purify.replay import NOISE_KEYS, PURIFIER_GRADIENT_MODES, ChainPurifier, NoiseStream
 
 SAMPLERS = ("em", "ancestral", "ode", "langevin")
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
@@ -151,7 +151,7 @@ _D = ReverseVEParams()  # the one place these defaults live
 
 
 @register_purifier("ve")
-class ReverseVEPurifier(Purifier):
+class ReverseVEPurifier(ChainPurifier):
     """Reverse-VE purification on a time-free NCSNv2 score net in slot `score` (see the module docstring).
 
     Raises ValueError for invalid parameters or a sigma* above the net's levels."""
@@ -193,8 +193,7 @@ class ReverseVEPurifier(Purifier):
                 f"invalid sigma_star {sigma_star}, level_stride {level_stride}, langevin_steps {langevin_steps}, "
                 f"step_lr {step_lr} or sampler {sampler!r}"
             )
-        if gradient_mode not in PURIFIER_GRADIENT_MODES or noise_keys not in NOISE_KEYS:
-            raise ValueError(f"unknown gradient_mode {gradient_mode!r} or noise_keys {noise_keys!r}")
+        self.set_gradients(gradient_mode, surrogate_steps, noise_keys, check_replay, offload)
         self.grid = sigma_grid(sigma_max, sigma_min, levels)
         self.sigma_star = float(sigma_star)
         self.levels = walk(sigma_star, self.grid, level_stride) if sigma_star > 0 else [0.0]
@@ -204,8 +203,6 @@ class ReverseVEPurifier(Purifier):
             self.surrogate_levels = walk(sigma_star, self.grid, math.ceil(below / surrogate_steps))
         self.sampler, self.langevin_steps, self.step_lr = sampler, langevin_steps, step_lr
         self.denoise, self.clamp = denoise, clamp
-        self.gradient_mode, self.store_noise = gradient_mode, noise_keys == "stored"
-        self.check_replay, self.offload = check_replay, offload
         self.stochastic = sigma_star > 0
 
     @classmethod
@@ -260,20 +257,9 @@ class ReverseVEPurifier(Purifier):
         Returns `draws` purifications per image, draw-major."""
         xr = rows(x, draws)
         if self.sigma_star == 0:
-            zero = torch.zeros(xr.shape[0], dtype=torch.long, device=x.device)
-            return PurifyResult(x=xr if differentiable else xr.detach(), steps=zero, score_evals=zero.clone())
-        surrogate = self.gradient_mode == "surrogate" and differentiable and torch.is_grad_enabled()
-        chain = self.chain(fns["score"], surrogate)
-        noise = NoiseStream(rng, draws, x.detach(), store=self.store_noise)
-        out = run_chain(
-            chain,
-            xr,
-            noise,
-            differentiable=differentiable,
-            gradient_mode="autograd" if self.gradient_mode == "surrogate" else self.gradient_mode,
-            check_replay=self.check_replay,
-            offload=self.offload,
-        )
+            return self.unchanged(xr, differentiable)
+        chain = self.chain(fns["score"], self.surrogate(differentiable))
+        out = self.run(chain, xr, x, rng, draws, differentiable)
         out = out.clamp(0.0, 1.0) if self.clamp else out
         n = torch.full((xr.shape[0],), chain.n_steps, dtype=torch.long, device=x.device)
         return PurifyResult(x=out if differentiable else out.detach(), steps=n, score_evals=n.clone())
