@@ -179,3 +179,19 @@ def test_exact_gradient_pgd_equals_plain_autograd(name):
     assert torch.allclose(results["replay"].losses, results["autograd"].losses, atol=1e-9, rtol=0)
     # Lee & Kim's surrogate: fewer, larger steps in the attack's graph, an approximation
     assert not torch.allclose(grads["surrogate"], grads["replay"], atol=1e-6, rtol=0)
+
+
+def test_diffpure_runs_its_net_at_the_net_size_and_resizes_around_it():
+    """DiffPure's ImageNet setting: a 256 net on 224 images, resized around the chain (`resize`); without
+    it, a net of another size is a one-line error instead of a silent wrong-size forward."""
+    net = TinyEps()
+    net.image_size = 2 * SHAPE[-1]
+    x = images(2)
+    plain = build_defense(block("diffpure", **BLOCKS["diffpure"]), classifier(), {"toy_eps": net})
+    with pytest.raises(ValueError, match=f"takes {net.image_size}x{net.image_size} images.*defense.resize"):
+        plain.purify(x, SampleRNG(0, range(2)))
+    sized = build_defense(
+        block("diffpure", **BLOCKS["diffpure"], resize=net.image_size), classifier(), {"toy_eps": net}
+    )
+    out = sized.purify(x, SampleRNG(0, range(2))).x
+    assert out.shape == x.shape and (out - x).abs().max() < 0.5  # t* = 0.01: close to the input

@@ -85,15 +85,15 @@ class ADMKind(EpsKind):
     @classmethod
     def arch(cls, block, spec) -> dict:
         """The `ADMUNet` arguments; `attention_resolutions` (pixel sizes, guided-diffusion's flag) become the
-        downsampling rates image_size // r that ``UNetModel`` takes. ConfigError when the block's image size or
-        channels are not the dataset's."""
+        downsampling rates image_size // r that ``UNetModel`` takes. The image size may differ from the
+        dataset's (DiffPure's ImageNet setting runs the 256x256 net on 224x224 images resized around the
+        chain: `defense.resize`); ConfigError when the channels are not the dataset's."""
         size = spec.image_size if block.image_size is None else int(block.image_size)
         channels = spec.channels if block.in_channels is None else int(block.in_channels)
-        if (size, channels) != (spec.image_size, spec.channels):
+        if channels != spec.channels:
             raise ConfigError(
-                f"adm: the block's nets take {channels}x{size}x{size} images, the dataset's are "
-                f"{spec.channels}x{spec.image_size}x{spec.image_size}; use adm=adm_28 (or set adm.image_size / "
-                f"adm.in_channels to null), or load the weights file directly with advpure.api.load_net"
+                f"adm: the block's nets take {channels}-channel images, the dataset's have {spec.channels}; "
+                f"use adm=adm_28 (or set adm.in_channels to null)"
             )
         check_levels(cls.name, size, len(block.channel_mult))
         bad = [r for r in block.attention_resolutions if size % r]

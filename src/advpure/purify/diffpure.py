@@ -202,7 +202,9 @@ class DiffPurePurifier(ChainPurifier):
     def from_params(cls, p, nets) -> DiffPurePurifier:
         keys = ("t_star", "mode", "dt", "t_end", "diffuse", "clamp", "gradient_mode", "surrogate_steps")
         kw = {k: getattr(p, k) for k in (*keys, "noise_keys", "check_replay", "offload", "resize")}
-        return cls(nets["eps"].schedule, **kw)
+        purifier = cls(nets["eps"].schedule, **kw)
+        purifier.net_size = getattr(nets["eps"], "image_size", None)
+        return purifier
 
     @classmethod
     def describe(cls, p) -> str:
@@ -226,7 +228,14 @@ class DiffPurePurifier(ChainPurifier):
         (up to the unclipped solver output unless `clamp`), at x's size (purified at `resize` when set)."""
         return purify_resized(lambda z: self._purify(z, rng, draws, fns, differentiable), x, self.resize)
 
+    net_size: int | None = None  # the eps net's image size, when known (`from_params`)
+
     def _purify(self, x, rng, draws, fns, differentiable) -> PurifyResult:
+        if self.net_size is not None and tuple(x.shape[-2:]) != (self.net_size, self.net_size):
+            raise ValueError(
+                f"DiffPure: the eps net takes {self.net_size}x{self.net_size} images, got "
+                f"{x.shape[-2]}x{x.shape[-1]}; set defense.resize: {self.net_size}"
+            )
         xr = rows(x, draws)
         if self.t_star == 0:
             return self.unchanged(xr, differentiable, len(self.times) - 1)
