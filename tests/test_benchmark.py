@@ -4,6 +4,7 @@ after kill -9, DDP = 1 rank, the sanity checks of a credible evaluation (Carlini
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -205,6 +206,17 @@ def test_kill_9_then_rerun_gives_identical_results_without_redoing_batches(tmp_p
     rows, _ = read_json(work / "runs/benchmark/fmnist/results.json")
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds_per_img"} for r in rs]  # noqa: E731
     assert strip(rows) == strip(ref_rows)
+
+
+def test_a_w_and_b_service_inherited_from_the_parent_is_not_used(tmp_path, tiny_artifacts):
+    # a parent that used W&B (pytest, a notebook) leaves its service address in WANDB_SERVICE; a
+    # killed child's run would stay open there and the rerun be refused ("run ID ... is in use")
+    env = {**os.environ, "WANDB_SERVICE": "2-1-tcp-localhost-9"}  # a service that is not there
+    cmd = _bench_cmd(tmp_path, tiny_artifacts, **{"benchmark.n_images": 2, "logger.kind": "wandb"})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "runs/benchmark/fmnist/wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and all(f.stat().st_size > 7 for f in runs)
 
 
 @pytest.mark.ddp

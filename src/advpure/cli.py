@@ -273,8 +273,10 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     from advpure.core.registry import load_plugins
     from advpure.core.runtime import set_wait_policy
+    from advpure.jobs.loggers import forget_inherited_wandb_service
 
     set_wait_policy()  # before anything imports torch
+    forget_inherited_wandb_service()
     argv = sys.argv[1:] if argv is None else argv
     try:
         load_plugins(os.environ.get("ADVPURE_PLUGINS"))

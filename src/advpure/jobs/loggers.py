@@ -121,6 +121,17 @@ def drop_empty_runs(save_dir: Path, run: str) -> list[Path]:
     return gone
 
 
+def forget_inherited_wandb_service() -> None:
+    """Drop a W&B service token (`WANDB_SERVICE`) inherited from the parent process.
+
+    wandb stores the address of its service process in the environment, so every child of a process
+    that used W&B (a notebook, a pytest session, a driver script) would log through the parent's
+    service. If such a child is killed (`kill -9`, a SLURM preemption), its run stays open in the
+    parent's service and the rerun is refused with "run ID ... is in use". Each advpure command
+    therefore starts its own service (only rank 0 of a DDP job logs to W&B)."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def finish_loggers(trainer) -> None:
     """Close this process's W&B run (only if it created one: touching `.experiment` would start one)."""
     for logger in trainer.loggers:
