@@ -77,7 +77,9 @@ def test_kinds_blocks_stages_groups_and_importers():
         assert "import-weights" in art.how_to_get(kind)
     # ADM's ImageNet option on grey 28x28 data is refused with a one-line pointer (a 256 net on 224 RGB
     # images is allowed: DiffPure resizes around its chain)
-    with pytest.raises(ConfigError, match="adm: the block's nets take 3-channel images, the dataset's have 1"):
+    with pytest.raises(
+        ConfigError, match="adm: the block's nets take 3-channel images, the dataset's have 1"
+    ):
         Artifacts.from_config(C.load("fmnist", ["adm=adm_imagenet256"])).arch("adm")
     with pytest.raises(ConfigError, match="ddpmpp.ch_mult: must be a list of positive integers"):
         C.load("fmnist", ["ddpmpp.ch_mult=[1,0]"])

@@ -200,3 +200,32 @@ def test_adp_step_and_adp_step_jvp_agree_on_a_smooth_net_in_fp64():
         xj, a_j = adp_step_jvp(x, f, 0.05)
     assert torch.allclose(a_s, a_j, rtol=1e-4)
     assert torch.allclose(xs, xj, atol=1e-6)
+
+
+def test_probe_agreement_counts_discordant_images_and_reads_a_run(tmp_path):
+    from advpure.perf.probe_agreement import agreements, compare
+    from advpure.results.store import RecordStore
+
+    ref = {i: 1.0 for i in range(20)}
+    var = {**ref, 3: 0.0, 7: 0.0, 11: 0.0}  # 3 images only the reference gets right
+    a = compare(ref, var, "bpda", "adp_jvp")
+    assert (a.n, a.only_reference_correct, a.only_variant_correct) == (20, 3, 0)
+    assert a.agreement == 85.0 and a.reference_acc == 100.0 and a.variant_acc == 85.0
+    assert abs(a.mcnemar_p - 0.25) < 1e-12  # two-sided exact: 2 * 0.5**3
+    assert a.intervals_overlap
+    far = compare({i: 1.0 for i in range(50)}, {i: 0.0 for i in range(50)}, "natural", "x")
+    assert not far.intervals_overlap and far.agreement == 0.0
+
+    run = tmp_path / "run"
+    (run / "records").mkdir(parents=True)
+    store = RecordStore(run / "records" / "rank0.sqlite")
+    for d in ("adp_s0.25", "adp_jvp"):  # image 0: only the reference is correct (softmax rows)
+        rows = [
+            ("single", m, i, float(d != "adp_jvp" or i != 0 or m == "vote"))
+            for m in ("softmax", "vote")
+            for i in range(4)
+        ]
+        store.write_batch(d, "natural", 0, 0, 4, rows)
+    store.close()
+    (got,) = agreements(run, "adp_s0.25", "single", "softmax")
+    assert (got.variant, got.n, got.only_reference_correct, got.agreement) == ("adp_jvp", 4, 1, 75.0)

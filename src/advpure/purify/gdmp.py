@@ -205,7 +205,9 @@ class GDMPParams(DefenseParams):
     guide: str = choice("mse", *GUIDES)  # guidance objective
     guide_scale: float | None = at_least(None, 0.0, strict=True)  # null: 60000 (mse), 70000 (ssim)
     ptb: float = at_least(8.0, 0.0, strict=True)  # the perturbation budget in pixel units (x/255)
-    guide_batch: int = at_least(100, 1)  # each image's guidance divided by this fixed number: GDMP's batch (100)
+    guide_batch: int = at_least(
+        100, 1
+    )  # each image's guidance divided by this fixed number: GDMP's batch (100)
     var: str = choice("large", *VARIANCES)  # reverse-step variance (Ho et al. CIFAR-10: fixedlarge)
     diffuse_extra_step: bool = True  # diffuse to step k, denoise from k-1 (GDMP's CIFAR-10 code)
     clamp: bool = True  # clip the output to [0, 1] (GDMP does)
