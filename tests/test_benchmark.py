@@ -96,6 +96,9 @@ def test_end_to_end_files_numbers_and_wandb(tmp_path, tiny_artifacts):
     tables, checks = md.split("## Checks")
     assert "@unbounded" not in tables and "@unbounded" in checks
     assert any(r["attack"].endswith("@unbounded") for r in rows)
+    # the header states each attack's step; 2 x 0.03 < eps: the fixed-step attacks cannot reach eps
+    assert "(steps PGD3 (classifier, blind) 0.01, BPDA2+EOT2 0.03, PGD2-EOT2 (full gradient) 0.03)" in md
+    assert "| reaches_eps |" in checks and "BPDA2+EOT2: 2 x 0.03 = 0.06 < eps 0.15" in checks
     # the offline W&B run holds the same numbers under natural/... and robust/... keys
     files = find_run_files(run)
     assert len(files) == 1

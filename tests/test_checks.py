@@ -356,9 +356,10 @@ def test_healthy_run_is_quiet_and_rendered():
         black_box="spsa",
         white_box=["apgd"],
         budget_pairs=[("apgd", "apgd_iters2x")],
+        reach={"spsa": (20, 0.01, 0.1)},
     )
     assert [c.name for c in checks] == list(CHECK_TITLES)
-    assert [c.status for c in checks] == ["pass"] * 6, [c.message for c in checks]
+    assert [c.status for c in checks] == ["pass"] * 7, [c.message for c in checks]
     assert checks_metrics(checks) == {**{f"checks/{k}": 1.0 for k in CHECK_TITLES}, "checks/warnings": 0.0}
 
     skipped = run_checks()
@@ -374,3 +375,23 @@ def test_healthy_run_is_quiet_and_rendered():
     )
     with pytest.raises(ValueError, match="status"):
         Check("x", "fail", "")
+
+
+def test_reaches_eps_warns_for_a_fixed_step_attack_that_cannot_travel_eps():
+    from advpure.results.checks import reaches_eps
+
+    short = reaches_eps({"bpda": (10, 0.01, 0.15), "pgd": (20, 0.01, 0.15)}, {"bpda": "BPDA10+EOT4"})
+    assert short.status == "warn"
+    assert "BPDA10+EOT4: 10 x 0.01 = 0.1 < eps 0.15 (at most 67% of the radius)" in short.message
+    assert "pgd" not in short.message.split(";")[0] and "PGD" not in short.message
+    exact = reaches_eps({"pgd": (15, 0.01, 0.15)})  # 15 x 0.01 is 0.15 up to rounding: reaches it
+    assert exact.status == "pass" and "1 fixed-step attack(s)" in exact.message
+    assert reaches_eps({}).status == "skip"
+
+
+def test_only_fixed_step_attacks_are_held_to_iterations_x_step():
+    from advpure.attacks import attack_class
+
+    assert attack_class("pgd").fixed_step and attack_class("spsa").fixed_step
+    assert attack_class("joint_full").fixed_step
+    assert not attack_class("apgd").fixed_step and not attack_class("standard_rand").fixed_step

@@ -189,6 +189,8 @@ class APGD(Attack):
     """APGD-EOT (Croce & Hein 2020) with a full (default), BPDA or classifier gradient.
     `step` is not used: the step starts at 2 eps and adapts per sample."""
 
+    fixed_step = False
+
     @dataclass
     class Params(AttackParams):
         kind: str = "apgd"

@@ -112,6 +112,7 @@ class Attack:
         return int(p.iters) * int(getattr(p, "restarts", 1))
 
     black_box: bool = False  # queries the defense only (no gradients): the white- vs black-box check
+    fixed_step: bool = True  # steps of size `step` (iters x step bounds the distance it can travel)
     budget_fields: tuple[str, ...] = ("iters", "eot")  # doubled by the gradient-masking "2x budget" run
 
     @classmethod

@@ -111,6 +111,8 @@ class StandardRand(Attack):
     """APGD-CE then APGD-T-DLR over the top n_target_classes classes, each stage only on the images
     the earlier stages did not break; per-image worst case (see the module doc)."""
 
+    fixed_step = False  # APGD stages: the step starts at 2 eps and adapts
+
     @dataclass
     class Params(AttackParams):
         kind: str = "standard_rand"

@@ -96,6 +96,11 @@ def report_plan(
         budget_pairs=list(
             dict.fromkeys((u.attack.split("@")[0], u.attack) for u in plan.units if u.check == "budget")
         ),
+        reach={
+            u.attack: (int(u.spec.iters), float(u.step), float(u.eps))
+            for u in plan.table_units
+            if attack_class(u.spec.kind).fixed_step
+        },
         black_box=[a for a in main if attack_class(kinds[a].kind).black_box],
         white_box=[
             a for a in main if attack_class(kinds[a].kind).gradient_source(kinds[a]) in ("full", "bpda")

@@ -257,6 +257,26 @@ def natural_fingerprint(plan: Plan, defense: str, weights: dict[str, str]) -> st
     )
 
 
+def attack_steps(plan: Plan) -> str:
+    """The step sizes the table's attacks took: "step 0.01" when every fixed-step attack took the same,
+    else one per attack label; "adaptive steps" for APGD-type attacks (which ignore `step`)."""
+    fixed: dict[str, float] = {}
+    adaptive = []
+    for u in plan.table_units:
+        if attack_class(u.spec.kind).fixed_step:
+            fixed.setdefault(u.label, u.step)
+        else:
+            adaptive.append(u.label)
+    parts = []
+    if len(set(fixed.values())) == 1:
+        parts.append(f"step {next(iter(fixed.values())):.4g}")
+    elif fixed:
+        parts.append("steps " + ", ".join(f"{label} {step:.4g}" for label, step in fixed.items()))
+    if adaptive:
+        parts.append(f"{', '.join(dict.fromkeys(adaptive))}: adaptive step")
+    return "; ".join(parts) or "no attack"
+
+
 def header_lines(cfg: DictConfig, plan: Plan) -> list[str]:
     """The settings stated above every results table: data, threat model, each defense's own
     parameters (from its purifier's `settings`), protocols, and what is smaller than the paper."""
@@ -264,7 +284,7 @@ def header_lines(cfg: DictConfig, plan: Plan) -> list[str]:
     eps = sorted({u.eps for u in plan.units if not u.sweep and u.check is None})  # checks: own section
     lines = [
         f"{cfg.data.name}: first {bc.n_images} test images; l_inf eps {', '.join(f'{e:.4g}' for e in eps)} "
-        f"(step {cfg.data.step:.4g}); experiment `{cfg.experiment}`; classifier {cfg.classifier.arch}",
+        f"({attack_steps(plan)}); experiment `{cfg.experiment}`; classifier {cfg.classifier.arch}",
     ]
     for name, d in plan.defenses.items():
         line = plan.descriptions.get(name) or purifier_class(d.kind).settings(d)

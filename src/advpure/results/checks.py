@@ -22,6 +22,10 @@ already holds (or that the benchmark records next to it); quoted item names are 
 * `more_budget`           — more EOT draws or iterations must not lower robust accuracy beyond
   chance ("doubling the number of iterations does not increase attack success rate"; for EOT,
   Athalye et al. 2018, "Synthesizing robust adversarial examples").
+* `reaches_eps`           — a fixed-step attack (PGD, BPDA, the joint attacks, SPSA: sign steps
+  of size `step`) can leave x by at most iters x step per pixel; below eps it cannot reach the
+  ball's boundary and the threat model is not what the table says (a budget cut without scaling
+  the step). Adaptive-step attacks (APGD, whose step starts at 2 eps) are exempt.
 
 Paired comparisons (black-box vs white-box, more budget) use the exact McNemar test on the
 images both attacks covered: under "equally strong", the images broken by exactly one of the two
@@ -60,6 +64,7 @@ CHECK_TITLES = {
     "monotone_in_eps": "robust accuracy does not rise with eps",
     "loss_still_rising": "the attack loss is not still rising over the last iterations",
     "more_budget": "more EOT draws / iterations do not lower robust accuracy beyond chance",
+    "reaches_eps": "every fixed-step attack can travel the whole eps (iterations x step >= eps)",
 }
 
 
@@ -475,3 +480,33 @@ __all__ = [
     "zero_gradient_flags",
     "zero_gradients",
 ]
+
+
+# --- (g) can the attack reach eps? -----------------------------------------------------------------
+def reaches_eps(
+    reach: Mapping[str, tuple[int, float, float]], labels: Mapping[str, str] | None = None
+) -> Check:
+    """reach: {attack key: (iterations, step, eps)} of the fixed-step attacks (step and eps in the
+    images' [0, 1] units). Warns for each attack whose iterations x step < eps (it can move a pixel
+    by at most that much, so it never reaches the boundary of the eps-ball); skips when empty."""
+    if not reach:
+        return Check("reaches_eps", SKIP, "no fixed-step attack in this run")
+    labels = labels or {}
+    short = {}
+    for key, (iters, step, eps) in sorted(reach.items()):
+        if iters * step < eps * (1 - 1e-9):
+            short[key] = (
+                f"{labels.get(key, key)}: {iters} x {step:g} = {iters * step:g} < eps {eps:g} "
+                f"(at most {100 * iters * step / eps:.0f}% of the radius)"
+            )
+    if short:
+        return Check(
+            "reaches_eps",
+            WARN,
+            "; ".join(short.values())
+            + "; raise attacks.<name>.step (or iters): these attacks test a smaller threat model than the table's eps",
+        )
+    worst = min(iters * step / eps for iters, step, eps in reach.values())
+    return Check(
+        "reaches_eps", PASS, f"{len(reach)} fixed-step attack(s); the shortest can travel {worst:.2g} x eps"
+    )

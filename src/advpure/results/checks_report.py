@@ -16,6 +16,7 @@ from advpure.results.checks import (
     loss_still_rising,
     monotone_in_eps,
     more_budget,
+    reaches_eps,
     unbounded_eps,
     zero_gradients,
 )
@@ -32,15 +33,17 @@ def run_checks(
     black_box: str | Sequence[str] | None = None,
     white_box: Sequence[str] | None = None,
     budget_pairs: Sequence[tuple[str, str]] | None = None,
+    reach: Mapping[str, tuple[int, float, float]] | None = None,
     protocol: str = "single",
     merge: str = "softmax",
     labels: Mapping[str, str] | None = None,
 ) -> list[Check]:
-    """All six checks in `CHECK_TITLES` order; a check whose inputs are not given is a skip.
+    """All checks in `CHECK_TITLES` order; a check whose inputs are not given is a skip.
 
     records / rows / traces: as described in the module docstring. zero_grad: flags for
     `zero_gradients`. unbounded: the eps = 1 check unit key(s). sweep: {attack key: eps}.
     black_box / white_box: attack keys. budget_pairs: [(base key, stronger-budget key)].
+    reach: {attack key: (iterations, step, eps)} of the fixed-step attacks.
     """
     records = list(records) if records is not None else None
     out = [zero_gradients(zero_grad or {})]
@@ -69,6 +72,7 @@ def run_checks(
         if records is not None and budget_pairs
         else Check("more_budget", SKIP, "no stronger-budget check units in this run")
     )
+    out.append(reaches_eps(reach or {}, labels))
     return out
 
 

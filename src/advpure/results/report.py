@@ -30,6 +30,8 @@ class ReportPlan:
     hidden: set[str] = field(default_factory=set)  # check runs: in the Checks section, not the table
     unbounded: str | None = None  # the eps = 1 check run
     budget_pairs: list[tuple[str, str]] = field(default_factory=list)  # (base, 2x-budget check run)
+    # fixed-step attack key -> (iterations, step, eps): can it travel the whole eps?
+    reach: dict[str, tuple[int, float, float]] = field(default_factory=dict)
     black_box: list[str] = field(default_factory=list)
     white_box: list[str] = field(default_factory=list)
     # key -> full description, for the captions (`Plan.descriptions`; the table rows show `labels`)
@@ -164,6 +166,7 @@ def write_report(
         black_box=plan.black_box,
         white_box=plan.white_box,
         budget_pairs=plan.budget_pairs,
+        reach={k: v for k, v in plan.reach.items() if k in plan.main},
         merge=merge,
         labels=labels,
     )
