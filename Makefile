@@ -64,10 +64,10 @@ test-all: setup ## every test: fast, slow and SLURM
 	$(PY) -m pytest $(ARGS)
 
 test-slow: setup ## only the slow tests (trained nets on the embedded default, long runs)
-	$(PY) -m pytest -m "slow and not slurm" --durations=15 $(ARGS)
+	$(PY) -m pytest -m "slow and not slurm" --durations=15 --timeout=3600 $(ARGS)
 
 test-slurm: setup ## the tests that start a real single-node SLURM cluster (root, slurm-wlm + munge)
-	$(PY) -m pytest -m slurm --durations=15 $(ARGS)
+	$(PY) -m pytest -m slurm --durations=15 --timeout=1800 $(ARGS)
 
 perf: setup ## performance suite: ratios against baselines and % of the machine's peak -> runs/perf/perf.json
 	$(PY) -m advpure.perf $(ARGS)

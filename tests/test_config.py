@@ -194,24 +194,8 @@ def test_eps_sweep_units_scale_the_step_with_eps():
     assert all(s / e == pytest.approx(0.04 / 0.15) for e, s in sweep.items() if e > 0)
 
 
-@pytest.fixture()
-def ddpmpp_kind(tmp_path, monkeypatch):
-    """The `ddpmpp` network kind, or a stand-in under its name where it has not landed
-    (tests/helpers/standin_ddpmpp.py): experiments that name it compose either way."""
-    from helpers.registries import isolated_registries
-
-    monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(tmp_path))
-    import advpure.kinds  # noqa: F401 (the built-in kinds registered before the snapshot)
-
-    with isolated_registries():
-        from helpers.standin_ddpmpp import register
-
-        register(tmp_path)
-        yield
-
-
 @pytest.mark.parametrize("name", C.experiment_names())
-def test_every_experiment_composes_and_plans(name, ddpmpp_kind):
+def test_every_experiment_composes_and_plans(name):
     """Each shipped experiment loads, validates and builds its benchmark plan (no nets needed):
     a typo in an experiment file, a defense option that does not exist or an attack that is not
     selected fails here, not hours into a cluster job."""

@@ -1,8 +1,8 @@
 """The diffusion purifiers through the benchmark: the `fmnist_diffusion` experiment plans (every defense,
 attack, protocol and check, the cited tables), and a 4-image run of DiffPure, GDMP and reverse-VE under
 BPDA at eps = 0 (which must reproduce natural accuracy per sample under every protocol) and
-exact-gradient PGD with majority-of-N and DW-box. The eps-net is the `ddpmpp` kind when it exists, else
-a stand-in registered under that name (tests/helpers/standin_ddpmpp.py)."""
+exact-gradient PGD with majority-of-N and DW-box, on a small eps-net of the `ddpmpp` kind (score_sde's
+DDPM++) trained for 2 steps."""
 
 from __future__ import annotations
 
@@ -12,23 +12,11 @@ import pytest
 
 from advpure.config import compose as C
 from conftest import needs_fmnist, tiny_bench, tiny_overrides
-from helpers.registries import isolated_registries
+
+SMALL_DDPMPP = ["ddpmpp.nf=8", "ddpmpp.max_steps=2", "ddpmpp.batch_size=16", "ddpmpp.val_batches=1"]
 
 
-@pytest.fixture()
-def ddpmpp(tmp_path, monkeypatch):
-    conf = tmp_path / "userconf"
-    conf.mkdir()
-    monkeypatch.setenv("ADVPURE_CONFIG_PATH", str(conf))
-    import advpure.kinds  # noqa: F401 (the built-in kinds registered before the snapshot)
-
-    with isolated_registries():
-        from helpers.standin_ddpmpp import register
-
-        yield register(conf)
-
-
-def test_fmnist_diffusion_plans_every_defense_attack_protocol_and_check(ddpmpp, tmp_path):
+def test_fmnist_diffusion_plans_every_defense_attack_protocol_and_check(tmp_path):
     from advpure.jobs.plan import build_plan, header_lines
     from advpure.purify.base import purifier_class
 
@@ -56,19 +44,17 @@ def test_fmnist_diffusion_plans_every_defense_attack_protocol_and_check(ddpmpp, 
 
 
 @needs_fmnist
-@pytest.mark.slow  # ~35 s: trains the stand-in eps-net, then 3 diffusion defenses x 2 attacks with DW-box
-def test_diffusion_purifiers_run_through_the_benchmark(ddpmpp, tmp_path, tiny_artifacts):
+@pytest.mark.slow  # trains a small DDPM++ for 2 steps, then 3 diffusion defenses x 2 attacks with DW-box
+def test_diffusion_purifiers_run_through_the_benchmark(tmp_path, tiny_artifacts):
     from advpure.jobs.benchmark import benchmark
     from advpure.jobs.train import train
     from advpure.results import load_records
 
-    if not ddpmpp:
-        pytest.skip("the real ddpmpp kind is registered: its training is not a fast test")
     over = [
         *tiny_bench(tmp_path, tiny_artifacts),
         "train.stages=[ddpmpp]",
         "ddpmpp=ddpmpp_28",
-        "ddpmpp.ngf=4",
+        *SMALL_DDPMPP,
     ]
     over.append(f"ddpmpp.weights={tmp_path / 'ddpmpp.pt'}")
     train(C.load("fmnist", over))
@@ -89,7 +75,7 @@ def test_diffusion_purifiers_run_through_the_benchmark(ddpmpp, tmp_path, tiny_ar
     }
     keep = [o for o in tiny_bench(tmp_path, tiny_artifacts, **bench) if not o.startswith("defense.")]
     keep += [f"{k}={v}" for k, v in bench.items() if k.startswith("defense.")]
-    keep += ["ddpmpp=ddpmpp_28", "ddpmpp.ngf=4", f"ddpmpp.weights={tmp_path / 'ddpmpp.pt'}"]
+    keep += ["ddpmpp=ddpmpp_28", *SMALL_DDPMPP, f"ddpmpp.weights={tmp_path / 'ddpmpp.pt'}"]
     cfg = C.load("fmnist", keep)
     result = benchmark(cfg)
     names = {r["defense"] for r in result["rows"]}

@@ -210,7 +210,7 @@ def adp_defense(
 ) -> Defense:
     """ADP defending `clf`, built by the package's own `build_defense` from `adp_params`.
     `checkpointing=False` (P3's comparison) is not a config key: it is set on the built purifier."""
-    defense = build_defense(adp_params(exp, steps=steps, replicas=replicas, tau=tau), clf, score)
+    defense = build_defense(adp_params(exp, steps=steps, replicas=replicas, tau=tau), clf, {"score": score})
     defense.purifier.checkpointing = checkpointing
     return defense
 

@@ -45,7 +45,7 @@ def count_score_evals(ctx: Ctx) -> None:
     clf = nn.Sequential(nn.Flatten(), nn.Linear(sz.image_size * sz.image_size * sz.channels, 10)).to(dev)
     clf.requires_grad_(False)
     defense = build_defense(
-        cfg.defense, clf, LinearScore().to(dev), channels=sz.channels, image_size=sz.image_size
+        cfg.defense, clf, {"score": LinearScore().to(dev)}, channels=sz.channels, image_size=sz.image_size
     )
     x, y = images(1, sz, dev)
     d = cfg.defense

@@ -260,10 +260,13 @@ def build_defense(
     `params.kind` built by its `from_params`. `nets`: {network kind: loaded net} holding at least the
     kinds the purifier names (`Purifier.nets(params)`). `precision` of the purifier's nets: None =
     `purify_precision` (the block's `precision`, bf16 under a bf16 `amp_dtype` when the purifier
-    allows it). Raises ValueError when a net is missing, ConfigError for bf16 the purifier refuses."""
+    allows it). Raises TypeError when `nets` is not a mapping, ValueError when a net is missing,
+    ConfigError for bf16 the purifier refuses."""
     cls = purifier_class(params.kind)
     slots = cls.nets(params)
     nets = nets or {}
+    if not isinstance(nets, Mapping):
+        raise TypeError(f"build_defense: nets must be {{network kind: net}}, got a {type(nets).__name__}")
     missing = [kind for kind in slots.values() if nets.get(kind) is None]
     if missing:
         raise ValueError(f"defense kind '{params.kind}' needs the network(s) {', '.join(missing)}")
