@@ -259,7 +259,7 @@ def natural_fingerprint(plan: Plan, defense: str, weights: dict[str, str]) -> st
 
 def attack_steps(plan: Plan) -> str:
     """The step sizes the table's attacks took: "step 0.01" when every fixed-step attack took the same,
-    else one per attack label; "adaptive steps" for APGD-type attacks (which ignore `step`)."""
+    else one per attack label; "<labels>: adaptive step" for APGD-type attacks (which ignore `step`)."""
     fixed: dict[str, float] = {}
     adaptive = []
     for u in plan.table_units:

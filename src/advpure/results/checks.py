@@ -477,6 +477,7 @@ __all__ = [
     "more_budget",
     "paired_comparison",
     "unbounded_eps",
+    "reaches_eps",
     "zero_gradient_flags",
     "zero_gradients",
 ]
