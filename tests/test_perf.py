@@ -244,3 +244,13 @@ def test_a_registered_section_runs_alone_and_writes_its_figure(tmp_path, capsys)
         assert "unknown section(s) ['nope']" in capsys.readouterr().err
     finally:
         del harness.SECTIONS["toy"]
+
+
+def test_perf_finds_the_trained_score_net_where_make_train_writes_it(tmp_path, monkeypatch):
+    from advpure.perf.run import default_score_weights
+
+    monkeypatch.chdir(tmp_path)
+    assert default_score_weights() is None
+    (tmp_path / "artifacts" / "fmnist").mkdir(parents=True)
+    (tmp_path / "artifacts" / "fmnist" / "score.pt").write_bytes(b"x")
+    assert default_score_weights() == "artifacts/fmnist/score.pt"

@@ -67,6 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def default_score_weights() -> str | None:
+    """The embedded default's trained score net, where `make train` writes it (the fmnist experiment's
+    `paths.artifacts`, relative to the working directory), or None when it is not there."""
+    from advpure.config.compose import load
+
+    path = Path(load("fmnist").paths.artifacts) / "fmnist" / "score.pt"
+    return str(path) if path.is_file() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; 0 on success, 2 on a bad option (a one-line error on stderr)."""
     args = parse_args(argv)
@@ -87,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = experiment("fmnist")
     score_weights = args.score
     if score_weights is None and not args.tiny:
-        from advpure.config.compose import project_root
-
-        default = project_root() / "artifacts" / "fmnist" / "score.pt"
-        score_weights = str(default) if default.is_file() else None
+        score_weights = default_score_weights()
     ctx = Ctx(
         device=device,
         sz=sizes_for(args.quick, args.tiny, exp),
