@@ -254,3 +254,16 @@ def test_perf_finds_the_trained_score_net_where_make_train_writes_it(tmp_path, m
     (tmp_path / "artifacts" / "fmnist").mkdir(parents=True)
     (tmp_path / "artifacts" / "fmnist" / "score.pt").write_bytes(b"x")
     assert default_score_weights() == "artifacts/fmnist/score.pt"
+
+
+def test_probe_figures_take_the_trained_score_net_when_given(tiny_artifacts):
+    from types import SimpleNamespace
+
+    from advpure.perf.harness import Sizes
+    from advpure.perf.probe_bench import _default_net
+    from advpure.perf.report import Report
+
+    path = str(tiny_artifacts / "fmnist" / "score.pt")
+    ctx = SimpleNamespace(sz=Sizes(), score_weights=path, device=torch.device("cpu"), report=Report())
+    net, what = _default_net(ctx)
+    assert what == f"trained ({path})" and net.image_size == 28

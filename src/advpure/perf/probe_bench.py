@@ -118,7 +118,7 @@ def _default_net(ctx: Ctx):
     suite's shape, else the random net of that shape (with a note)."""
     sz = ctx.sz
     if ctx.score_weights:
-        from advpure.nets import load_net
+        from advpure.api import load_net
 
         net = load_net(ctx.score_weights).to(ctx.device)
         if (getattr(net, "image_size", None), getattr(net, "in_channels", None)) == (
