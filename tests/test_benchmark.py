@@ -159,6 +159,7 @@ def test_sanity_eps_zero_identity_bpda_and_undefended_pgd(tmp_path, tiny_artifac
             "benchmark.undefended_attacks": "[pgd40_blind,bpda40_eot15]",
             "attacks.pgd40_blind.iters": 10,
             "attacks.bpda40_eot15.iters": 10,
+            "attacks.bpda40_eot15.step": 0.01,  # the blind PGD's step: the same attack through the identity
             "benchmark.n_images": 20,
             "benchmark.batch_size": 10,
             "defense.kind": "none",

@@ -387,6 +387,8 @@ def test_reaches_eps_warns_for_a_fixed_step_attack_that_cannot_travel_eps():
     exact = reaches_eps({"pgd": (15, 0.01, 0.15)})  # 15 x 0.01 is 0.15 up to rounding: reaches it
     assert exact.status == "pass" and "1 fixed-step attack(s)" in exact.message
     assert reaches_eps({}).status == "skip"
+    zero = reaches_eps({"bpda": (2, 0.01, 0.0)})  # the eps = 0 sanity run: trivially reached, no division
+    assert zero.status == "pass" and "at eps = 0" in zero.message
 
 
 def test_only_fixed_step_attacks_are_held_to_iterations_x_step():

@@ -507,7 +507,8 @@ def reaches_eps(
             "; ".join(short.values())
             + "; raise attacks.<name>.step (or iters): these attacks test a smaller threat model than the table's eps",
         )
-    worst = min(iters * step / eps for iters, step, eps in reach.values())
-    return Check(
-        "reaches_eps", PASS, f"{len(reach)} fixed-step attack(s); the shortest can travel {worst:.2g} x eps"
-    )
+    ratios = [
+        iters * step / eps for iters, step, eps in reach.values() if eps > 0
+    ]  # eps = 0: nothing to reach
+    travel = f"; the shortest can travel {min(ratios):.2g} x eps" if ratios else " at eps = 0"
+    return Check("reaches_eps", PASS, f"{len(reach)} fixed-step attack(s){travel}")
