@@ -378,7 +378,7 @@ def test_healthy_run_is_quiet_and_rendered():
 
 
 def test_reaches_eps_warns_for_a_fixed_step_attack_that_cannot_travel_eps():
-    from advpure.results.checks import reaches_eps
+    from advpure.results.checks_reach import reaches_eps
 
     short = reaches_eps({"bpda": (10, 0.01, 0.15), "pgd": (20, 0.01, 0.15)}, {"bpda": "BPDA10+EOT4"})
     assert short.status == "warn"

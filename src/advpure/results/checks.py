@@ -22,7 +22,7 @@ already holds (or that the benchmark records next to it); quoted item names are 
 * `more_budget`           — more EOT draws or iterations must not lower robust accuracy beyond
   chance ("doubling the number of iterations does not increase attack success rate"; for EOT,
   Athalye et al. 2018, "Synthesizing robust adversarial examples").
-* `reaches_eps`           — a fixed-step attack (PGD, BPDA, the joint attacks, SPSA: sign steps
+* `reaches_eps` (`checks_reach.py`) — a fixed-step attack (PGD, BPDA, the joint attacks, SPSA: sign steps
   of size `step`) can leave x by at most iters x step per pixel; below eps it cannot reach the
   ball's boundary and the threat model is not what the table says (a budget cut without scaling
   the step). Adaptive-step attacks (APGD, whose step starts at 2 eps) are exempt.
@@ -477,38 +477,6 @@ __all__ = [
     "more_budget",
     "paired_comparison",
     "unbounded_eps",
-    "reaches_eps",
     "zero_gradient_flags",
     "zero_gradients",
 ]
-
-
-# --- (g) can the attack reach eps? -----------------------------------------------------------------
-def reaches_eps(
-    reach: Mapping[str, tuple[int, float, float]], labels: Mapping[str, str] | None = None
-) -> Check:
-    """reach: {attack key: (iterations, step, eps)} of the fixed-step attacks (step and eps in the
-    images' [0, 1] units). Warns for each attack whose iterations x step < eps (it can move a pixel
-    by at most that much, so it never reaches the boundary of the eps-ball); skips when empty."""
-    if not reach:
-        return Check("reaches_eps", SKIP, "no fixed-step attack in this run")
-    labels = labels or {}
-    short = {}
-    for key, (iters, step, eps) in sorted(reach.items()):
-        if iters * step < eps * (1 - 1e-9):
-            short[key] = (
-                f"{labels.get(key, key)}: {iters} x {step:g} = {iters * step:g} < eps {eps:g} "
-                f"(at most {100 * iters * step / eps:.0f}% of the radius)"
-            )
-    if short:
-        return Check(
-            "reaches_eps",
-            WARN,
-            "; ".join(short.values())
-            + "; raise attacks.<name>.step (or iters): these attacks test a smaller threat model than the table's eps",
-        )
-    ratios = [
-        iters * step / eps for iters, step, eps in reach.values() if eps > 0
-    ]  # eps = 0: nothing to reach
-    travel = f"; the shortest can travel {min(ratios):.2g} x eps" if ratios else " at eps = 0"
-    return Check("reaches_eps", PASS, f"{len(reach)} fixed-step attack(s){travel}")

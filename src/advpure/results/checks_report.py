@@ -16,10 +16,10 @@ from advpure.results.checks import (
     loss_still_rising,
     monotone_in_eps,
     more_budget,
-    reaches_eps,
     unbounded_eps,
     zero_gradients,
 )
+from advpure.results.checks_reach import reaches_eps
 
 
 def run_checks(
