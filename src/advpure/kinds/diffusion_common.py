@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from advpure.core.errors import ConfigError
+from advpure.kinds.fitting import fit_validated
 from advpure.nets.families import build_diffusion_net
 from advpure.nets.registry import Importer, NetKind
 
@@ -150,17 +151,7 @@ def train_eps_kind(kind: type[NetKind], block, ctx) -> dict:
         f"training {kind.label} ({n_params:,} parameters) by continuous-time DSM for {block.max_steps} steps "
         f"(batch {block.batch_size})"
     )
-    trainer = ctx.fit(
-        module,
-        dm,
-        steps=block.max_steps,
-        ckpt_every_n_steps=block.ckpt_every_n_steps,
-        gradient_clip_val=block.grad_clip,
-        val_check_interval=block.val_every_n_steps,
-        check_val_every_n_epoch=None,
-        limit_val_batches=block.val_batches,
-    )
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    trainer, metrics = fit_validated(ctx, module, dm, block)
     net = module.ema.shadow
     meta = {
         "steps": int(trainer.global_step),

@@ -12,6 +12,7 @@ import argparse
 from dataclasses import dataclass
 
 from advpure.core.params import at_least, between, choice, schema
+from advpure.kinds.fitting import fit_validated
 from advpure.nets.ncsnv2 import SCORE_ARCHS, make_score_net
 from advpure.nets.registry import Importer, NetKind, register_net_kind
 
@@ -145,17 +146,7 @@ class NCSNv2Score(NetKind):
         arch = cls.arch(block, dm.spec)
         module = ScoreModule.from_block(arch, block, seed=ctx.seed, log_images=ctx.log_images)
         ctx.say(f"training NCSNv2 (ngf {block.ngf}) by DSM for {block.max_steps} steps")
-        trainer = ctx.fit(
-            module,
-            dm,
-            steps=block.max_steps,
-            ckpt_every_n_steps=block.ckpt_every_n_steps,
-            gradient_clip_val=block.grad_clip,
-            val_check_interval=block.val_every_n_steps,
-            check_val_every_n_epoch=None,
-            limit_val_batches=block.val_batches,
-        )
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        trainer, metrics = fit_validated(ctx, module, dm, block)
         meta = {
             "steps": int(trainer.global_step),
             "seconds": time.perf_counter() - t0,
